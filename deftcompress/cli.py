@@ -1,0 +1,120 @@
+"""The `deftcompress` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import DeftcompressError
+
+
+def _fail(exc: DeftcompressError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="deftcompress")
+def main() -> None:
+    """Compress transformers with recipes of passes; report score and activation density per step."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default runs/<name>).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Local data folder (overrides the recipe and $DEFTCOMPRESS_DATA_DIR).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or step log; only the final table.")
+def apply(recipe: Path, output_dir: Path | None, data_dir: str | None, quiet: bool) -> None:
+    """Apply RECIPE (YAML) to its model and write runs/<name>/ (report.json, report.md, model/)."""
+    from .recipe import Recipe
+
+    try:
+        if data_dir:
+            os.environ["DEFTCOMPRESS_DATA_DIR"] = data_dir
+        loaded = Recipe.from_file(recipe)
+        if data_dir:
+            loaded.settings.data_dir = data_dir
+        _quiet_libraries()
+        from .pipeline import Pipeline
+
+        pipeline = Pipeline(loaded, output_dir=output_dir, quiet=quiet, log=lambda *a: click.echo(*a, err=True))
+        report = pipeline.run()
+    except DeftcompressError as exc:
+        _fail(exc)
+    click.echo(report.text_table())
+    click.echo(f"\noutputs: {pipeline.output_dir}/ (report.json, report.md, density.png, recipe.resolved.yaml, model/)")
+
+
+@main.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+def validate(recipes: tuple[Path, ...]) -> None:
+    """Check RECIPES without loading any model; exit 2 at the first invalid one."""
+    from .recipe import Recipe
+
+    failed = 0
+    for path in recipes:
+        try:
+            r = Recipe.from_file(path)
+            click.echo(f"ok: {path} ({len(r.plan)} passes: {', '.join(p.name for p in r.plan)})")
+        except DeftcompressError as exc:
+            click.echo(f"error: {exc}", err=True)
+            failed += 1
+    if failed:
+        sys.exit(2)
+
+
+@main.command(name="passes")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_passes(as_json: bool) -> None:
+    """List every pass with its config fields, types, defaults and meaning."""
+    from .recipe import RecipeSettings
+    from .config import describe_fields
+    from .registry import all_passes, describe_pass
+
+    described = [describe_pass(cls) for cls in all_passes().values()]
+    if as_json:
+        click.echo(json.dumps({"recipe": describe_fields(RecipeSettings), "passes": described}, indent=2, default=str))
+        return
+    click.echo("recipe fields (top level):")
+    for f in describe_fields(RecipeSettings):
+        click.echo(f"    {f['name']}: {f['type']} = {f['default']!r}\n        {f['help']}")
+    for d in described:
+        click.echo(f"\n{d['name']}: {d['summary']}")
+        for f in d["fields"] or []:
+            click.echo(f"    {f['name']}: {f['type']} = {f['default']!r}\n        {f['help']}")
+        if not d["fields"]:
+            click.echo("    (no options)")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--markdown", is_flag=True, help="Print report.md instead of the text table.")
+def report(run_dir: Path, markdown: bool) -> None:
+    """Print the table of a finished run."""
+    from .report import Report
+
+    path = run_dir / "report.json"
+    if not path.is_file():
+        click.echo(f"error: {path}: not found (is {run_dir} a finished run?)", err=True)
+        sys.exit(2)
+    try:
+        rep = Report.load(run_dir)
+    except (ValueError, KeyError, TypeError) as exc:
+        click.echo(f"error: {path}: not a deftcompress report ({type(exc).__name__}: {exc})", err=True)
+        sys.exit(2)
+    click.echo((run_dir / "report.md").read_text() if markdown and (run_dir / "report.md").is_file() else rep.text_table())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The pipeline: load the model, evaluate the baseline, run each pass, evaluate, report, save.
+
+Outputs are written to a temporary folder beside the destination and renamed into place at the
+end, so a failed run never leaves a half-written report (an older run in the same folder survives).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import distributed
+from .architecture import ArchSpec
+from .evaluation import EvalSettings, Evaluation, evaluate
+from .models import count_parameters, directory_bytes, load_model_and_tokenizer, resolve_model_ref, state_dict_bytes
+from .recipe import Recipe
+from .registry import Constraint, Pass
+from .report import Report, StepRecord, make_step, plot_density
+from .tasks import TaskSpec, get_task, load_examples
+
+
+@dataclass
+class PipelineState:
+    """What every pass sees. Passes replace `model` when they wrap or rebuild it."""
+
+    recipe: Recipe
+    task: TaskSpec
+    arch: ArchSpec
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    work_dir: Path  # the run's (temporary) output folder; passes may write artifacts under it
+    quiet: bool = False
+    constraints: list[Constraint] = field(default_factory=list)
+    artifacts: dict[str, Any] = field(default_factory=dict)  # e.g. {"onnx": path} for later passes
+    step_index: int = 0
+    _examples: dict[tuple, list] = field(default_factory=dict, repr=False)
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed
+
+    def examples(self, split: str, max_samples: int | None = None) -> list[dict]:
+        key = (split, max_samples)
+        if key not in self._examples:
+            self._examples[key] = load_examples(self.task, split, self.recipe.data_dir, max_samples, self.recipe.seed)
+        return self._examples[key]
+
+    def eval_examples(self) -> list[dict]:
+        return self.examples("validation", self.recipe.max_eval_samples)
+
+    def eval_settings(self) -> EvalSettings:
+        r = self.recipe
+        return EvalSettings(density_mode=r.density_mode, density_tau=r.density_tau, batch_size=r.eval_batch_size,
+                            max_seq_length=r.max_seq_length)
+
+    def pass_dir(self, name: str) -> Path:
+        path = self.work_dir / "passes" / f"{self.step_index:02d}_{name}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # Constraints: training passes call these around their loop.
+    def bind_constraints(self, model) -> None:
+        for c in self.constraints:
+            c.bind(model)
+
+    def enforce_constraints(self, model) -> None:
+        for c in self.constraints:
+            c.enforce(model)
+
+    def release_constraints(self, model) -> None:
+        for c in self.constraints:
+            c.release(model)
+
+
+def _measure(state: PipelineState, settings: EvalSettings, desc: str) -> Evaluation:
+    return evaluate(state.model, state.tokenizer, state.task, state.eval_examples(), state.arch, settings,
+                    progress=not state.quiet, desc=desc)
+
+
+def _step(state: PipelineState, name: str, evaluation: Evaluation, seconds: float, details: dict) -> StepRecord:
+    params, nonzero = count_parameters(state.model)
+    return make_step(state.step_index, name, evaluation, params, nonzero, state_dict_bytes(state.model), seconds, details)
+
+
+class Pipeline:
+    """Runs a recipe. ``Pipeline(recipe).run()`` returns the `Report`; outputs land in `output_dir`."""
+
+    def __init__(self, recipe: Recipe, output_dir: str | os.PathLike | None = None, quiet: bool = False,
+                 log=print):
+        self.recipe = recipe
+        self.output_dir = recipe.output_dir(output_dir)
+        self.quiet = quiet
+        self.log = (lambda *a, **k: None) if quiet else log
+
+    def run(self) -> Report:
+        recipe = self.recipe
+        main = distributed.is_main_process()
+        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.tmp-", dir=self.output_dir.parent))
+        try:
+            report = self._run(work)
+            if main:
+                _replace_dir(work, self.output_dir)
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+            distributed.barrier()
+            return report
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def _run(self, work: Path) -> Report:
+        recipe = self.recipe
+        torch.manual_seed(recipe.seed)
+        device = distributed.pick_device(recipe.device)
+        task = get_task(recipe.task)
+        ref = resolve_model_ref(recipe.model)
+        self.log(f"loading {recipe.model} for {task.name} on {device}")
+        model, tokenizer, arch = load_model_and_tokenizer(ref, task, device)
+        state = PipelineState(recipe=recipe, task=task, arch=arch, model=model, tokenizer=tokenizer, device=device,
+                              work_dir=work, quiet=self.quiet)
+        report = Report(name=recipe.name, model=recipe.model, task=task.name, environment=_environment(device))
+
+        settings = state.eval_settings()
+        last = _measure(state, settings, "baseline")
+        report.steps.append(_step(state, "baseline", last, 0.0, {"eval_settings": dataclasses.asdict(settings)}))
+        self._log_step(report.steps[-1])
+        last_settings, model_changed = settings, False
+
+        for planned in recipe.plan:
+            state.step_index += 1
+            p: Pass = planned.cls(planned.config)
+            self.log(f"[{state.step_index}/{len(recipe.plan)}] {planned.name}")
+            t0 = time.perf_counter()
+            details = p.run(state) or {}
+            seconds = time.perf_counter() - t0
+            model_changed = model_changed or planned.cls.changes_model
+            step_settings = p.eval_settings(settings)
+            if not model_changed and step_settings == last_settings:
+                details["evaluation"] = "reused the previous step's measurement (model unchanged)"
+            else:
+                last = _measure(state, step_settings, planned.name)
+                last_settings, model_changed = step_settings, False
+            report.steps.append(_step(state, planned.name, last, seconds, details))
+            self._log_step(report.steps[-1])
+
+        if distributed.is_main_process():
+            self._save(state, report, work)
+        return report
+
+    def _save(self, state: PipelineState, report: Report, work: Path) -> None:
+        model_dir = work / "model"
+        saver = state.artifacts.get("save_model")  # a pass that changed the model's format may supply its own saver
+        if saver is not None:
+            saver(model_dir)
+        else:
+            state.model.save_pretrained(model_dir, safe_serialization=True)
+        state.tokenizer.save_pretrained(model_dir)
+        final = report.steps[-1].to_dict()
+        final["saved_model_bytes"] = directory_bytes(model_dir)
+        final["model_dir"] = str(self.output_dir / "model")
+        report.final = final
+        (work / "recipe.resolved.yaml").write_text(state.recipe.to_yaml())
+        report.write(work)
+        plot_density(report, work / "density.png")
+
+    def _log_step(self, step: StepRecord) -> None:
+        d = step.density
+        dens = d.get("encoder") if d.get("encoder") is not None else d.get("decoder")
+        dens_text = f"{dens:.4f}" if dens is not None else "-"
+        self.log(f"  step {step.index} {step.pass_name}: {step.task_metric}={step.task_score:.4f} density={dens_text} "
+                 f"({step.eval_examples} ex, {step.latency_ms_per_example:.2f} ms/ex)")
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move `src` to `dst`; an existing `dst` is only removed once the new one is in place."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+    src.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "device": str(device), "threads": torch.get_num_threads(), "world_size": distributed.world_size()}
+
+
+def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike | None = None, quiet: bool = False) -> Report:
+    """Python API: run a recipe (object or YAML path) and return its report."""
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_file(recipe)
+    return Pipeline(recipe, output_dir=output_dir, quiet=quiet).run()
