@@ -69,15 +69,24 @@ class ArchSpec:
         raise ArchitectureError(f"{self.family} has no {name} stack")
 
     def default_lora_targets(self, include_mlp_up: bool = False) -> list[str]:
-        """Module-name suffixes for peft's `target_modules`: query and value, optionally the MLP up-projection."""
+        """Module-name suffixes for peft's `target_modules`: query and value, optionally the MLP up-projection(s).
+
+        Attention projections are named by their leaf ("query"); MLP projections by their last two
+        components ("intermediate.dense"), since a bare "dense" would also hit the pooler and outputs.
+        """
         names: list[str] = []
+
+        def add(name: str) -> None:
+            if name not in names:
+                names.append(name)
+
         for s in self.stacks:
-            wanted = [s.attention.q, s.attention.v] + ([s.mlp.up] + ([s.mlp.gate] if s.mlp.gate else []) if include_mlp_up else [])
-            for paths in wanted:
+            for paths in (s.attention.q, s.attention.v):
                 for p in paths:
-                    leaf = p.rsplit(".", 1)[-1]
-                    if leaf not in names:
-                        names.append(leaf)
+                    add(p.rsplit(".", 1)[-1])
+            if include_mlp_up:
+                for p in s.mlp.up + s.mlp.gate:
+                    add(".".join(p.split(".")[-2:]))
         return names
 
 

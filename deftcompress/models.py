@@ -67,6 +67,27 @@ def load_config(ref: str):
         raise CheckpointError(f"model {ref!r}: cannot read its config ({str(exc).splitlines()[0][:200]})") from None
 
 
+def load_tokenizer(ref: str):
+    """AutoTokenizer, tolerating tokenizer_config.json files written by transformers 5.
+
+    Those store `extra_special_tokens` as a list, which 4.57 cannot read; the same tokens are also in
+    special_tokens_map.json, so the list is dropped.
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    config_file = Path(ref) / "tokenizer_config.json"
+    if config_file.is_file():
+        try:
+            if isinstance(json.loads(config_file.read_text()).get("extra_special_tokens"), list):
+                kwargs["extra_special_tokens"] = {}
+        except ValueError:
+            raise CheckpointError(f"{config_file}: invalid JSON") from None
+    return AutoTokenizer.from_pretrained(ref, **kwargs)
+
+
 def auto_class_for(arch: ArchSpec, task: TaskSpec):
     import transformers
 
@@ -79,18 +100,18 @@ def auto_class_for(arch: ArchSpec, task: TaskSpec):
 
 def load_model_and_tokenizer(ref: str, task: TaskSpec, device: torch.device | str = "cpu", **model_kwargs: Any):
     """Model with the head the task needs (new heads are initialised from the current torch seed)."""
-    from transformers import AutoTokenizer
-
     config = load_config(ref)
     arch = spec_for_model_type(config.model_type)
     auto = auto_class_for(arch, task)
     kwargs: dict[str, Any] = dict(trust_remote_code=False, use_safetensors=True, **model_kwargs)
     if auto.__name__ == "AutoModelForSequenceClassification":
         kwargs["num_labels"] = task.num_labels
+        # A head trained for another label count is replaced by a new one rather than failing to load.
+        kwargs["ignore_mismatched_sizes"] = True
         if task.kind == "regression":
             kwargs["problem_type"] = "regression"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
+        tokenizer = load_tokenizer(ref)
         model = auto.from_pretrained(ref, **kwargs)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"model {ref!r}: cannot load ({str(exc).splitlines()[0][:240]})") from None

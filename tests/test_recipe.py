@@ -1,0 +1,121 @@
+"""Recipe validation: one-line errors naming the file and field, before any model loads."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from deftcompress.cli import main
+from deftcompress.errors import RecipeError
+from deftcompress.recipe import Recipe
+
+
+def write(tmp_path: Path, data, name="r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+GOOD = {"name": "t", "model": "minilm", "task": "glue/sst2", "passes": [{"evaluate": {}}]}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"colour": "blue"}, r"r\.yaml\.colour: unknown option"),
+        ({"seed": "forty"}, r"r\.yaml\.seed: expected int, got 'forty'"),
+        ({"seed": True}, r"r\.yaml\.seed: expected int"),
+        ({"task": "glue/nope"}, r"task: unknown task 'glue/nope'"),
+        ({"density_mode": "loose"}, r"density_mode: expected one of 'masked' \| 'paper'"),
+        ({"passes": [{"frobnicate": {}}]}, r"passes\[0\]\.frobnicate: unknown pass 'frobnicate'"),
+        ({"passes": [{"evaluate": {"density_tau": "x"}}]}, r"passes\[0\]\.evaluate\.density_tau: expected float or null"),
+        ({"passes": [{"evaluate": {"bogus": 1}}]}, r"passes\[0\]\.evaluate\.bogus: unknown option"),
+        ({"passes": [{"evaluate": {}, "x": {}}]}, r"passes\[0\]: expected a one-key mapping"),
+        ({"passes": {"evaluate": {}}}, r"passes: expected a list"),
+        ({"model": "./no/such/folder"}, r"model: checkpoint folder './no/such/folder' not found"),
+        ({"data_dir": "/no/such/data"}, r"data_dir: folder /no/such/data not found"),
+        ({"max_eval_samples": 0}, r"max_eval_samples must be >= 1"),
+    ],
+)
+def test_bad_recipes_are_rejected_with_field_path(tmp_path, change, message):
+    path = write(tmp_path, {**GOOD, **change})
+    with pytest.raises(RecipeError, match=message) as info:
+        Recipe.from_file(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    path = write(tmp_path, "name: x\npasses: [evaluate: {\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml:\d+:\d+: invalid YAML"):
+        Recipe.from_file(path)
+
+
+def test_yaml_object_tags_are_refused(tmp_path):
+    path = write(tmp_path, "name: !!python/object/apply:os.system ['echo pwned']\npasses: []\n")
+    with pytest.raises(RecipeError, match="invalid YAML"):
+        Recipe.from_file(path)
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "pytorch_model.bin").write_bytes(b"not really")
+    with pytest.raises(RecipeError, match="no .safetensors weights.*pytorch_model.bin.*pickled"):
+        Recipe.build(model=str(ckpt))
+
+
+def test_missing_task_files_in_data_dir(tmp_path):
+    (tmp_path / "glue").mkdir()
+    with pytest.raises(RecipeError, match=r"glue/mrpc/dev.tsv not found \(needed by task glue/mrpc\)"):
+        Recipe.build(task="glue/mrpc", data_dir=str(tmp_path))
+
+
+def test_resolved_recipe_fills_defaults(tiny_data):
+    r = Recipe.build(name="x", data_dir=str(tiny_data), passes=["evaluate"])
+    d = r.to_dict()
+    assert d["density_mode"] == "masked" and d["max_seq_length"] == 128
+    assert d["passes"] == [{"evaluate": {"density_mode": None, "density_tau": None, "eval_batch_size": None}}]
+    # the resolved recipe is itself a valid recipe
+    again = Recipe.from_dict(yaml.safe_load(r.to_yaml()))
+    assert again.to_dict() == d
+
+
+def test_name_defaults_to_file_stem(tmp_path):
+    data = dict(GOOD)
+    del data["name"]
+    assert Recipe.from_file(write(tmp_path, data, "my_run.yaml")).name == "my_run"
+
+
+def test_cli_validate_exit_2_one_line_no_traceback(tmp_path):
+    bad = write(tmp_path, {**GOOD, "passes": [{"evaluate": {"density_mode": 3}}]})
+    result = CliRunner().invoke(main, ["validate", str(bad)])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0 and "passes[0].evaluate.density_mode" in result.output
+
+
+def test_cli_apply_bad_recipe_writes_nothing(tmp_path):
+    bad = write(tmp_path, {**GOOD, "seed": "x"})
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "deftcompress.cli", "apply", str(bad), "-o", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {bad}.seed: expected int, got 'x'"
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_shipped_recipes_validate():
+    recipes = sorted(Path(__file__).resolve().parents[1].glob("recipes/*.yaml"))
+    assert recipes
+    result = CliRunner().invoke(main, ["validate", *map(str, recipes)])
+    assert result.exit_code == 0, result.output
+
+
+def test_cli_passes_lists_fields():
+    result = CliRunner().invoke(main, ["passes"])
+    assert result.exit_code == 0
+    assert "evaluate:" in result.output and "density_mode" in result.output and "max_eval_samples" in result.output
