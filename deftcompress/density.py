@@ -26,6 +26,20 @@ DensityMode = Literal["masked", "paper"]
 TapFn = Callable[[MLPBlock, torch.Tensor, torch.Tensor], None]
 
 
+def align_token_mask(mask: torch.Tensor, positions: int) -> torch.Tensor:
+    """Fit a [batch, seq] token mask to activations with `positions` positions.
+
+    Prompt tuning prepends virtual tokens inside the model, so activations can be longer than the
+    input's mask; those leading positions are real (computed for every example) and count as 1.
+    """
+    extra = positions - mask.shape[-1]
+    if extra == 0:
+        return mask
+    if extra < 0:
+        raise ValueError(f"token mask covers {mask.shape[-1]} positions but the activations have only {positions}")
+    return torch.cat([mask.new_ones(mask.shape[0], extra), mask], dim=-1)
+
+
 class ActivationTap:
     """Forward hooks on the MLP activations of `blocks`; calls `fn(block, pre, act)` when a stack is enabled."""
 
@@ -98,14 +112,14 @@ class DensityMeter:
         self.blocks = blocks
         self.mode = mode
         self.tau = tau
-        self.masks: dict[str, torch.Tensor | None] = {}
         self.tap = ActivationTap(blocks, self._count)
         self._index = {id(b): i for i, b in enumerate(blocks)}
-        self._nonzero: torch.Tensor | None = None
+        self._nonzero: torch.Tensor | None = None  # per-layer counts, accumulated on the device (no sync)
         self._above: torch.Tensor | None = None
-        self._positions: dict[str, torch.Tensor] = {}
         self._width = [0] * len(blocks)
-        self._total = [0] * len(blocks)  # python ints: positions x width, filled per call (cheap, no sync)
+        self._positions = [0] * len(blocks)  # counted token positions per layer (python ints)
+        self._padding: dict[str, torch.Tensor | None] = {}  # per stack: bool [batch, seq] of positions to drop
+        self._real: dict[str, int | None] = {}
 
     def __enter__(self) -> "DensityMeter":
         self.tap.__enter__()
@@ -115,7 +129,14 @@ class DensityMeter:
         self.tap.__exit__(*exc)
 
     def set_token_mask(self, stack: str, mask: torch.Tensor | None) -> None:
-        self.masks[stack] = mask
+        """Positions that count for `stack` in the next forward (1 = real token)."""
+        if self.mode != "masked" or mask is None:
+            self._padding[stack], self._real[stack] = None, None
+            return
+        padding = mask == 0
+        n_pad = int(padding.sum())  # one sync per batch, not per layer
+        self._padding[stack] = padding if n_pad else None
+        self._real[stack] = mask.numel() - n_pad
 
     def _count(self, block: MLPBlock, pre: torch.Tensor, act: torch.Tensor) -> None:
         i = self._index[id(block)]
@@ -123,23 +144,21 @@ class DensityMeter:
         if self._nonzero is None:
             self._nonzero = torch.zeros(len(self.blocks), dtype=torch.int64, device=act.device)
             self._above = torch.zeros(len(self.blocks), dtype=torch.int64, device=act.device)
-        width = act.shape[-1]
-        self._width[i] = width
-        nonzero = (act != 0).sum(-1)  # [batch, seq]
-        above = (act.abs() > self.tau).sum(-1)
-        mask = self.masks.get(block.stack)
-        if self.mode == "masked" and mask is not None:
-            mask = mask.to(nonzero.dtype)
-            nonzero = nonzero * mask
-            above = above * mask
-            positions = mask.sum()
+        self._width[i] = act.shape[-1]
+        # Count over every position, then subtract the padding positions: batches are length-sorted,
+        # so padding is a small slice and this is cheaper than gathering the real tokens.
+        nonzero = torch.count_nonzero(act)
+        above = torch.count_nonzero(torch.nn.functional.hardshrink(act, self.tau))  # |a| > tau, in one pass
+        padding = self._padding.get(block.stack)
+        if padding is not None and padding.shape == act.shape[:-1]:
+            pad = act[padding]
+            nonzero = nonzero - torch.count_nonzero(pad)
+            above = above - torch.count_nonzero(torch.nn.functional.hardshrink(pad, self.tau))
+            self._positions[i] += self._real[block.stack]
         else:
-            positions = torch.tensor(nonzero.numel(), device=act.device)
-        self._nonzero[i] += nonzero.sum()
-        self._above[i] += above.sum()
-        # counted positions per layer (identical across layers of a stack); kept on device
-        key = f"{block.stack}.{block.index}"
-        self._positions[key] = self._positions.get(key, 0) + positions
+            self._positions[i] += act.numel() // act.shape[-1]
+        self._nonzero[i] += nonzero
+        self._above[i] += above
 
     def result(self) -> DensityResult:
         per_layer: list[LayerDensity] = []
@@ -148,7 +167,7 @@ class DensityMeter:
         above = self._above.tolist() if self._above is not None else [0] * len(self.blocks)
         positions: dict[str, int] = {}
         for i, b in enumerate(self.blocks):
-            pos = int(self._positions.get(f"{b.stack}.{b.index}", 0))
+            pos = self._positions[i]
             total = pos * self._width[i]
             if total == 0:
                 continue
