@@ -61,11 +61,17 @@ def parse_args(argv=None):
                    help="train intermediate.dense bias (up) and optionally output.dense bias (down)")
     p.add_argument("--bias-lr", type=float, default=5e-4)
     p.add_argument("--bias-const-lr", action="store_true", help="bias lr without the decay schedule")
-    p.add_argument("--density-grad", choices=["all", "bias"], default="all",
-                   help="bias: the density loss reaches only the trainable up-projection bias (LoRA serves the task)")
+    p.add_argument("--density-grad", choices=["all", "bias", "aux"], default="all",
+                   help="bias: the density loss reaches only the trainable up-projection bias (LoRA serves the task); "
+                        "aux: only the scale and/or bias (not LoRA)")
     p.add_argument("--select-frac", type=float, default=None,
                    help="apply the density loss only to this fraction of neurons per layer, the least important ones "
                         "(importance = mean |GELU(x_i)| * ||W_down[:, i]|| on 512 train rows, pretrained model)")
+    p.add_argument("--scale", action="store_true",
+                   help="trainable per-neuron pre-activation scale s=exp(rho): up output * s, down input / s "
+                        "(GELU(s x)/s -> ReLU-like, exact zeros for x < -5.54/s; mergeable into W_up, b_up, W_down)")
+    p.add_argument("--scale-lr", type=float, default=0.05)
+    p.add_argument("--scale-min", type=float, default=None, help="clamp the scale from below (e.g. 1: never flatten GELU)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--train-rows", type=int, default=8000)
@@ -75,6 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-at", default="", help="comma list of extra steps to evaluate at (checkpoint selection)")
     p.add_argument("--select-target", type=float, default=None,
                    help="choose among evaluated checkpoints: best accuracy with density <= this (else lowest density)")
+    p.add_argument("--timing-only", action="store_true", help="no evaluation; record step times only (jsonl: timing rows)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--no-append", action="store_true")
@@ -114,6 +121,20 @@ def run(args) -> dict:
                 base = getattr(m, "base_layer", m)
                 base.bias.requires_grad_(True)
                 bias_params.append(base.bias)
+    scale_params = []
+    hooks = []
+    log_min = math.log(args.scale_min) if args.scale_min else None
+
+    def scale_of(rho):  # the lower bound is kept by projecting rho after every optimizer step
+        return rho.exp()
+
+    if args.scale:
+        for b in blocks:
+            rho = torch.nn.Parameter(torch.zeros(b.act_width if hasattr(b, "act_width") else
+                                                 getattr(b.up, "base_layer", b.up).out_features))
+            scale_params.append(rho)
+            hooks.append(b.up.register_forward_hook(lambda mod, inp, out, rho=rho: out * scale_of(rho)))
+            hooks.append(b.down.register_forward_pre_hook(lambda mod, inp, rho=rho: (inp[0] / scale_of(rho),) + tuple(inp[1:])))
     bias_ids = {id(p) for p in bias_params}
     main = [p for p in model.parameters() if p.requires_grad and id(p) not in bias_ids]
     decay = [p for p in main if p.ndim > 1]
@@ -121,6 +142,8 @@ def run(args) -> dict:
     groups = [{"params": decay, "weight_decay": 0.01, "lr": args.lr}, {"params": no_decay, "weight_decay": 0.0, "lr": args.lr}]
     if bias_params:
         groups.append({"params": bias_params, "weight_decay": 0.0, "lr": args.bias_lr})
+    if scale_params:
+        groups.append({"params": scale_params, "weight_decay": 0.0, "lr": args.scale_lr})
     opt = torch.optim.AdamW(groups, lr=args.lr)
     warm = max(1, int(0.06 * args.steps))
 
@@ -130,6 +153,7 @@ def run(args) -> dict:
         return max(0.0, (args.steps - step) / max(1, args.steps - warm))
 
     lambdas = [lr_mult] * 2 + ([(lambda s: 1.0) if args.bias_const_lr else lr_mult] if bias_params else [])
+    lambdas += [(lambda s: 1.0) if args.bias_const_lr else lr_mult] if scale_params else []
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
 
     # data: tokenize once, reshuffle each epoch, dynamic padding
@@ -175,6 +199,13 @@ def run(args) -> dict:
         if args.density_grad == "bias":
             b = getattr(block.up, "base_layer", block.up).bias
             pre = pre.detach() + (b - b.detach())
+        elif args.density_grad == "aux":
+            sc = scale_of(scale_params[i]) if scale_params else None
+            x = pre.detach() / sc.detach() if sc is not None else pre.detach()
+            if bias_params:
+                b = getattr(block.up, "base_layer", block.up).bias
+                x = x + (b - b.detach())
+            pre = x * sc if sc is not None else x
         if args.loss == "paper":
             a2 = act * act
             v = a2 / (a2 + state["eps"])
@@ -188,7 +219,7 @@ def run(args) -> dict:
         else:
             state["terms"].append((v * m).sum() / n)
 
-    eval_at = sorted({int(s) for s in args.eval_at.split(",") if s.strip()} | {args.steps})
+    eval_at = [] if args.timing_only else sorted({int(s) for s in args.eval_at.split(",") if s.strip()} | {args.steps})
     settings = EvalSettings(max_seq_length=args.max_length, batch_size=64)
     checkpoints = []
     log = []
@@ -233,6 +264,10 @@ def run(args) -> dict:
             loss.backward()
             opt.step()
             sched.step()
+            if log_min is not None:
+                with torch.no_grad():
+                    for rho in scale_params:
+                        rho.clamp_(min=log_min)
             step_times.append(time.perf_counter() - ts)
             if step % 25 == 0 or step == args.steps - 1:
                 rec = {"step": step, "task": round(task_loss.item(), 4), "dl": round(float(dl), 4),
@@ -248,17 +283,25 @@ def run(args) -> dict:
                 print(json.dumps(checkpoints[-1]), file=sys.stderr, flush=True)
                 model.train()
                 t0 = time.perf_counter()
+    if args.timing_only:
+        checkpoints = [{"step": args.steps, "accuracy": None, "density": None, "per_layer": None}]
+        t_train = time.perf_counter() - t0
     chosen = checkpoints[-1]
-    if args.select_target is not None and len(checkpoints) > 1:
+    if args.select_target is not None and len(checkpoints) > 1 and not args.timing_only:
         ok = [c for c in checkpoints if c["density"] <= args.select_target]
         chosen = max(ok, key=lambda c: c["accuracy"]) if ok else min(checkpoints, key=lambda c: c["density"])
-    st = sorted(step_times[5:])
+    st = sorted(step_times[5:] or step_times)
+    scale_stats = None
+    if scale_params:
+        allr = scale_of(torch.cat([r.detach() for r in scale_params]))
+        scale_stats = {"median": round(allr.median().item(), 2), "min": round(allr.min().item(), 2), "max": round(allr.max().item(), 2),
+                       "per_layer_median": [round(scale_of(r.detach()).median().item(), 2) for r in scale_params]}
     result = {
         "name": args.name, "seed": args.seed, "steps": args.steps,
         "accuracy": chosen["accuracy"], "density": chosen["density"], "chosen_step": chosen["step"],
         "per_layer": chosen["per_layer"], "final": checkpoints[-1], "checkpoints": checkpoints if len(checkpoints) > 1 else None,
         "sec_per_step_median": round(st[len(st) // 2], 4), "sec_per_step_mean": round(sum(st) / len(st), 4),
-        "train_seconds": round(t_train, 1),
+        "train_seconds": round(t_train, 1), "scale": scale_stats,
         "config": {k: v for k, v in vars(args).items() if k not in ("summarize", "out", "no_append", "threads")},
         "cmd": "python benchmarks/deft_research.py " + " ".join(sys.argv[1:]),
         "log": log,
@@ -305,7 +348,9 @@ def neuron_selection(model, tok, blocks, rows, frac, max_length):
 
 
 def summarize(path: Path) -> str:
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    allrows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    rows = [r for r in allrows if r["accuracy"] is not None]
+    timing = [r for r in allrows if r["accuracy"] is None]
     base = {}
     for r in rows:
         if r["config"]["loss"] == "none":
@@ -350,6 +395,12 @@ def summarize(path: Path) -> str:
         else:
             extra = "n/a | n/a | n/a"
         lines.append(f"| {name} | {steps} | {len(rs)} | {acc:.4f} | {den:.4f} | {extra} |")
+    if timing:
+        lines += ["", "## Step time (timing-only runs, no evaluation, run back to back)", "",
+                  "| # | name | steps | median s/step | mean s/step | command |", "|---|---|---|---|---|---|"]
+        for i, r in enumerate(timing, 1):
+            cmd = r["cmd"].replace("|", "\\|")
+            lines.append(f"| {i} | {r['name']} | {r['steps']} | {r['sec_per_step_median']:.3f} | {r['sec_per_step_mean']:.3f} | `{cmd}` |")
     return "\n".join(lines) + "\n"
 
 
