@@ -43,6 +43,8 @@ class AttentionSpec:
     head_dim_attr: str
     all_head_size_attr: str | None = None
     scaling_attr: str | None = None  # cached 1/sqrt(head_dim), if the module keeps one
+    kv_groups_attr: str | None = None  # grouped-query attention: query heads per key/value head
+    pruned_heads_attr: str | None = None  # set of removed head indices (original numbering) the module reads itself
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,9 @@ def _t5_stack(name: Literal["encoder", "decoder"]) -> StackSpec:
         return AttentionSpec(
             module=(module,), q=(f"{module}.q",), k=(f"{module}.k",), v=(f"{module}.v",), o=(f"{module}.o",),
             num_heads_attr="n_heads", head_dim_attr="key_value_proj_dim", all_head_size_attr="inner_dim",
+            # T5 shares layer 0's relative position bias (all heads) with later layers; each layer
+            # picks its own heads' rows from it through `pruned_heads`.
+            pruned_heads_attr="pruned_heads",
         )
 
     return StackSpec(
@@ -137,6 +142,7 @@ _LLAMA_LIKE = dict(
             attention=AttentionSpec(
                 module=("self_attn",), q=("self_attn.q_proj",), k=("self_attn.k_proj",), v=("self_attn.v_proj",),
                 o=("self_attn.o_proj",), num_heads_attr=None, head_dim_attr="head_dim", scaling_attr="scaling",
+                kv_groups_attr="num_key_value_groups",
             ),
         ),
     ),

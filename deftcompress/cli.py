@@ -52,6 +52,10 @@ def apply(recipe: Path, output_dir: Path | None, data_dir: str | None, quiet: bo
         report = pipeline.run()
     except DeftcompressError as exc:
         _fail(exc)
+    from . import distributed
+
+    if not distributed.is_main_process():  # under torchrun every process returns the report; one table is enough
+        return
     click.echo(report.text_table())
     click.echo(f"\noutputs: {pipeline.output_dir}/ (report.json, report.md, density.png, recipe.resolved.yaml, model/)")
 

@@ -150,11 +150,16 @@ class DensityMeter:
         nonzero = torch.count_nonzero(act)
         above = torch.count_nonzero(torch.nn.functional.hardshrink(act, self.tau))  # |a| > tau, in one pass
         padding = self._padding.get(block.stack)
+        virtual = 0
+        if padding is not None and padding.shape[-1] < act.shape[-2]:
+            # prompt tuning prepends virtual tokens inside the model: real positions, not padding
+            virtual = act.shape[-2] - padding.shape[-1]
+            padding = torch.cat([padding.new_zeros(padding.shape[0], virtual), padding], dim=-1)
         if padding is not None and padding.shape == act.shape[:-1]:
             pad = act[padding]
             nonzero = nonzero - torch.count_nonzero(pad)
             above = above - torch.count_nonzero(torch.nn.functional.hardshrink(pad, self.tau))
-            self._positions[i] += self._real[block.stack]
+            self._positions[i] += self._real[block.stack] + virtual * padding.shape[0]
         else:
             self._positions[i] += act.numel() // act.shape[-1]
         self._nonzero[i] += nonzero

@@ -8,6 +8,7 @@ density) and generation (the score; the meter is paused so generated steps are n
 
 from __future__ import annotations
 
+import inspect
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -70,6 +71,11 @@ def _pad(tokenizer, items: list[dict], paper_mode: bool, max_len: int) -> dict[s
     return tokenizer.pad(items, return_tensors="pt", **kwargs)
 
 
+def _generate_takes_encoder_outputs(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "encoder_outputs" in inspect.signature(base.forward).parameters
+
+
 def is_prompt_learning(model: nn.Module) -> bool:
     config = getattr(model, "active_peft_config", None)
     return bool(getattr(config, "is_prompt_learning", False))
@@ -127,8 +133,9 @@ def _text_to_text_batch(model, tokenizer, task: TaskSpec, examples: list[dict], 
         meter.set_token_mask("encoder", batch["attention_mask"])
         meter.set_token_mask("decoder", decoder_mask)
     max_new = settings.max_target_length if task.kind == "qa" else 8
-    if is_prompt_learning(model):
-        # Virtual tokens are added inside the peft wrapper's forward, so the encoder cannot be run apart.
+    if is_prompt_learning(model) or not _generate_takes_encoder_outputs(model):
+        # Virtual tokens are added inside the peft wrapper's forward, so the encoder cannot be run apart;
+        # adapters' T5 wraps forward(*args, **kwargs), and generate() then refuses precomputed encoder outputs.
         model(**batch, labels=labels, decoder_attention_mask=decoder_mask)
         ctx = meter.tap.paused("encoder", "decoder") if meter else nullcontext()
         with ctx:

@@ -7,6 +7,7 @@ from safetensors; remote code is never trusted.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -110,16 +111,108 @@ def load_model_and_tokenizer(ref: str, task: TaskSpec, device: torch.device | st
         kwargs["ignore_mismatched_sizes"] = True
         if task.kind == "regression":
             kwargs["problem_type"] = "regression"
+    if getattr(config, "quantization_config", None) is not None:
+        # a bitsandbytes checkpoint (e.g. from the quantize pass) loads in place: 8-bit models refuse `.to` afterwards
+        kwargs.setdefault("device_map", {"": str(torch.device(device))})
+        kwargs.setdefault("dtype", torch.float32)  # transformers would default bitsandbytes models to float16
     try:
         tokenizer = load_tokenizer(ref)
-        model = auto.from_pretrained(ref, **kwargs)
+        if any(getattr(config, attr, None) is not None for attr in ("deftcompress_layout", "deftcompress_quantization")):
+            model = load_restructured(auto, ref, config, kwargs)
+        else:
+            model = auto.from_pretrained(ref, **kwargs)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"model {ref!r}: cannot load ({str(exc).splitlines()[0][:240]})") from None
     if tokenizer.pad_token is None:  # decoder-only models often have no pad token
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device), tokenizer, arch
+    if "device_map" not in kwargs:
+        model = model.to(device)
+    return model, tokenizer, arch
+
+
+def load_restructured(auto, ref: str, config, kwargs: dict[str, Any]) -> nn.Module:
+    """Load a checkpoint that a stock config cannot describe: pruned widths and/or torch int8 layers.
+
+    The config carries per-layer widths (`deftcompress_layout`, see `deftcompress.structure`) and/or
+    the dynamically quantized layers (`deftcompress_quantization`, see `deftcompress.int8`): build
+    the full-width model from the config, shrink it to the layout, quantize the same layers, then
+    load the safetensors weights. Only a task head sized for another label count may be replaced
+    (as `from_pretrained` does with `ignore_mismatched_sizes`); any other missing, extra or
+    mis-shaped tensor is an error.
+    """
+    import copy
+
+    from safetensors.torch import load_file
+
+    from .structure import apply_layout
+
+    folder = Path(ref)
+    if not folder.is_dir():
+        raise CheckpointError(f"model {ref!r}: checkpoints with pruned widths or int8 layers load from a local folder only")
+    unsupported = set(kwargs) - {"trust_remote_code", "use_safetensors", "num_labels", "ignore_mismatched_sizes", "problem_type"}
+    if unsupported:
+        raise CheckpointError(f"model {ref!r}: a checkpoint with pruned widths or int8 layers cannot be loaded with {sorted(unsupported)}")
+    config = copy.deepcopy(config)
+    saved_labels = config.num_labels
+    if "num_labels" in kwargs and kwargs["num_labels"] != saved_labels:
+        config.num_labels = kwargs["num_labels"]
+    if "problem_type" in kwargs:
+        config.problem_type = kwargs["problem_type"]
+    model = auto.from_config(config)
+    if getattr(config, "deftcompress_layout", None) is not None:
+        apply_layout(model, config.deftcompress_layout)
+    quantization = getattr(config, "deftcompress_quantization", None)
+    state: dict[str, torch.Tensor] = {}
+    if quantization is not None:
+        from .int8 import read_int8_checkpoint, split_int8_tensors
+
+        int8_part, state = split_int8_tensors(read_int8_checkpoint(folder), list(quantization.get("modules", ())))
+    else:
+        index = folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        for name in files:
+            state.update(load_file(str(folder / name)))
+    own = model.state_dict()
+    replaced_head = set()
+    for key in list(state):
+        if key in own and own[key].shape != state[key].shape:
+            relabelled = (own[key].shape[0] == config.num_labels and state[key].shape[0] == saved_labels
+                          and own[key].shape[1:] == state[key].shape[1:])
+            if not relabelled:
+                raise CheckpointError(f"model {ref!r}: {key} has shape {tuple(state[key].shape)}, the recorded layout "
+                                      f"builds {tuple(own[key].shape)}")
+            replaced_head.add(key)  # a head for another label count: keep the newly initialised one
+            del state[key]
+    result = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    after = model.state_dict()
+    loaded = {after[k].data_ptr() for k in state if k in after}
+    int8_layers = tuple(f"{name}." for name in (quantization or {}).get("modules", ()))  # set just below
+    missing = [k for k in result.missing_keys if k not in replaced_head and not k.startswith(int8_layers)
+               and after[k].data_ptr() not in loaded]  # tied copies are fine
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"model {ref!r}: weights do not match the recorded layout (missing {missing[:3]}, "
+                              f"unexpected {result.unexpected_keys[:3]})")
+    if quantization is not None:
+        from .int8 import load_int8_weights
+
+        load_int8_weights(model, quantization, int8_part)
+    return model
+
+
+def save_model(model: nn.Module, folder: str | os.PathLike) -> None:
+    """`save_pretrained` (safetensors); torch.ao int8 models, which it cannot write, in deftcompress's int8 format."""
+    from .int8 import quantized_modules, save_int8_checkpoint
+
+    int8_layers = quantized_modules(model)
+    if int8_layers:  # e.g. a model reloaded from an int8 checkpoint, evaluated and saved again
+        info = dict(getattr(model.config, "deftcompress_quantization", None) or {"backend": "torch_int8"})
+        info["modules"] = [name for name, _ in int8_layers]
+        save_int8_checkpoint(model, folder, info)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
 
 
 def unique_parameters(model: nn.Module) -> list[torch.Tensor]:
@@ -144,6 +237,17 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             continue
         total += n
         nonzero += int(torch.count_nonzero(p.detach()).item())
+    from torch.ao.nn.quantized import Linear as QuantizedLinear
+
+    for module in model.modules():
+        # torch.ao (dynamic) int8 Linear layers keep weight and bias in packed params, not Parameters
+        if isinstance(module, QuantizedLinear):
+            weight, bias = module.weight(), module.bias()
+            total += weight.numel()
+            nonzero += int(torch.count_nonzero(weight.dequantize()).item())
+            if bias is not None:
+                total += bias.numel()
+                nonzero += int(torch.count_nonzero(bias).item())
     return total, nonzero
 
 

@@ -21,7 +21,7 @@ import torch
 from . import distributed
 from .architecture import ArchSpec
 from .evaluation import EvalSettings, Evaluation, evaluate
-from .models import count_parameters, directory_bytes, load_model_and_tokenizer, resolve_model_ref, state_dict_bytes
+from .models import count_parameters, directory_bytes, load_model_and_tokenizer, resolve_model_ref, save_model, state_dict_bytes
 from .recipe import Recipe
 from .registry import Constraint, Pass
 from .report import Report, StepRecord, make_step, plot_density
@@ -101,6 +101,7 @@ class Pipeline:
         self.output_dir = recipe.output_dir(output_dir)
         self.quiet = quiet
         self.log = (lambda *a, **k: None) if quiet else log
+        self.final_state: PipelineState | None = None  # kept after run() for callers that reuse the model
 
     def run(self) -> Report:
         recipe = self.recipe
@@ -156,6 +157,7 @@ class Pipeline:
 
         if distributed.is_main_process():
             self._save(state, report, work)
+        self.final_state = state
         return report
 
     def _save(self, state: PipelineState, report: Report, work: Path) -> None:
@@ -164,7 +166,7 @@ class Pipeline:
         if saver is not None:
             saver(model_dir)
         else:
-            state.model.save_pretrained(model_dir, safe_serialization=True)
+            save_model(state.model, model_dir)
         state.tokenizer.save_pretrained(model_dir)
         final = report.steps[-1].to_dict()
         final["saved_model_bytes"] = directory_bytes(model_dir)

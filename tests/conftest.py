@@ -117,3 +117,27 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[family]
 
     return make
+
+
+@pytest.fixture
+def pipeline_state(tiny_checkpoint, tiny_data, tmp_path):
+    """Factory: a real PipelineState holding a freshly loaded tiny model, for running one pass directly.
+
+    pipeline_state("bert") / pipeline_state("t5_gated", task="glue/sst2"); the recipe points at the
+    tiny data folder, so `state.examples("train", n)` works (taylor importance, training).
+    """
+    from deftcompress.models import load_model_and_tokenizer
+    from deftcompress.pipeline import PipelineState
+    from deftcompress.recipe import Recipe
+    from deftcompress.tasks import get_task
+
+    def make(family: str, task: str = "glue/sst2", **settings) -> "PipelineState":
+        ref = str(tiny_checkpoint(family))
+        recipe = Recipe.build(model=ref, task=task, data_dir=str(tiny_data), passes=[{"evaluate": {}}], **settings)
+        spec = get_task(task)
+        torch.manual_seed(0)  # the new classification head
+        model, tokenizer, arch = load_model_and_tokenizer(ref, spec)
+        return PipelineState(recipe=recipe, task=spec, arch=arch, model=model, tokenizer=tokenizer,
+                             device=torch.device("cpu"), work_dir=tmp_path, quiet=True)
+
+    return make

@@ -1,0 +1,156 @@
+"""PEFT vs DEFT on the embedded MiniLM (all-MiniLM-L6-v2), SST-2, through the `deft` pass.
+
+For every method and seed it runs the same recipe twice, `density_weight: 0` (plain PEFT) and the
+DEFT settings, on a fixed train subset and step budget, and evaluates all of SST-2 dev with density
+counted over real tokens (masked) and, in a second measurement, as the paper counts it (padding to
+max_seq_length). One JSON line per run goes to `<out>.jsonl`; `<out>.md` gets the table.
+
+    export DEFTCOMPRESS_DATA_DIR=../shared/data
+    python benchmarks/deft_vs_peft.py                                    # lora, adapter, prefix, qlora x seeds 0, 1
+    python benchmarks/deft_vs_peft.py --methods lora --seeds 0 \\
+        --deft '{"density_loss": "preact", "preact_temperature": 2.0}'   # a loss variant
+    python benchmarks/deft_vs_peft.py --summarize                        # rebuild the table from the jsonl
+    python benchmarks/deft_vs_peft.py --smoke                            # 2 steps, 32 dev rows: does it run?
+
+Columns: accuracy, density (masked and paper mode, exact nonzero, and the |a| > tau fraction),
+relative density cut and train step time ratio against the PEFT run of the same method and seed.
+Step times are medians over the run's steps; on a shared machine they are noisy: run the pair
+back to back and read the ratio, not the absolute number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+
+# Per-method settings both runs of a pair share (learning rates each method is known to need).
+METHOD_SETTINGS = {
+    "lora": {"r": 8, "lora_alpha": 16, "learning_rate": 5e-4},
+    "qlora": {"r": 8, "lora_alpha": 16, "learning_rate": 5e-4},
+    "adapter": {"reduction_factor": 16, "learning_rate": 1e-3},
+    "prefix": {"num_virtual_tokens": 20, "learning_rate": 1e-2},
+    "prompt": {"num_virtual_tokens": 20, "learning_rate": 3e-2},
+    "ia3": {"learning_rate": 3e-3},
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="lora,adapter,prefix,qlora")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--train-rows", type=int, default=8000)
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-seq-length", type=int, default=64)
+    p.add_argument("--eval-rows", type=int, default=None, help="first N dev rows (default: all 872)")
+    p.add_argument("--deft", default="{}", help="JSON of deft options for the DEFT runs (default: the pass defaults)")
+    p.add_argument("--out", default=str(HERE / "results" / "deft_vs_peft"))
+    p.add_argument("--smoke", action="store_true", help="2 steps, 64 train rows, 32 dev rows, one seed; nothing appended")
+    p.add_argument("--summarize", action="store_true")
+    return p.parse_args(argv)
+
+
+def run_one(method: str, seed: int, density: bool, args, deft_options: dict, out_dir: Path) -> dict:
+    from deftcompress import Recipe, run_recipe
+
+    options = {"method": method, "max_steps": args.steps, "max_train_samples": args.train_rows,
+               "batch_size": args.batch_size, **METHOD_SETTINGS.get(method, {})}
+    options.update(deft_options if density else {})
+    if not density:
+        options["density_weight"] = 0.0
+    name = f"{method}_{'deft' if density else 'peft'}_s{seed}"
+    recipe = Recipe.build(name=name, model="minilm", task="glue/sst2", seed=seed, max_eval_samples=args.eval_rows,
+                          max_seq_length=args.max_seq_length,
+                          passes=[{"deft": options}, {"evaluate": {"density_mode": "paper"}}])
+    start = time.perf_counter()
+    report = run_recipe(recipe, output_dir=out_dir / name, quiet=True)
+    masked, paper = report.steps[1], report.steps[2]
+    details = masked.details
+    return {
+        "method": method, "seed": seed, "run": "deft" if density else "peft", "steps": details["steps"],
+        "accuracy": masked.task_score,
+        "density_masked": masked.density["encoder"], "density_paper": paper.density["encoder"],
+        "above_tau_masked": masked.density["encoder_above_tau"], "tau": masked.density["tau"],
+        "baseline_density_masked": report.steps[0].density["encoder"],
+        "median_seconds_per_step": details["median_seconds_per_step"], "seconds_per_step": details["seconds_per_step"],
+        "trainable_params": details["trainable_params"], "density_loss": details["density_loss"],
+        "density_loss_per_epoch": [e["density_loss"] for e in details["epochs"]],
+        "options": options, "wall_seconds": round(time.perf_counter() - start, 1),
+        "cmd": "python benchmarks/deft_vs_peft.py " + " ".join(sys.argv[1:]),
+    }
+
+
+def summarize(rows: list[dict]) -> str:
+    peft = {(r["method"], r["seed"], r["steps"]): r for r in rows if r["run"] == "peft"}
+    lines = ["# PEFT vs DEFT: MiniLM-L6 (all-MiniLM-L6-v2) on SST-2", "",
+             f"Produced by `{rows[-1]['cmd']}` (rows from `deft_vs_peft.jsonl`). Density: exact-nonzero MLP activations,",
+             "all dev rows; masked = real tokens only, paper = padding to max_seq_length counted. Cut and step-time",
+             "ratio are against the PEFT run (density_weight 0) of the same method and seed.", "",
+             "| method | seed | run | steps | accuracy | d acc (pts) | density masked | density paper | |a|>tau | rel. cut (masked) "
+             "| s/step (median) | time ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = peft.get((r["method"], r["seed"], r["steps"]))
+        if base and r["run"] == "deft":
+            dacc = f"{100 * (r['accuracy'] - base['accuracy']):+.1f}"
+            cut = f"{100 * (1 - r['density_masked'] / base['density_masked']):.1f}%"
+            ratio = f"{r['median_seconds_per_step'] / base['median_seconds_per_step']:.2f}"
+        else:
+            dacc, cut, ratio = "-", "-", "1.00" if r["run"] == "peft" else "-"
+        lines.append(f"| {r['method']} | {r['seed']} | {r['run']} | {r['steps']} | {r['accuracy']:.4f} | {dacc} | "
+                     f"{r['density_masked']:.4f} | {r['density_paper']:.4f} | {r['above_tau_masked']:.4f} | {cut} | "
+                     f"{r['median_seconds_per_step']:.3f} | {ratio} |")
+    lines += ["", "## Means over seeds", "", "| method | run | seeds | accuracy | density masked | rel. cut | time ratio |",
+              "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["run"], r["steps"]), []).append(r)
+    for (method, run, steps), rs in groups.items():
+        acc = statistics.mean(r["accuracy"] for r in rs)
+        dens = statistics.mean(r["density_masked"] for r in rs)
+        bases = [peft[(r["method"], r["seed"], r["steps"])] for r in rs if (r["method"], r["seed"], r["steps"]) in peft]
+        if run == "deft" and bases:
+            cut = f"{100 * (1 - dens / statistics.mean(b['density_masked'] for b in bases)):.1f}%"
+            ratio = f"{statistics.mean(r['median_seconds_per_step'] for r in rs) / statistics.mean(b['median_seconds_per_step'] for b in bases):.2f}"
+        else:
+            cut, ratio = "-", "-"
+        lines.append(f"| {method} | {run} | {len(rs)} | {acc:.4f} | {dens:.4f} | {cut} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    jsonl, md = Path(args.out).with_suffix(".jsonl"), Path(args.out).with_suffix(".md")
+    if args.summarize:
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        md.write_text(summarize(rows))
+        print(md.read_text())
+        return
+    if args.smoke:
+        args.steps, args.train_rows, args.eval_rows, args.seeds = 2, 64, 32, args.seeds.split(",")[0]
+    deft_options = json.loads(args.deft)
+    out_dir = Path("runs") / "deft_vs_peft"
+    rows = []
+    for method in args.methods.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for density in (False, True):  # back to back, so the step-time ratio sees the same machine load
+                row = run_one(method, seed, density, args, deft_options, out_dir)
+                rows.append(row)
+                print(json.dumps({k: row[k] for k in ("method", "seed", "run", "accuracy", "density_masked",
+                                                      "density_paper", "median_seconds_per_step")}), flush=True)
+                if not args.smoke:
+                    jsonl.parent.mkdir(parents=True, exist_ok=True)
+                    with open(jsonl, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+    print(summarize(rows))
+
+
+if __name__ == "__main__":
+    main()

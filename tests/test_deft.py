@@ -1,0 +1,540 @@
+"""The `deft` pass: density loss values, which parameters train, every method on every family,
+save / reload of adapters and final models, config validation, bitsandbytes helpers, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from deftcompress import Recipe, RecipeError, run_recipe
+from deftcompress.architecture import MLPBlock, mlp_blocks
+from deftcompress.density_loss import DensityLoss, DensityLossSettings, density_loss_value, exact_zero_point
+from deftcompress.registry import Pass, register_pass
+from deftcompress.training import TrainSettings, collate, encode_examples, train
+
+METHODS = ("lora", "qlora", "ia3", "prompt", "prefix", "adapter")
+FAMILIES = ("bert", "t5_relu", "llama")  # encoder, encoder-decoder, decoder-only
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is several times faster than two contending ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- the loss against hand computation -------------------------------------------------------
+
+def _block(stack: str, index: int, act: nn.Module | None = None) -> MLPBlock:
+    ident = nn.Identity()
+    return MLPBlock(stack=stack, index=index, layer_name=f"{stack}.{index}", layer=ident, block=ident,
+                    act=act or nn.GELU(), up=ident, down=ident)
+
+
+EPS = 1e-7
+# batch 2 x 3 positions x 2 features; sequence 0 has 2 real tokens, sequence 1 has 1.
+MASK = torch.tensor([[1, 1, 0], [1, 0, 0]])
+ACT0 = [[[0.0, 1e-3], [2e-4, -5.0], [1.0, 1.0]],
+        [[0.0, 0.0], [3.0, 3.0], [0.0, 3e-4]]]
+ACT1 = [[[1e-4, 0.0], [0.0, 0.0], [0.0, 0.0]],
+        [[5e-4, -2e-4], [0.0, 0.0], [1e-5, 0.0]]]
+
+
+def _smooth_count(a: float, eps: float = EPS) -> float:
+    return a * a / (a * a + eps)
+
+
+def _hand_layer(values, mask=None) -> float:
+    """Mean of a^2/(a^2+eps) over the counted positions and all features, with plain Python floats."""
+    total, count = 0.0, 0
+    for b, row in enumerate(values):
+        for t, feats in enumerate(row):
+            if mask is not None and not mask[b][t]:
+                continue
+            total += sum(_smooth_count(a) for a in feats)
+            count += len(feats)
+    return total / count
+
+
+def _acts(blocks, values):
+    return [(b, torch.tensor(v), torch.tensor(v)) for b, v in zip(blocks, values)]
+
+
+def test_paper_loss_masked_vs_paper_mode_by_hand():
+    blocks = [_block("encoder", 0), _block("encoder", 1)]
+    masked = density_loss_value(_acts(blocks, [ACT0, ACT1]), DensityLossSettings(kind="paper", eps=EPS, mode="masked"),
+                                {"encoder": MASK})
+    paper = density_loss_value(_acts(blocks, [ACT0, ACT1]), DensityLossSettings(kind="paper", eps=EPS, mode="paper"),
+                               {"encoder": MASK})
+    mask = MASK.tolist()
+    expected_masked = (_hand_layer(ACT0, mask) + _hand_layer(ACT1, mask)) / 2  # mean over layers
+    expected_paper = (_hand_layer(ACT0) + _hand_layer(ACT1)) / 2  # padding positions counted too
+    assert float(masked) == pytest.approx(expected_masked, rel=1e-5)
+    assert float(paper) == pytest.approx(expected_paper, rel=1e-5)
+    # the padding rows hold large values: counting them must raise the loss, and the numbers differ clearly
+    assert expected_paper - expected_masked > 0.04
+    # spot-check one hand value: layer 0 masked = (0 + 0.90909 + 0.28571 + 1 + 0 + 0) / 6
+    assert _hand_layer(ACT0, mask) == pytest.approx((1e-6 / 1.1e-6 + 4e-8 / 1.4e-7 + 1.0) / 6, rel=1e-6)
+
+
+def test_encoder_decoder_loss_is_encoder_term_plus_decoder_term():
+    enc = [_block("encoder", 0), _block("encoder", 1)]
+    dec = [_block("decoder", 0)]
+    dec_mask = torch.tensor([[1, 0, 0], [1, 1, 1]])
+    settings = DensityLossSettings(kind="paper", eps=EPS)
+    value = density_loss_value(_acts(enc, [ACT0, ACT1]) + _acts(dec, [ACT1]), settings,
+                               {"encoder": MASK, "decoder": dec_mask})
+    mask = MASK.tolist()
+    expected = (_hand_layer(ACT0, mask) + _hand_layer(ACT1, mask)) / 2 + _hand_layer(ACT1, dec_mask.tolist())
+    assert float(value) == pytest.approx(expected, rel=1e-5)
+
+
+def test_preact_and_hinge_losses_by_hand():
+    block = _block("encoder", 0)
+    pre = [[[-6.0, 0.0], [2.0, -5.5]]]
+    mask = torch.tensor([[1, 0]])
+    settings = DensityLossSettings(kind="preact", zero_point=-5.5, margin=0.5, temperature=2.0)
+    value = density_loss_value([(block, torch.tensor(pre), torch.zeros(1, 2, 2))], settings, {"encoder": mask})
+    theta = -5.5 - 0.5
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert float(value) == pytest.approx((sig((-6.0 - theta) / 2) + sig((0.0 - theta) / 2)) / 2, rel=1e-6)
+    hinge = density_loss_value([(block, torch.tensor(pre), torch.zeros(1, 2, 2))],
+                               DensityLossSettings(kind="hinge", zero_point=-5.5, hinge_cap=4.0), {"encoder": mask})
+    assert float(hinge) == pytest.approx((0.0 + 4.0 / 4.0) / 2)  # -6 is under theta; 0 - (-5.5) = 5.5 capped at 4
+
+
+def test_prompt_virtual_tokens_count_as_real_positions():
+    block = _block("encoder", 0)
+    act = torch.tensor([[[1.0], [1.0], [1.0], [9.0]]])  # 2 virtual tokens, 1 real token, 1 padding
+    value = density_loss_value([(block, act, act)], DensityLossSettings(kind="paper", eps=1.0), {"encoder": torch.tensor([[1, 0]])})
+    assert float(value) == pytest.approx(0.5)  # three positions with a=1: 1/(1+1)
+
+
+def test_exact_zero_points():
+    gelu_zero = exact_zero_point(nn.GELU())
+    assert -5.6 < gelu_zero < -5.5
+    assert float(nn.GELU()(torch.tensor(gelu_zero))) == 0.0
+    assert float(nn.GELU()(torch.tensor(gelu_zero + 0.01))) != 0.0
+    assert exact_zero_point(nn.ReLU()) == 0.0
+
+
+def test_weight_schedule_and_eps_schedule():
+    loss = DensityLoss([_block("encoder", 0)], DensityLossSettings(weight=2.0, warmup_ratio=0.2, ramp_ratio=0.4,
+                                                                   eps=1e-7, eps_start=1e-3))
+    assert [loss.ramp(s, 10) for s in (0, 1, 2, 4, 6, 9)] == pytest.approx([0, 0, 0, 0.5, 1, 1])
+    assert loss.eps_at(2, 10) == pytest.approx(1e-3)  # eps decays only once the density phase starts
+    assert loss.eps_at(10, 10) == pytest.approx(1e-7)
+    assert loss.eps_at(6, 10) == pytest.approx(1e-5, rel=1e-6)  # halfway in log space
+    loss.begin_step({}, 1, 10)  # inside the warm-up: weight 0, nothing joins the graph
+    block = loss.blocks[0]
+    x = torch.ones(1, 1, 2, requires_grad=True)
+    loss._on_activation(block, x, x)
+    term, raw = loss.end_step()
+    assert term is None and raw == pytest.approx(1 / (1 + 1e-3))
+
+
+# ---- which parameters train ------------------------------------------------------------------
+
+TRAINABLE_PATTERNS = {
+    "lora": ("lora_A", "lora_B"), "qlora": ("lora_A", "lora_B"), "ia3": ("ia3_l",), "prompt": ("prompt_encoder",),
+    "prefix": ("prompt_encoder",), "adapter": ("adapters.deft",),
+}
+
+
+def _wrap(state, method, **kw):
+    from deftcompress.peft_methods import PeftSettings, wrap_model
+
+    return wrap_model(state.model, state.arch, state.task, PeftSettings(method=method, r=2, num_virtual_tokens=3,
+                                                                        reduction_factor=4, **kw)).model
+
+
+def _probe_batch(state, n=8):
+    examples = state.examples("train", n)
+    return collate(state.tokenizer, state.task, state.arch, encode_examples(state.tokenizer, state.task, state.arch, examples))
+
+
+def _density_loss_on(model, state, batch, eps=0.1) -> float:
+    loss = DensityLoss(mlp_blocks(model, state.arch), DensityLossSettings(kind="paper", eps=eps))
+    model.eval()
+    with loss, torch.no_grad():
+        loss.begin_step(batch.token_masks, 0, 1)
+        model(**batch.inputs)
+        return loss.end_step()[1]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_reaches_only_peft_parameters_and_head(pipeline_state, method):
+    state = pipeline_state("bert")
+    model = _wrap(state, method)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    head = {n for n in trainable if "classifier" in n}
+    assert head, "the classification head must train"
+    assert all(any(k in n for k in TRAINABLE_PATTERNS[method]) for n in trainable - head), sorted(trainable - head)
+    batch = _probe_batch(state)
+    loss = DensityLoss(mlp_blocks(model, state.arch), DensityLossSettings(kind="paper", eps=0.1, weight=1.0))
+    model.train()
+    with loss:
+        loss.begin_step(batch.token_masks, 0, 1)
+        task = model(**batch.inputs).loss
+        term, _ = loss.end_step()
+    (task + term).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad <= trainable
+    assert with_grad - head, "no PEFT parameter received a gradient"
+    # the density term alone reaches the PEFT parameters (the hooks are in the autograd graph)
+    model.zero_grad()
+    with loss:
+        loss.begin_step(batch.token_masks, 0, 1)
+        model(**batch.inputs)
+        term, _ = loss.end_step()
+    term.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n not in head)
+
+
+def test_train_mlp_bias_makes_only_up_projection_biases_trainable(pipeline_state):
+    from deftcompress.peft_methods import enable_mlp_bias
+
+    state = pipeline_state("bert")
+    model = _wrap(state, "lora")
+    biases = enable_mlp_bias(model, state.arch)
+    assert [n for n, _ in biases] == [f"bert.encoder.layer.{i}.intermediate.dense.bias" for i in range(2)]
+    extra = {n for n, p in model.named_parameters() if p.requires_grad and not any(k in n for k in ("lora_", "classifier"))}
+    assert extra == {f"base_model.model.bert.encoder.layer.{i}.intermediate.dense.base_layer.bias" for i in range(2)}
+
+
+def test_t5_and_llama_have_no_mlp_bias_to_train(pipeline_state):
+    from deftcompress.errors import DeftcompressError
+    from deftcompress.peft_methods import enable_mlp_bias
+
+    state = pipeline_state("t5_relu")
+    with pytest.raises(DeftcompressError, match="no bias"):
+        enable_mlp_bias(_wrap(state, "lora"), state.arch)
+
+
+WEIGHT = 30.0  # density-dominated: the test is about the loss reaching the PEFT parameters
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_and_lowers_the_density_loss(pipeline_state, family, method):
+    state = pipeline_state(family)
+    model = _wrap(state, method)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batch = _probe_batch(state)
+    before = _density_loss_on(model, state, batch)
+    loss = DensityLoss(mlp_blocks(model, state.arch), DensityLossSettings(kind="paper", eps=0.1, weight=WEIGHT))
+    # prompt and prefix tuning need the large learning rates they are known for
+    lr = 1e-1 if method in ("prompt", "prefix") else 1e-2
+    settings = TrainSettings(max_steps=4, batch_size=8, learning_rate=lr, warmup_ratio=0.0, eval_every_epoch=False)
+    with loss:
+        result = train(state, model, state.examples("train", 16), settings, extra_loss=loss)
+    after = _density_loss_on(result.model, state, batch)
+    assert result.steps == 4 and result.epochs[0].extra_loss is not None
+    assert after < before, f"{family}/{method}: density loss {before:.5f} -> {after:.5f}"
+    params = dict(result.model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in frozen_before.items()), "a frozen parameter moved"
+    assert any(not torch.equal(params[n], v) for n, v in trainable_before.items())
+
+
+def test_density_weight_zero_is_plain_peft_through_the_same_code(pipeline_state):
+    """Weight 0: the loss is measured (logged) but adds nothing; the trajectory equals a run with no extra loss."""
+    def run(extra: bool):
+        state = pipeline_state("bert")
+        torch.manual_seed(0)
+        model = _wrap(state, "lora")
+        loss = DensityLoss(mlp_blocks(model, state.arch), DensityLossSettings(weight=0.0)) if extra else None
+        settings = TrainSettings(max_steps=3, batch_size=8, eval_every_epoch=False)
+        if loss is None:
+            return train(state, model, state.examples("train", 16), settings)
+        with loss:
+            return train(state, model, state.examples("train", 16), settings, extra_loss=loss)
+
+    plain, zero = run(False), run(True)
+    assert zero.epochs[0].extra_loss is not None and zero.epochs[0].train_loss == zero.epochs[0].task_loss
+    for (n, a), (_, b) in zip(plain.model.named_parameters(), zero.model.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+# ---- the pass in recipes: every method, save / reload ----------------------------------------
+
+RECORDED: dict[str, torch.Tensor] = {}
+
+
+def _fixed_batch(tokenizer, state_or_task, arch, examples):
+    return collate(tokenizer, state_or_task, arch, encode_examples(tokenizer, state_or_task, arch, examples))
+
+
+@register_pass
+class RecordOutputs(Pass):
+    """Test-only: remember the logits of the pipeline's in-memory model on fixed rows."""
+
+    name = "test_record_outputs"
+    changes_model = False
+
+    def run(self, state):
+        batch = _fixed_batch(state.tokenizer, state.task, state.arch, state.examples("validation", 4))
+        state.model.eval()
+        with torch.no_grad():
+            RECORDED[state.recipe.name] = state.model(**batch.inputs).logits.detach().clone()
+        return {"model_class": type(state.model).__name__}
+
+
+def _logits(model, tokenizer, task, arch, examples):
+    batch = _fixed_batch(tokenizer, task, arch, examples)
+    model.eval()
+    with torch.no_grad():
+        return model(**batch.inputs).logits
+
+
+def _run_deft(tiny_checkpoint, tiny_data, tmp_path, family, name, **deft):
+    deft = {"max_steps": 2, "batch_size": 8, "max_train_samples": 16, "r": 2, "num_virtual_tokens": 3,
+            "reduction_factor": 4, "learning_rate": 1e-2, "density_eps": 0.1, **deft}
+    recipe = Recipe.build(name=name, model=str(tiny_checkpoint(family)), task="glue/sst2", data_dir=str(tiny_data),
+                          max_eval_samples=4, eval_batch_size=8, passes=[{"deft": deft}, "test_record_outputs"])
+    out = tmp_path / name
+    return run_recipe(recipe, output_dir=out, quiet=True), out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_recipe_saves_adapter_and_reloadable_model(tiny_checkpoint, tiny_data, tmp_path, family, method):
+    from transformers import AutoTokenizer
+
+    from deftcompress.bnb import quantize_linear_layers
+    from deftcompress.models import load_model_and_tokenizer
+    from deftcompress.peft_methods import load_adapter_into, load_saved_model
+    from deftcompress.tasks import get_task, load_examples
+
+    name = f"{family}_{method}"
+    report, out = _run_deft(tiny_checkpoint, tiny_data, tmp_path, family, name, method=method)
+    data = json.loads((out / "report.json").read_text())
+    assert [s["pass"] for s in data["steps"]] == ["baseline", "deft", "test_record_outputs"]
+    d = data["steps"][1]["details"]
+    assert d["method"] == method and d["steps"] == 2 and d["trainable_params"] > 0 and d["chosen_epoch"] == 1
+    assert d["epochs"][0]["density_loss"] is not None and d["seconds_per_step"] > 0
+    density = data["steps"][1]["density"]  # decoder-only models report under "decoder"
+    assert (density["encoder"] is not None, density["decoder"] is not None) == (family != "llama", family != "bert")
+    adapter_dir = out / d["adapter_dir"]
+    library_files = {"adapter": "adapter.safetensors"}.get(method, "adapter_model.safetensors")
+    assert (adapter_dir / library_files).is_file() and (adapter_dir / "adapter_config.json").is_file()
+    assert not list(adapter_dir.rglob("*.bin")) and not list(out.rglob("*.pt"))
+
+    task = get_task("glue/sst2")
+    examples = load_examples(task, "validation", tiny_data, 4)
+    trained = RECORDED[name]
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    manifest = json.loads((out / "model" / "deftcompress_model.json").read_text())
+    reloaded = load_saved_model(out / "model")
+    from deftcompress.architecture import spec_for
+
+    arch = spec_for(reloaded)
+    exact = manifest["format"] == "base+adapter"
+    assert manifest["format"] == ("merged" if method in ("lora", "qlora", "ia3") else "base+adapter")
+    torch.testing.assert_close(_logits(reloaded, tokenizer, task, arch, examples), trained,
+                               atol=1e-6 if exact else 1e-4, rtol=0 if exact else 1e-4)
+    # the adapter folder alone (library format) on a fresh copy of the original checkpoint
+    base, _, _ = load_model_and_tokenizer(str(tiny_checkpoint(family)), task)
+    if method == "qlora":
+        quantize_linear_layers(base, bits=4)
+    attached = load_adapter_into(base, adapter_dir, d["library"])
+    torch.testing.assert_close(_logits(attached, tokenizer, task, arch, examples), trained, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ("lora", "adapter"))
+def test_trained_mlp_biases_are_saved_with_the_adapter(tiny_checkpoint, tiny_data, tmp_path, method):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from deftcompress.architecture import spec_for
+    from deftcompress.models import load_model_and_tokenizer
+    from deftcompress.peft_methods import load_adapter_into, load_saved_model
+    from deftcompress.tasks import get_task, load_examples
+
+    name = f"bias_{method}"
+    report, out = _run_deft(tiny_checkpoint, tiny_data, tmp_path, "bert", name, method=method, train_mlp_bias=True,
+                            mlp_bias_lr=0.05)
+    details = report.steps[1].details
+    adapter_dir = out / details["adapter_dir"]
+    biases = load_file(str(adapter_dir / "mlp_bias.safetensors"))
+    assert sorted(biases) == [f"bert.encoder.layer.{i}.intermediate.dense.bias" for i in range(2)]
+    task = get_task("glue/sst2")
+    base, tokenizer, arch = load_model_and_tokenizer(str(tiny_checkpoint("bert")), task)
+    assert not torch.equal(base.get_parameter("bert.encoder.layer.0.intermediate.dense.bias"),
+                           biases["bert.encoder.layer.0.intermediate.dense.bias"]), "the biases did not train"
+    examples = load_examples(task, "validation", tiny_data, 4)
+    attached = load_adapter_into(base, adapter_dir, details["library"])
+    torch.testing.assert_close(_logits(attached, tokenizer, task, arch, examples), RECORDED[name], atol=1e-6, rtol=0)
+    reloaded = load_saved_model(out / "model")
+    torch.testing.assert_close(_logits(reloaded, tokenizer, task, spec_for(reloaded), examples), RECORDED[name],
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ("lora", "ia3", "qlora"))
+def test_merge_hands_a_plain_model_to_the_next_pass(tiny_checkpoint, tiny_data, tmp_path, method):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from deftcompress.architecture import spec_for
+    from deftcompress.tasks import get_task, load_examples
+
+    name = f"merge_{method}"
+    report, out = _run_deft(tiny_checkpoint, tiny_data, tmp_path, "roberta", name, merge=True)
+    assert report.steps[2].details["model_class"] == "RobertaForSequenceClassification"
+    assert report.steps[1].details["merged"] is True
+    # the final folder is a plain checkpoint: transformers alone reloads it
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    task = get_task("glue/sst2")
+    logits = _logits(reloaded, AutoTokenizer.from_pretrained(out / "model"), task, spec_for(reloaded),
+                     load_examples(task, "validation", tiny_data, 4))
+    # qlora: the pipeline's merged model is 4-bit again (peft re-quantizes), the saved one is its float value
+    torch.testing.assert_close(logits, RECORDED[name], atol=1e-4 if method != "qlora" else 2e-2, rtol=1e-3)
+
+
+def test_t5_gated_squad_text_to_text_with_paper_mode_training(tiny_checkpoint, tiny_data, tmp_path):
+    """SQuAD as text-to-text on a gated-GELU T5: encoder + decoder loss terms, padding counted (paper mode)."""
+    recipe = Recipe.build(name="t5_squad", model=str(tiny_checkpoint("t5_gated")), task="squad", data_dir=str(tiny_data),
+                          max_eval_samples=4, eval_batch_size=8, max_seq_length=48,
+                          passes=[{"deft": {"method": "lora", "max_steps": 2, "batch_size": 4, "max_train_samples": 8,
+                                            "r": 2, "density_mode": "paper"}}])
+    report = run_recipe(recipe, output_dir=tmp_path / "t5_squad", quiet=True)
+    step = report.steps[1]
+    assert step.task_metric == "f1" and step.density["encoder"] is not None and step.density["decoder"] is not None
+    assert step.details["density_loss"]["mode"] == "paper"
+    # gated GELU is never exactly 0 at init, so each stack's term is close to 1: their sum is close to 2
+    assert 1.5 < step.details["epochs"][0]["density_loss"] <= 2.0
+
+
+def test_roberta_prefix_tuning_classifies_the_sequence_output(tiny_checkpoint, tiny_data, tmp_path):
+    """peft's prefix tuning hands RoBERTa's head the cache instead of the hidden states; the pass fixes that."""
+    report, out = _run_deft(tiny_checkpoint, tiny_data, tmp_path, "roberta", "roberta_prefix", method="prefix")
+    details = report.steps[1].details
+    assert any("pooler-less" in n for n in details["notes"])
+    from deftcompress.peft_methods import load_saved_model
+
+    assert load_saved_model(out / "model") is not None
+
+
+def test_prompt_tuning_density_excludes_padding(tiny_checkpoint, tiny_data, tmp_path):
+    """With virtual tokens prepended, masked density must still drop padding (and count the virtual tokens)."""
+    report, _ = _run_deft(tiny_checkpoint, tiny_data, tmp_path, "t5_relu", "t5_prompt_density", method="prompt")
+    masked = report.steps[1].density
+    real_tokens = masked["counted_positions"]["encoder"]
+    from deftcompress.tasks import get_task, load_examples, t5_source
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint("t5_relu"))
+    examples = load_examples(get_task("glue/sst2"), "validation", tiny_data, 4)
+    expected = sum(len(tok(t5_source(get_task("glue/sst2"), ex), truncation=True, max_length=128)["input_ids"]) + 3
+                   for ex in examples)
+    assert real_tokens == expected
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("deft, message", [
+    ({"method": "prompt", "merge": True}, "merge: true needs lora"),
+    ({"method": "adapter", "merge": True}, "merge: true needs lora"),
+    ({"method": "prefix", "target_modules": ["query"]}, "target_modules applies to"),
+    ({"method": "lora", "density_eps_start": 1e-9}, "density_eps_start must be larger"),
+    ({"method": "dora"}, "expected one of"),
+    ({"method": "lora", "density_warmup_ratio": 0.7, "density_ramp_ratio": 0.5}, "must be <= 1"),
+    ({"method": "lora", "mlp_bias_lr": 0.1}, "train_mlp_bias is false"),
+    ({"method": "lora", "density_loss": "l1"}, "expected one of"),
+    ({"method": "lora", "r": 0}, "r must be >= 1"),
+    ({"method": "lora", "learning_rte": 0.1}, "unknown option"),
+])
+def test_bad_configs_are_rejected_before_loading(tiny_checkpoint, tiny_data, deft, message):
+    with pytest.raises(RecipeError, match=message) as info:
+        Recipe.build(model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data), passes=[{"deft": deft}])
+    assert "\n" not in str(info.value) and "passes[0].deft" in str(info.value)
+
+
+def test_second_peft_pass_needs_the_first_merged(tiny_checkpoint, tiny_data):
+    with pytest.raises(RecipeError, match="set merge: true there"):
+        Recipe.build(model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data),
+                     passes=[{"deft": {"method": "prefix"}}, {"deft": {"method": "lora"}}])
+    Recipe.build(model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data),
+                 passes=[{"deft": {"method": "lora", "merge": True}}, {"deft": {"method": "lora"}}])
+
+
+def test_shipped_recipes_validate_and_passes_lists_deft():
+    names = ("peft_lora_sst2.yaml", "deft_lora_sst2.yaml", "deft_adapter_sst2.yaml", "deft_prefix_sst2.yaml",
+             "deft_qlora_sst2.yaml", "deft_t5_squad.yaml")
+    recipes = [str(REPO / "recipes" / n) for n in names]
+    env = {**os.environ, "DEFTCOMPRESS_DATA_DIR": os.environ.get("DEFTCOMPRESS_DATA_DIR", str(REPO.parent / "shared" / "data"))}
+    # the T5 recipe names a hub model: validation resolves hub ids without downloading
+    done = subprocess.run([sys.executable, "-m", "deftcompress.cli", "validate", *recipes], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    listed = subprocess.run([sys.executable, "-m", "deftcompress.cli", "passes"], capture_output=True, text=True)
+    assert "deft:" in listed.stdout and "density_weight" in listed.stdout and "0 = plain PEFT" in listed.stdout
+
+
+# ---- bitsandbytes helpers --------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", (4, 8))
+def test_quantize_linear_layers_in_place_and_back(pipeline_state, bits):
+    from deftcompress.bnb import dequantize_linear_layers, is_bnb_linear, quantize_linear_layers
+
+    state = pipeline_state("bert")
+    batch = _probe_batch(state, 4)
+    model = state.model.eval()
+    with torch.no_grad():
+        ref = model(**batch.inputs).logits
+    summary = quantize_linear_layers(model, bits=bits)
+    assert summary.skipped == ["bert.pooler.dense", "classifier"] or set(summary.skipped) == {"bert.pooler.dense", "classifier"}
+    assert is_bnb_linear(model.bert.encoder.layer[0].intermediate.dense) and type(model.classifier) is nn.Linear
+    assert summary.weight_bytes_after < summary.weight_bytes_before / (3 if bits == 4 else 2)
+    with torch.no_grad():
+        quant = model(**batch.inputs).logits
+    torch.testing.assert_close(quant, ref, atol=5e-3, rtol=0.05)
+    assert dequantize_linear_layers(model) == len(summary.converted)
+    with torch.no_grad():
+        back = model(**batch.inputs).logits
+    torch.testing.assert_close(back, quant, atol=1e-5, rtol=1e-4)  # the float layers compute what the quantized did
+
+
+def test_t5_keeps_wo_in_float_and_peft_wrapped_models_are_refused(pipeline_state):
+    from deftcompress.bnb import QuantizationError, quantize_linear_layers
+
+    state = pipeline_state("t5_gated")
+    summary = quantize_linear_layers(state.model, bits=4)
+    assert any(n.endswith("DenseReluDense.wo") for n in summary.skipped) and "lm_head" in summary.skipped
+    bert = pipeline_state("bert")
+    with pytest.raises(QuantizationError, match="before wrapping"):
+        quantize_linear_layers(_wrap(bert, "lora"), bits=4)
+
+
+# ---- several processes -----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_process_run_writes_one_report(tiny_checkpoint, tiny_data, tmp_path):
+    recipe = tmp_path / "ddp.yaml"
+    recipe.write_text(json.dumps({
+        "name": "ddp", "model": str(tiny_checkpoint("bert")), "task": "glue/sst2", "data_dir": str(tiny_data),
+        "max_eval_samples": 4, "eval_batch_size": 8,
+        "passes": [{"deft": {"method": "lora", "max_steps": 3, "batch_size": 4, "max_train_samples": 16, "r": 2}}],
+    }))  # JSON is YAML
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "deftcompress.cli", "apply", str(recipe), "-o", str(out), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    details = report["steps"][1]["details"]
+    assert details["world_size"] == 2 and details["steps"] == 3
+    assert report["environment"]["world_size"] == 2
+    assert done.stdout.count("per-layer density") == 1  # one table, from rank 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.yaml", "out"]  # no temporary folders left behind
+    assert (out / details["adapter_dir"] / "adapter_model.safetensors").is_file()

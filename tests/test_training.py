@@ -1,0 +1,133 @@
+"""The reusable training loop: batching, schedule length, keep-best, constraints, extra losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deftcompress.registry import Constraint
+from deftcompress.training import TrainingError, TrainSettings, collate, encode_examples, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _lora(state):
+    from deftcompress.peft_methods import PeftSettings, wrap_model
+
+    return wrap_model(state.model, state.arch, state.task, PeftSettings(method="lora", r=2)).model
+
+
+def test_seq2seq_batches_mask_label_padding_and_pad_to_max_length_in_paper_mode(pipeline_state):
+    state = pipeline_state("t5_relu")
+    examples = state.examples("train", 4)
+    features = encode_examples(state.tokenizer, state.task, state.arch, examples, max_seq_length=40, max_target_length=6)
+    batch = collate(state.tokenizer, state.task, state.arch, features)
+    labels, dmask = batch.inputs["labels"], batch.inputs["decoder_attention_mask"]
+    lengths = [len(f["labels"]) for f in features]
+    assert labels.shape[1] == max(lengths)
+    for i, n in enumerate(lengths):
+        assert labels[i, :n].tolist() == features[i]["labels"] and (labels[i, n:] == -100).all()
+        assert dmask[i].tolist() == [1] * n + [0] * (labels.shape[1] - n)
+    assert torch.equal(batch.token_masks["decoder"], dmask) and torch.equal(batch.token_masks["encoder"], batch.inputs["attention_mask"])
+    paper = collate(state.tokenizer, state.task, state.arch, features, padding="max_length", max_seq_length=40,
+                    max_target_length=6)
+    assert paper.inputs["input_ids"].shape[1] == 40 and paper.inputs["labels"].shape[1] == 6
+
+
+def test_classification_batches_for_encoders_and_decoders(pipeline_state):
+    for family, stack in (("bert", "encoder"), ("llama", "decoder")):
+        state = pipeline_state(family)
+        features = encode_examples(state.tokenizer, state.task, state.arch, state.examples("train", 5))
+        batch = collate(state.tokenizer, state.task, state.arch, features)
+        assert batch.inputs["labels"].dtype == torch.long and batch.inputs["labels"].shape == (5,)
+        assert list(batch.token_masks) == [stack]
+    stsb = pipeline_state("bert", task="glue/stsb")
+    features = encode_examples(stsb.tokenizer, stsb.task, stsb.arch, stsb.examples("train", 3))
+    assert collate(stsb.tokenizer, stsb.task, stsb.arch, features).inputs["labels"].dtype == torch.float32
+
+
+def test_max_steps_sets_the_length_across_epochs(pipeline_state):
+    state = pipeline_state("bert")
+    result = train(state, _lora(state), state.examples("train", 16), TrainSettings(max_steps=5, batch_size=8,
+                                                                                  eval_every_epoch=False))
+    # 16 rows / 8 = 2 steps per epoch: 5 steps take 3 epochs (2 + 2 + 1)
+    assert result.steps == 5 and [e.steps for e in result.epochs] == [2, 2, 1]
+    assert result.seconds_per_step > 0 and result.world_size == 1
+
+
+class CountingConstraint(Constraint):
+    name = "counting"
+
+    def __init__(self):
+        self.calls = {"bind": 0, "enforce": 0, "release": 0}
+
+    def bind(self, model):
+        self.calls["bind"] += 1
+
+    def enforce(self, model):
+        self.calls["enforce"] += 1
+
+    def release(self, model):
+        self.calls["release"] += 1
+
+
+def test_constraints_are_enforced_after_every_optimizer_step(pipeline_state):
+    state = pipeline_state("bert")
+    constraint = CountingConstraint()
+    state.constraints.append(constraint)
+    train(state, _lora(state), state.examples("train", 16), TrainSettings(max_steps=3, batch_size=8, eval_every_epoch=False))
+    assert constraint.calls == {"bind": 0, "enforce": 3, "release": 0}  # binding / releasing is the pass's job
+
+
+def test_keep_best_restores_the_best_epochs_weights(pipeline_state, monkeypatch):
+    import deftcompress.evaluation as evaluation
+    from deftcompress.evaluation import Evaluation
+
+    state = pipeline_state("bert")
+    model = _lora(state)
+    seen: list[dict[str, torch.Tensor]] = []
+    scores = iter([0.5, 0.9, 0.7])  # epoch 2 is the best
+
+    def fake_evaluate(model, *args, **kwargs):
+        seen.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return Evaluation(task_metric="accuracy", task_score=next(scores), metrics={}, density=None, examples=1, seconds=0.0)
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    result = train(state, model, state.examples("train", 16), TrainSettings(epochs=3, batch_size=8, learning_rate=1e-2))
+    assert [e.eval_score for e in result.epochs] == [0.5, 0.9, 0.7] and result.chosen_epoch == 2
+    final = {n: p for n, p in result.model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(final[n], v) for n, v in seen[1].items())
+    assert any(not torch.equal(final[n], v) for n, v in seen[2].items())  # epoch 3 really moved away
+    assert "restored epoch 2" in result.notes[0]
+
+
+def test_extra_loss_is_added_with_its_weight(pipeline_state):
+    class Constant:
+        label = "const"
+
+        def begin_step(self, token_masks, step, total_steps):
+            self.total = total_steps
+
+        def end_step(self):
+            return torch.tensor(0.25), 0.5
+
+    state = pipeline_state("bert")
+    result = train(state, _lora(state), state.examples("train", 16), TrainSettings(max_steps=2, batch_size=8,
+                                                                                  eval_every_epoch=False),
+                   extra_loss=Constant())
+    epoch = result.epochs[0]
+    assert epoch.train_loss == pytest.approx(epoch.task_loss + 0.25, rel=1e-5) and epoch.extra_loss == 0.5
+    assert result.to_dict()["epochs"][0]["const_loss"] == 0.5
+
+
+def test_a_model_with_nothing_to_train_is_a_clear_error(pipeline_state):
+    state = pipeline_state("bert")
+    state.model.requires_grad_(False)
+    with pytest.raises(TrainingError, match="no trainable parameters"):
+        train(state, state.model, state.examples("train", 8), TrainSettings(max_steps=1, batch_size=4))
