@@ -75,6 +75,7 @@ def run_one(method: str, seed: int, density: bool, args, deft_options: dict, out
     details = masked.details
     return {
         "method": method, "seed": seed, "run": "deft" if density else "peft", "steps": details["steps"],
+        "eval_rows": masked.eval_examples,
         "accuracy": masked.task_score,
         "density_masked": masked.density["encoder"], "density_paper": paper.density["encoder"],
         "above_tau_masked": masked.density["encoder_above_tau"], "tau": masked.density["tau"],
@@ -91,7 +92,7 @@ def summarize(rows: list[dict]) -> str:
     peft = {(r["method"], r["seed"], r["steps"]): r for r in rows if r["run"] == "peft"}
     lines = ["# PEFT vs DEFT: MiniLM-L6 (all-MiniLM-L6-v2) on SST-2", "",
              f"Produced by `{rows[-1]['cmd']}` (rows from `deft_vs_peft.jsonl`). Density: exact-nonzero MLP activations,",
-             "all dev rows; masked = real tokens only, paper = padding to max_seq_length counted. Cut and step-time",
+             f"{rows[-1].get('eval_rows', 872)} dev rows; masked = real tokens only, paper = padding to max_seq_length counted. Cut and step-time",
              "ratio are against the PEFT run (density_weight 0) of the same method and seed.", "",
              "| method | seed | run | steps | accuracy | d acc (pts) | density masked | density paper | |a|>tau | rel. cut (masked) "
              "| s/step (median) | time ratio |",

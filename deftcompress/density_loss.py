@@ -3,8 +3,8 @@
 Built on `density.ActivationTap` (the same hooks the density meter uses), so it reads the
 architecture table and works on encoders, encoder-decoders and decoder-only models alike.
 
-Per layer, a *term* maps (pre-activation x, activation a) to a value per feature; the layer value is
-its mean over the counted tokens and the features. Layer values are averaged over the layers of
+Per layer, a *term* maps (pre-activation x, activation a) to a value per feature, averaged over the
+features; the layer value is its mean over the counted tokens. Layer values are averaged over the layers of
 each stack, and the stacks are summed (T5: encoder term + decoder term), as in the paper's code.
 
 Terms (``density_loss`` in a recipe; add more with `register_density_term`):
@@ -67,24 +67,46 @@ class TermContext:
 DensityTerm = Callable[[torch.Tensor, torch.Tensor, TermContext], torch.Tensor]
 
 
+class _SmoothCount(torch.autograd.Function):
+    """mean over features of a^2 / (a^2 + eps), with a hand-written backward.
+
+    Autograd would keep a^2 and a^2 + eps alive and make about twice as many passes over the
+    activations; this keeps only `a` and recomputes: d/da = 2 a eps / (a^2 + eps)^2.
+    """
+
+    @staticmethod
+    def forward(ctx, act: torch.Tensor, eps: float) -> torch.Tensor:
+        squared = act * act
+        ctx.save_for_backward(act)
+        ctx.eps = eps
+        return (squared / squared.add(eps)).mean(-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (act,) = ctx.saved_tensors
+        denominator = (act * act).add_(ctx.eps)
+        denominator.mul_(denominator)
+        grad_act = act.mul(2.0 * ctx.eps / act.shape[-1]).div_(denominator).mul_(grad.unsqueeze(-1))
+        return grad_act, None
+
+
 def _paper_term(pre: torch.Tensor, act: torch.Tensor, ctx: TermContext) -> torch.Tensor:
-    a2 = act.float().square()
-    return a2 / (a2 + ctx.eps)
+    return _SmoothCount.apply(act.float(), ctx.eps)
 
 
 def _preact_term(pre: torch.Tensor, act: torch.Tensor, ctx: TermContext) -> torch.Tensor:
-    return torch.sigmoid((pre.float() - ctx.threshold) / ctx.temperature)
+    return torch.sigmoid((pre.float() - ctx.threshold) / ctx.temperature).mean(-1)
 
 
 def _hinge_term(pre: torch.Tensor, act: torch.Tensor, ctx: TermContext) -> torch.Tensor:
-    return (pre.float() - ctx.threshold).clamp(min=0.0, max=ctx.hinge_cap) / ctx.hinge_cap
+    return ((pre.float() - ctx.threshold).clamp(min=0.0, max=ctx.hinge_cap) / ctx.hinge_cap).mean(-1)
 
 
 DENSITY_TERMS: dict[str, DensityTerm] = {"paper": _paper_term, "preact": _preact_term, "hinge": _hinge_term}
 
 
 def register_density_term(name: str, term: DensityTerm) -> None:
-    """Add a loss variant: `term(pre, act, ctx)` returns a [..., features] tensor whose mean is the layer value."""
+    """Add a loss variant: `term(pre, act, ctx)` returns the mean over features per position ([batch, positions])."""
     DENSITY_TERMS[name] = term
 
 
@@ -220,7 +242,7 @@ class DensityLoss:
         if mask is not None:
             mask = align_token_mask(mask, act.shape[-2]).to(act.device, torch.float32)
         with torch.set_grad_enabled(self._with_grad and torch.is_grad_enabled()):
-            per_position = self.term(pre, act, ctx).mean(-1)  # [batch, positions]
+            per_position = self.term(pre, act, ctx)  # [batch, positions]: mean over features
             self._values[i] = _masked_mean(per_position, mask)
         if self.settings.target is not None:
             with torch.no_grad():
