@@ -120,6 +120,7 @@ class DensityMeter:
         self._positions = [0] * len(blocks)  # counted token positions per layer (python ints)
         self._padding: dict[str, torch.Tensor | None] = {}  # per stack: bool [batch, seq] of positions to drop
         self._real: dict[str, int | None] = {}
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __enter__(self) -> "DensityMeter":
         self.tap.__enter__()
@@ -138,6 +139,17 @@ class DensityMeter:
         self._padding[stack] = padding if n_pad else None
         self._real[stack] = mask.numel() - n_pad
 
+    def _count_above_tau(self, act: torch.Tensor) -> torch.Tensor:
+        # |a| > tau through reused buffers: allocating two activation-sized tensors per layer and batch
+        # cost more than the counting itself (benchmarks/density_overhead.py).
+        n = act.numel()
+        buf = self._buffers
+        if buf is None or buf[0].numel() < n or buf[0].device != act.device or buf[0].dtype != act.dtype:
+            buf = self._buffers = (torch.empty(n, dtype=act.dtype, device=act.device),
+                                   torch.empty(n, dtype=torch.bool, device=act.device))
+        magnitude = torch.abs(act.reshape(-1), out=buf[0][:n])
+        return torch.count_nonzero(torch.gt(magnitude, self.tau, out=buf[1][:n]))
+
     def _count(self, block: MLPBlock, pre: torch.Tensor, act: torch.Tensor) -> None:
         i = self._index[id(block)]
         act = act.detach()
@@ -148,7 +160,7 @@ class DensityMeter:
         # Count over every position, then subtract the padding positions: batches are length-sorted,
         # so padding is a small slice and this is cheaper than gathering the real tokens.
         nonzero = torch.count_nonzero(act)
-        above = torch.count_nonzero(torch.nn.functional.hardshrink(act, self.tau))  # |a| > tau, in one pass
+        above = self._count_above_tau(act)
         padding = self._padding.get(block.stack)
         virtual = 0
         if padding is not None and padding.shape[-1] < act.shape[-2]:
@@ -158,7 +170,7 @@ class DensityMeter:
         if padding is not None and padding.shape == act.shape[:-1]:
             pad = act[padding]
             nonzero = nonzero - torch.count_nonzero(pad)
-            above = above - torch.count_nonzero(torch.nn.functional.hardshrink(pad, self.tau))
+            above = above - self._count_above_tau(pad)
             self._positions[i] += self._real[block.stack] + virtual * padding.shape[0]
         else:
             self._positions[i] += act.numel() // act.shape[-1]

@@ -178,6 +178,8 @@ class DensityLoss:
         self._densities: list[torch.Tensor | None] = [None] * len(blocks)
         self._masks: dict[str, torch.Tensor | None] = {}
         self._weight = settings.weight
+        # Optional (block, pre-activation) -> pre-activation the terms see, e.g. to route gradients to scales only.
+        self.pre_transform: Callable[[MLPBlock, torch.Tensor], torch.Tensor] | None = None
 
     def _normalise_per_stack(self, weights: list[float]) -> list[float]:
         out = list(weights)
@@ -224,7 +226,7 @@ class DensityLoss:
         self._weight = s.weight * ramp
         self._ramp = ramp
         self._eps = self.eps_at(step, total_steps)
-        controlled = s.target is not None and ramp > 0
+        controlled = s.target is not None and ramp > 0 and s.weight > 0  # weight 0 = plain PEFT, target or not
         # With weight 0 the value is still computed (for the log) but kept out of the graph: same trajectory as plain PEFT.
         self._with_grad = self._weight > 0 or controlled
         self._masks = {} if s.mode == "paper" else dict(token_masks)
@@ -242,6 +244,8 @@ class DensityLoss:
         if mask is not None:
             mask = align_token_mask(mask, act.shape[-2]).to(act.device, torch.float32)
         with torch.set_grad_enabled(self._with_grad and torch.is_grad_enabled()):
+            if self.pre_transform is not None:
+                pre = self.pre_transform(block, pre)
             per_position = self.term(pre, act, ctx)  # [batch, positions]: mean over features
             self._values[i] = _masked_mean(per_position, mask)
         if self.settings.target is not None:
@@ -262,7 +266,7 @@ class DensityLoss:
         if s.target is not None:
             self._update_multipliers()
             weighted = sum(self._stack_mean(stack, self.lambdas.tolist()) for stack in self.stacks)
-            return weighted, raw_value
+            return s.weight * weighted, raw_value
         return self._weight * raw, raw_value
 
     def _stack_mean(self, stack: str, factors: list[float]) -> torch.Tensor:

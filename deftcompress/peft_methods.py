@@ -270,6 +270,10 @@ def load_adapter_into(base: nn.Module, folder: str | Path, library: str, adapter
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    from .activation_scale import SAVED_SCALES_FILE, apply_saved_scales
+
+    if (folder / SAVED_SCALES_FILE).is_file():  # the adapter was trained on rescaled MLPs: rescale the base first
+        apply_saved_scales(base, load_file(str(folder / SAVED_SCALES_FILE)))
     if (folder / "mlp_bias.safetensors").is_file():
         with torch.no_grad():
             for name, value in load_file(str(folder / "mlp_bias.safetensors")).items():

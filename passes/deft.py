@@ -44,8 +44,10 @@ class DeftConfig(PassConfig):
     num_virtual_tokens: int = option(20, "prompt / prefix: number of virtual tokens")
     density_weight: float = option(1.0, "weight of the density loss; 0 = plain PEFT through exactly the same code path")
     density_loss: Literal["paper", "preact", "hinge"] = option(
-        "paper", "paper: a^2/(a^2+eps) on the activation (the paper); preact: sigmoid((x - theta)/T) on the "
-                 "pre-activation, theta = the activation's exact-zero point - preact_margin; hinge: "
+        "preact", "preact (default; with density_target and activation scales, the best measured: "
+                  "benchmarks/results/deft_research.md): sigmoid((x - theta)/T) on the pre-activation, theta = the "
+                  "activation's exact-zero point - preact_margin; paper: a^2/(a^2+eps) on the activation (the paper's "
+                  "reference loss, with density_target null to reproduce it); hinge: "
                  "min(relu(x - theta), hinge_cap)/hinge_cap")
     density_eps: float = option(1.0e-7, "paper loss: eps (the paper used 1e-7)")
     density_eps_start: float | None = option(None, "paper loss: if set, eps decays log-linearly from this to density_eps")
@@ -60,11 +62,12 @@ class DeftConfig(PassConfig):
     hinge_cap: float = option(4.0, "hinge loss: cap of the hinge")
     density_warmup_ratio: float = option(0.0, "fraction of the steps trained on the task loss only, before the "
                                               "density weight rises")
-    density_ramp_ratio: float = option(0.0, "after the warm-up: fraction of the steps over which the weight rises "
-                                            "linearly from 0 (0 = at once)")
+    density_ramp_ratio: float = option(0.5, "after the warm-up: fraction of the steps over which the weight rises "
+                                            "linearly from 0, or the density target falls from 1 (0 = at once)")
     density_target: float | None = option(
-        None, "if set: ignore density_weight; a per-layer multiplier rises while the layer's exact density on the "
-              "training batch is above this target (ramped from 1 after the warm-up)")
+        0.38, "per-layer exact density to aim for: a multiplier per layer rises while the layer's density on the "
+              "training batch is above the (ramped) target and scales the loss (times density_weight); null = a "
+              "constant density_weight, as in the paper")
     density_controller_rate: float = option(1.0, "density_target: multiplier step per unit of density excess per step")
     density_lambda_max: float = option(100.0, "density_target: cap of each layer's multiplier")
     density_layer_weights: list[float] | None = option(
@@ -72,6 +75,15 @@ class DeftConfig(PassConfig):
     train_mlp_bias: bool = option(False, "also train the MLP up-projection bias (a per-neuron threshold shift); "
                                          "BERT / RoBERTa only, T5 and Llama MLPs have no bias")
     mlp_bias_lr: float | None = option(None, "learning rate of the MLP biases (null = learning_rate)")
+    activation_scale: bool | None = option(
+        None, "train a per-neuron scale s >= 1 on each MLP's activation input (undone after the activation, folded "
+              "into the weights at the end) so the frozen activation can reach exact zeros; null = on whenever density "
+              "pressure is on and the base weights are float (not qlora)")
+    activation_scale_lr: float = option(0.15, "learning rate of the scales' logarithms")
+    activation_scale_min: float = option(1.0, "lower bound of every scale")
+    density_grad: Literal["all", "scale_only"] = option(
+        "scale_only", "with activation scales: scale_only = the density loss trains only the scales (the adapter and "
+                      "head learn the task alone); all = it trains everything")
     epochs: int = option(1, "training epochs")
     max_steps: int | None = option(None, "if set: exactly this many optimizer steps (overrides epochs)")
     max_train_samples: int | None = option(None, "train on a seeded random subset of this many training rows")
@@ -141,6 +153,10 @@ class DeftConfig(PassConfig):
             return "density_target must be in [0, 1)"
         if self.density_controller_rate <= 0 or self.density_lambda_max <= 0:
             return "density_controller_rate and density_lambda_max must be > 0"
+        if self.activation_scale and self.method == "qlora":
+            return "activation_scale cannot fold into 4-bit weights: set activation_scale: false (or null) for qlora"
+        if self.activation_scale_lr <= 0 or self.activation_scale_min < 1:
+            return "activation_scale_lr must be > 0 and activation_scale_min >= 1"
         if self.density_layer_weights is not None and (not self.density_layer_weights or min(self.density_layer_weights) < 0):
             return "density_layer_weights must be a non-empty list of weights >= 0"
         return None
@@ -196,6 +212,19 @@ class Deft(Pass):
         groups = None
         if trained_biases and c.mlp_bias_lr is not None:
             groups = default_parameter_groups(model, c.weight_decay, {id(p): c.mlp_bias_lr for _, p in trained_biases})
+        pressure = c.density_weight > 0
+        use_scales = c.activation_scale if c.activation_scale is not None else (pressure and c.method != "qlora")
+        scales = None
+        if use_scales:
+            from deftcompress.activation_scale import ActivationScales, ScaleFloor
+
+            scales = ActivationScales(mlp_blocks(model, state.arch), min_scale=c.activation_scale_min)
+            model.add_module("deftcompress_activation_scales", scales)  # its parameters train with the adapter
+            scales.attach()
+            lrs = {id(p): c.activation_scale_lr for p in scales.parameters()}
+            lrs.update({id(p): c.mlp_bias_lr for _, p in trained_biases} if c.mlp_bias_lr is not None else {})
+            groups = default_parameter_groups(model, c.weight_decay, lrs)
+            state.constraints.append(ScaleFloor(scales))
         trainable = trainable_parameter_count(model)
         state.bind_constraints(model)
 
@@ -212,14 +241,31 @@ class Deft(Pass):
             ramp_ratio=c.density_ramp_ratio,
             layer_weights=tuple(c.density_layer_weights) if c.density_layer_weights else None, target=c.density_target,
             controller_rate=c.density_controller_rate, lambda_max=c.density_lambda_max))
-        with density:
-            result = train(state, model, state.examples("train", c.max_train_samples), settings, extra_loss=density,
-                           parameter_groups=groups)
+        if scales is not None and c.density_grad == "scale_only":
+            density.pre_transform = scales.scale_only_gradient
+        try:
+            with density:
+                result = train(state, model, state.examples("train", c.max_train_samples), settings, extra_loss=density,
+                               parameter_groups=groups)
+        finally:
+            if scales is not None:
+                state.constraints = [x for x in state.constraints if getattr(x, "scales", None) is not scales]
         model = result.model
+        scale_details = None
+        if scales is not None:
+            # Fold exactly into the weights: the model keeps its architecture and saves as a plain checkpoint.
+            scale_state = scales.state_for_saving()
+            scale_details = scales.fold_into_weights()
+            model._modules.pop("deftcompress_activation_scales", None)
 
         adapter_dir = state.pass_dir(self.name) / "adapter"
         if distributed.is_main_process():
             save_adapter(model, adapter_dir, trained_biases)
+            if scales is not None:
+                from safetensors.torch import save_file
+
+                # The adapter was trained on scaled MLPs: these scales (already folded into model/) belong with it.
+                save_file(scale_state, str(adapter_dir / "activation_scales.safetensors"))  # read by load_adapter_into
         distributed.barrier()
         if c.merge:
             model = merge(model)
@@ -239,6 +285,7 @@ class Deft(Pass):
             "trainable_fraction": round(trainable / max(total_params, 1), 6),
             "density_loss": density.describe(),
             "train_mlp_bias": c.train_mlp_bias,
+            "activation_scales": scale_details or False,
             **{k: v for k, v in result.to_dict().items() if k not in ("trainable_params", "notes")},
             "train_rows": len(state.examples("train", c.max_train_samples)),
             "batch_size": c.batch_size,
