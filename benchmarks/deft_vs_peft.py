@@ -90,8 +90,10 @@ def run_one(method: str, seed: int, density: bool, args, deft_options: dict, out
 
 def summarize(rows: list[dict]) -> str:
     peft = {(r["method"], r["seed"], r["steps"]): r for r in rows if r["run"] == "peft"}
+    commands = list(dict.fromkeys(r["cmd"] for r in rows))
     lines = ["# PEFT vs DEFT: MiniLM-L6 (all-MiniLM-L6-v2) on SST-2", "",
-             f"Produced by `{rows[-1]['cmd']}` (rows from `deft_vs_peft.jsonl`). Density: exact-nonzero MLP activations,",
+             "Produced by " + ", then ".join(f"`{c}`" for c in commands) + " (rows from `deft_vs_peft.jsonl`; "
+             "table: `python benchmarks/deft_vs_peft.py --summarize`). DEFT = the `deft` pass defaults. Density: exact-nonzero MLP activations,",
              f"{rows[-1].get('eval_rows', 872)} dev rows; masked = real tokens only, paper = padding to max_seq_length counted. Cut and step-time",
              "ratio are against the PEFT run (density_weight 0) of the same method and seed.", "",
              "| method | seed | run | steps | accuracy | d acc (pts) | density masked | density paper | |a|>tau | rel. cut (masked) "
@@ -108,8 +110,10 @@ def summarize(rows: list[dict]) -> str:
         lines.append(f"| {r['method']} | {r['seed']} | {r['run']} | {r['steps']} | {r['accuracy']:.4f} | {dacc} | "
                      f"{r['density_masked']:.4f} | {r['density_paper']:.4f} | {r['above_tau_masked']:.4f} | {cut} | "
                      f"{r['median_seconds_per_step']:.3f} | {ratio} |")
-    lines += ["", "## Means over seeds", "", "| method | run | seeds | accuracy | density masked | rel. cut | time ratio |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Means over seeds, against the targets (>= 60% masked density cut at <= 1.0 point accuracy loss; "
+              "step time <= 1.10x PEFT)", "",
+              "| method | run | seeds | accuracy | d acc (pts) | density masked | rel. cut | time ratio | targets |",
+              "|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["run"], r["steps"]), []).append(r)
@@ -117,12 +121,19 @@ def summarize(rows: list[dict]) -> str:
         acc = statistics.mean(r["accuracy"] for r in rs)
         dens = statistics.mean(r["density_masked"] for r in rs)
         bases = [peft[(r["method"], r["seed"], r["steps"])] for r in rs if (r["method"], r["seed"], r["steps"]) in peft]
+        verdict, dacc = "-", "-"
         if run == "deft" and bases:
-            cut = f"{100 * (1 - dens / statistics.mean(b['density_masked'] for b in bases)):.1f}%"
-            ratio = f"{statistics.mean(r['median_seconds_per_step'] for r in rs) / statistics.mean(b['median_seconds_per_step'] for b in bases):.2f}"
+            cut_value = 1 - dens / statistics.mean(b["density_masked"] for b in bases)
+            dacc_value = 100 * (acc - statistics.mean(b["accuracy"] for b in bases))
+            ratio_value = (statistics.mean(r["median_seconds_per_step"] for r in rs)
+                           / statistics.mean(b["median_seconds_per_step"] for b in bases))
+            cut, dacc, ratio = f"{100 * cut_value:.1f}%", f"{dacc_value:+.2f}", f"{ratio_value:.2f}"
+            misses = [m for m, ok in (("cut < 60%", cut_value >= 0.60), ("accuracy loss > 1 pt", dacc_value >= -1.0),
+                                      ("step time > 1.10x", ratio_value <= 1.10)) if not ok]
+            verdict = "met" if not misses else "missed: " + ", ".join(misses)
         else:
             cut, ratio = "-", "-"
-        lines.append(f"| {method} | {run} | {len(rs)} | {acc:.4f} | {dens:.4f} | {cut} | {ratio} |")
+        lines.append(f"| {method} | {run} | {len(rs)} | {acc:.4f} | {dacc} | {dens:.4f} | {cut} | {ratio} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 

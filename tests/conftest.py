@@ -141,3 +141,12 @@ def pipeline_state(tiny_checkpoint, tiny_data, tmp_path):
                              device=torch.device("cpu"), work_dir=tmp_path, quiet=True)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is several times faster than two contending ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,13 +25,7 @@ FAMILIES = ("bert", "t5_relu", "llama")  # encoder, encoder-decoder, decoder-onl
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is several times faster than two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 # ---- the loss against hand computation -------------------------------------------------------

@@ -9,12 +9,7 @@ from deftcompress.registry import Constraint
 from deftcompress.training import TrainingError, TrainSettings, collate, encode_examples, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def _lora(state):
