@@ -163,11 +163,11 @@ class DensityMeter:
         above = self._count_above_tau(act)
         padding = self._padding.get(block.stack)
         virtual = 0
-        if padding is not None and padding.shape[-1] < act.shape[-2]:
+        if padding is not None and padding.shape[-1] != act.shape[-2]:
             # prompt tuning prepends virtual tokens inside the model: real positions, not padding
             virtual = act.shape[-2] - padding.shape[-1]
-            padding = torch.cat([padding.new_zeros(padding.shape[0], virtual), padding], dim=-1)
-        if padding is not None and padding.shape == act.shape[:-1]:
+            padding = ~align_token_mask(~padding, act.shape[-2])
+        if padding is not None:
             pad = act[padding]
             nonzero = nonzero - torch.count_nonzero(pad)
             above = above - self._count_above_tau(pad)
