@@ -125,6 +125,7 @@ def quantize_linear_layers(model: nn.Module, bits: Literal[4, 8] = 4, quant_type
             if has_bias:
                 layer.bias = nn.Parameter(child.bias.data.detach().to("cpu").clone(), requires_grad=False)
             layer = layer.to(device)  # quantizes (bitsandbytes does it on the move, CPU included)
+            use_generic_cpu_kernel(layer)
             layer.train(child.training)
             setattr(parent, child_name, layer)
             summary.converted.append(name)
@@ -132,6 +133,23 @@ def quantize_linear_layers(model: nn.Module, bits: Literal[4, 8] = 4, quant_type
     if not summary.converted:
         raise QuantizationError(f"no Linear layer to quantize (skipped: {', '.join(summary.skipped) or 'none'})")
     return summary
+
+
+def use_generic_cpu_kernel(model_or_layer: nn.Module) -> int:
+    """Keep bitsandbytes 4-bit layers on the generic kernel: no AVX512-BF16 weight repacking on CPU.
+
+    On CPUs with AVX512-BF16, an eval-mode `Linear4bit` repacks its weight on first use into a bf16
+    format. That path crashes for shapes it cannot tile (output width not a multiple of 32, input
+    width not a multiple of the 64-value block: pruned widths, small models), fails on a bias that
+    requires grad, and computes in bf16, so evaluation would not match training. Returns how many
+    layers were switched.
+    """
+    switched = 0
+    for module in model_or_layer.modules():
+        if is_bnb_linear(module) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
 
 
 def _quant_state_bytes(layer: nn.Module) -> int:

@@ -125,13 +125,24 @@ def exact_zero_point(act_fn: torch.nn.Module, low: float = -128.0) -> float:
         if first == 0:
             return low
         lo, hi = float(xs[first - 1]), float(xs[first])
+        step = hi - lo
+        while not _zero_in_every_kernel(act_fn, lo):  # vectorised and scalar kernels can round differently
+            lo, hi = lo - step, lo
+            if lo < low:
+                return low
         for _ in range(40):  # bisect the step between the last zero and the first nonzero
             mid = (lo + hi) / 2
-            if float(act_fn(torch.tensor([mid]))[0]) == 0.0:
+            if _zero_in_every_kernel(act_fn, mid):
                 lo = mid
             else:
                 hi = mid
         return lo
+
+
+def _zero_in_every_kernel(act_fn: torch.nn.Module, x: float) -> bool:
+    """act_fn(x) == 0 whether x arrives alone (scalar kernel) or in a long tensor (SIMD kernel)."""
+    probes = (torch.tensor(x), torch.tensor([x]), torch.full((67,), x))
+    return all(bool((act_fn(p) == 0).all()) for p in probes)
 
 
 class DensityLoss:

@@ -10,7 +10,8 @@ import torch
 def rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    # RANK alone (left in a shell) does not make a process group: only trust it beside WORLD_SIZE > 1
+    return int(os.environ.get("RANK", "0")) if world_size() > 1 else 0
 
 
 def world_size() -> int:

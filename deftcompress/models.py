@@ -129,6 +129,10 @@ def load_model_and_tokenizer(ref: str, task: TaskSpec, device: torch.device | st
         model.config.pad_token_id = tokenizer.pad_token_id
     if "device_map" not in kwargs:
         model = model.to(device)
+    else:  # a bitsandbytes checkpoint: see use_generic_cpu_kernel
+        from .bnb import use_generic_cpu_kernel
+
+        use_generic_cpu_kernel(model)
     return model, tokenizer, arch
 
 

@@ -12,6 +12,7 @@ import platform
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from .models import count_parameters, directory_bytes, load_model_and_tokenizer,
 from .recipe import Recipe
 from .registry import Constraint, Pass
 from .report import Report, StepRecord, make_step, plot_density
-from .tasks import TaskSpec, get_task, load_examples
+from .run_folder import check_output_dir, run_lock, write_marker
+from .tasks import TaskSpec, data_root, get_task, load_examples
 
 
 @dataclass
@@ -103,22 +105,36 @@ class Pipeline:
         self.log = (lambda *a, **k: None) if quiet else log
         self.final_state: PipelineState | None = None  # kept after run() for callers that reuse the model
 
+    def protected_inputs(self) -> dict[str, Path]:
+        """Inputs the output folder must never be or contain: the checkpoint and the data folder."""
+        protected = {}
+        model = Path(resolve_model_ref(self.recipe.model)).expanduser()
+        if model.exists():
+            protected["input checkpoint"] = model
+        root = data_root(self.recipe.data_dir)
+        if root is not None:
+            protected["data folder"] = root
+        return protected
+
     def run(self) -> Report:
-        recipe = self.recipe
         main = distributed.is_main_process()
-        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.tmp-", dir=self.output_dir.parent))
-        try:
-            report = self._run(work)
-            if main:
-                _replace_dir(work, self.output_dir)
-            else:
+        if main:  # refused before any model loads: a user's folder is never touched
+            check_output_dir(self.output_dir, self.protected_inputs())
+        with run_lock(self.output_dir) if main else nullcontext():
+            work = Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.tmp-", dir=self.output_dir.parent))
+            write_marker(work)
+            try:
+                report = self._run(work)
+                if main:
+                    check_output_dir(self.output_dir, {})  # still ours after the run (nothing added meanwhile)
+                    _replace_dir(work, self.output_dir)
+                else:
+                    shutil.rmtree(work, ignore_errors=True)
+                distributed.barrier()
+                return report
+            except BaseException:
                 shutil.rmtree(work, ignore_errors=True)
-            distributed.barrier()
-            return report
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+                raise
 
     def _run(self, work: Path) -> Report:
         recipe = self.recipe
@@ -185,7 +201,7 @@ class Pipeline:
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`; an existing `dst` is only removed once the new one is in place."""
+    """Move `src` to `dst`; an existing `dst` (checked to be a run folder of ours) is only removed once the new one is in place."""
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")

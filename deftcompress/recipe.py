@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,8 @@ from .config import option, parse_config
 from .errors import RecipeError
 from .registry import PlannedPass, plan_passes
 from .tasks import data_root, get_task
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 @dataclass
@@ -38,6 +41,9 @@ class RecipeSettings:
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
 
     def check(self) -> str | None:
+        if not RUN_NAME.fullmatch(self.name) or self.name in (".", ".."):
+            return (f"name: {self.name!r} is not a plain run name (letters, digits, '.', '_', '-'; at most 100 "
+                    "characters; no path separators): use output_dir or -o to choose a folder")
         if self.max_eval_samples is not None and self.max_eval_samples < 1:
             return "max_eval_samples must be >= 1 or null"
         if self.max_seq_length < 8:
@@ -104,7 +110,7 @@ class Recipe:
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise RecipeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
         if isinstance(data, dict) and "name" not in data:
-            data = {"name": path.stem, **data}
+            data = {"name": re.sub(r"[^A-Za-z0-9._-]", "_", path.stem).lstrip("._-")[:100] or "run", **data}
         return cls.from_dict(data, source=str(path))
 
     @classmethod
