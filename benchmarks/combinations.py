@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from deftcompress.evaluation import EvalSettings, evaluate
-from deftcompress.pipeline import Pipeline
-from deftcompress.recipe import Recipe
+from deftcompress.measurement.evaluation import EvalSettings, evaluate
+from deftcompress.pipeline.runner import Pipeline
+from deftcompress.core.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 Fixed setup (matches benchmarks/deft_vs_peft.py's budget): all-MiniLM-L6-v2 (embedded alias ``minilm``), GLUE SST-2,
 8,000 shuffled train rows (seed 0), batch 32, max length 64, dynamic padding, AdamW lr 5e-4 (weight decay 0.01),
 6% warm-up then linear decay, LoRA r=8 alpha=16 on query, value, intermediate.dense (+ classifier head), all 872 dev
-rows. Density: exact nonzero MLP activations over real tokens (``deftcompress.evaluation.evaluate``, masked mode).
+rows. Density: exact nonzero MLP activations over real tokens (``deftcompress.measurement.evaluation.evaluate``, masked mode).
 
 Each run prints one JSON line and appends it to benchmarks/results/deft_research.jsonl.
 
@@ -94,10 +94,10 @@ def run(args) -> dict:
     from peft import LoraConfig, TaskType, get_peft_model
 
     from deftcompress.architecture import mlp_blocks
-    from deftcompress.density import ActivationTap
-    from deftcompress.evaluation import EvalSettings, evaluate
-    from deftcompress.models import alias_path, load_model_and_tokenizer
-    from deftcompress.tasks import get_task, load_examples
+    from deftcompress.measurement.density import ActivationTap
+    from deftcompress.measurement.evaluation import EvalSettings, evaluate
+    from deftcompress.models.loading import alias_path, load_model_and_tokenizer
+    from deftcompress.data.tasks import get_task, load_examples
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -313,7 +313,7 @@ def neuron_selection(model, tok, blocks, rows, frac, max_length):
     """Per layer, a 0/1 mask of the `frac` least important neurons (mean |GELU(x)| * column norm of W_down)."""
     import torch
 
-    from deftcompress.density import ActivationTap
+    from deftcompress.measurement.density import ActivationTap
 
     sums = [None] * len(blocks)
     count = [0]

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from deftcompress.evaluation import EvalSettings, evaluate
-from deftcompress.models import load_model_and_tokenizer, resolve_model_ref
-from deftcompress.tasks import get_task, load_examples
+from deftcompress.measurement.evaluation import EvalSettings, evaluate
+from deftcompress.models.loading import load_model_and_tokenizer, resolve_model_ref
+from deftcompress.data.tasks import get_task, load_examples
 
 
 def main() -> None:

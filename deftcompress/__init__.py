@@ -8,8 +8,8 @@ Python API::
     print(report.steps[-1].task_score, report.steps[-1].density["encoder"])
 """
 
-from .errors import DeftcompressError, RecipeError
-from .recipe import Recipe, load_recipe
+from deftcompress.errors import DeftcompressError, RecipeError
+from deftcompress.core.recipe import Recipe, load_recipe
 
 __version__ = "0.1.0"
 __all__ = ["Recipe", "load_recipe", "run_recipe", "Pipeline", "Report", "DeftcompressError", "RecipeError", "__version__"]
@@ -18,11 +18,11 @@ __all__ = ["Recipe", "load_recipe", "run_recipe", "Pipeline", "Report", "Deftcom
 def __getattr__(name):
     # Lazy: importing the package for `deftcompress validate` must not pull in torch-heavy modules.
     if name in ("run_recipe", "Pipeline"):
-        from . import pipeline
+        from deftcompress.pipeline import runner as pipeline
 
         return getattr(pipeline, name)
     if name == "Report":
-        from .report import Report
+        from deftcompress.reporting.report import Report
 
         return Report
     raise AttributeError(name)

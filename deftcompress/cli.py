@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .errors import DeftcompressError
+from deftcompress.errors import DeftcompressError
 
 
 def _fail(exc: DeftcompressError) -> None:
@@ -37,7 +37,7 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or step log; only the final table.")
 def apply(recipe: Path, output_dir: Path | None, data_dir: str | None, quiet: bool) -> None:
     """Apply RECIPE (YAML) to its model and write runs/<name>/ (report.json, report.md, model/)."""
-    from .recipe import Recipe
+    from deftcompress.core.recipe import Recipe
 
     try:
         if data_dir:
@@ -46,13 +46,13 @@ def apply(recipe: Path, output_dir: Path | None, data_dir: str | None, quiet: bo
         if data_dir:
             loaded.settings.data_dir = data_dir
         _quiet_libraries()
-        from .pipeline import Pipeline
+        from deftcompress.pipeline.runner import Pipeline
 
         pipeline = Pipeline(loaded, output_dir=output_dir, quiet=quiet, log=lambda *a: click.echo(*a, err=True))
         report = pipeline.run()
     except DeftcompressError as exc:
         _fail(exc)
-    from . import distributed
+    from deftcompress.training import distributed
 
     if not distributed.is_main_process():  # under torchrun every process returns the report; one table is enough
         return
@@ -64,7 +64,7 @@ def apply(recipe: Path, output_dir: Path | None, data_dir: str | None, quiet: bo
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 def validate(recipes: tuple[Path, ...]) -> None:
     """Check RECIPES without loading any model; exit 2 at the first invalid one."""
-    from .recipe import Recipe
+    from deftcompress.core.recipe import Recipe
 
     failed = 0
     for path in recipes:
@@ -82,9 +82,9 @@ def validate(recipes: tuple[Path, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_passes(as_json: bool) -> None:
     """List every pass with its config fields, types, defaults and meaning."""
-    from .recipe import RecipeSettings
-    from .config import describe_fields
-    from .registry import all_passes, describe_pass
+    from deftcompress.core.recipe import RecipeSettings
+    from deftcompress.core.config import describe_fields
+    from deftcompress.core.registry import all_passes, describe_pass
 
     described = [describe_pass(cls) for cls in all_passes().values()]
     if as_json:
@@ -106,7 +106,7 @@ def list_passes(as_json: bool) -> None:
 @click.option("--markdown", is_flag=True, help="Print report.md instead of the text table.")
 def report(run_dir: Path, markdown: bool) -> None:
     """Print the table of a finished run."""
-    from .report import Report
+    from deftcompress.reporting.report import Report
 
     path = run_dir / "report.json"
     if not path.is_file():

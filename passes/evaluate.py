@@ -11,8 +11,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from deftcompress.config import PassConfig, option
-from deftcompress.registry import Pass, register_pass
+from deftcompress.core.config import PassConfig, option
+from deftcompress.core.protocol import Pass
+from deftcompress.core.registry import register_pass
 
 
 @dataclass

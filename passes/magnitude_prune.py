@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-from deftcompress.config import PassConfig, option
-from deftcompress.errors import DeftcompressError, RecipeError
-from deftcompress.registry import Constraint, Pass, register_pass
-from deftcompress.targets import patterns_problem
-
-DEFAULT_IGNORE = ["re:.*classifier.*", "re:.*pooler.*", "re:.*lm_head.*", r"re:(.*\.)?score"]
+from deftcompress.core.config import PassConfig, option
+from deftcompress.core.protocol import ADAPTER, ZERO_MASK, Constraint, Need, Pass
+from deftcompress.core.registry import register_constraint, register_pass
+from deftcompress.core.selectors import kept_module_patterns, patterns_problem
+from deftcompress.errors import DeftcompressError
 
 
 class PruningError(DeftcompressError):
@@ -46,9 +45,10 @@ class MagnitudePruneConfig(PassConfig):
     sparsity: float = option(0.5, "fraction of the targeted weights set to zero (0 <= sparsity < 1)")
     scope: Literal["global", "layer"] = option(
         "global", "global: one magnitude threshold over all targeted weights; layer: every weight matrix loses `sparsity` of its entries")
-    targets: list[str] = option(["Linear"], "modules whose `weight` is pruned: class names (Linear, Embedding, ...) or "
-                                            "'re:<regex>' matched against full module names")
-    ignore: list[str] = option(list(DEFAULT_IGNORE), "modules never pruned, same syntax (default: task and LM heads)")
+    targets: list[str] = option(["Linear"], "modules whose `weight` is pruned: selectors (class names such as Linear, "
+                                            "module-name components, or 're:<regex>' on full module names)")
+    ignore: list[str] = option(kept_module_patterns(), "modules never pruned, same syntax (default: every family's "
+                                                       "task heads, pooler and LM head)")
 
     def check(self) -> str | None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -58,32 +58,31 @@ class MagnitudePruneConfig(PassConfig):
         return patterns_problem(self.targets, "targets") or patterns_problem(self.ignore, "ignore")
 
 
-def reject_after_unmerged_training(plan, position: int) -> None:
-    """Pruning must see plain weights: an earlier training pass must have merged its adapter."""
-    for earlier in plan[:position]:
-        if earlier.cls.trains and not getattr(earlier.config, "merge", False):
-            raise RecipeError(f"{plan[position].where}: {earlier.where} leaves its adapter on the model, so the "
-                              "pruned weights would not be the ones the model computes with; prune before it, or "
-                              "set merge: true there")
-
-
 @register_pass
 class MagnitudePrune(Pass):
     name = "magnitude_prune"
     Config = MagnitudePruneConfig
     summary = "Unstructured magnitude pruning (global or per layer); pruned weights stay zero through later training."
-    keeps_zero_mask: ClassVar[bool] = True  # later passes that reshape weights (structured pruning) must come first
 
     @classmethod
-    def check_plan(cls, plan, position, recipe) -> None:
-        reject_after_unmerged_training(plan, position)
+    def leaves(cls, config) -> dict[str, str]:
+        return {ZERO_MASK: "a mask of zeroed weights"}
+
+    @classmethod
+    def needs(cls, config) -> list[Need]:
+        return super().needs(config) + [
+            Need(ADAPTER, False, "{here}: {earlier} leaves its adapter on the model, so the pruned weights would not be "
+                                 "the ones the model computes with; prune before it, or set merge: true there"),
+        ]
 
     def run(self, state) -> dict[str, Any]:
         import torch
 
         c = self.config
         model = state.model
-        if hasattr(model, "peft_config") or hasattr(model, "adapters_config"):
+        from deftcompress.peft_methods.wrapping import is_wrapped
+
+        if is_wrapped(model):
             raise PruningError("magnitude_prune: the model carries a PEFT adapter; merge it first (merge: true on the training pass)")
         t0 = time.perf_counter()
         weights = targeted_weights(model, c.targets, c.ignore)
@@ -117,7 +116,8 @@ def targeted_weights(model, targets: list[str], ignore: list[str]) -> dict[str, 
     """Module name -> `weight` tensor of every matching module; a tied weight is listed once (first name)."""
     import torch
 
-    from deftcompress.targets import select_modules
+    from deftcompress.core.selectors import select_modules
+    from deftcompress.quantization.bnb import is_bnb_weight
 
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -125,7 +125,7 @@ def targeted_weights(model, targets: list[str], ignore: list[str]) -> dict[str, 
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or id(weight) in seen:
             continue
-        if type(weight).__module__.startswith("bitsandbytes"):
+        if is_bnb_weight(weight):
             raise PruningError(f"magnitude_prune: {name} is bitsandbytes-quantized; prune before quantizing")
         seen.add(id(weight))
         out[name] = weight.data
@@ -183,6 +183,7 @@ def _merge_into_existing(state, keep: dict[str, Any]) -> "ZeroMaskConstraint":
     return constraint
 
 
+@register_constraint
 class ZeroMaskConstraint(Constraint):
     """Pruned weights stay exactly zero: re-masked after every step, LoRA deltas masked in the forward and folded at release.
 
@@ -199,6 +200,13 @@ class ZeroMaskConstraint(Constraint):
         self.folded_lora_layers: list[str] = []
         self.remasked_after_merge: list[str] = []
         self._bnb_weight_ids: dict[str, int] = {}
+
+    def state_tensors(self) -> dict[str, Any]:
+        return {name: mask.to("cpu").contiguous() for name, mask in self.masks.items()}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, Any]) -> "ZeroMaskConstraint":
+        return cls({name: mask.bool() for name, mask in tensors.items()})
 
     def add_masks(self, keep_masks: dict[str, Any]) -> None:
         for name, mask in keep_masks.items():
@@ -281,8 +289,10 @@ class ZeroMaskConstraint(Constraint):
 
     def _mask_layer(self, key: str, layer) -> None:
         mask = self.masks[key]
+        from deftcompress.quantization.bnb import is_bnb_weight
+
         weight = layer.weight
-        if type(weight).__module__.startswith("bitsandbytes"):
+        if is_bnb_weight(weight):
             # Quantized weights only change when replaced (a merge); re-quantize then, never per step.
             if self._bnb_weight_ids.get(key) != id(weight):
                 self._remask_quantized(key, layer)
@@ -295,7 +305,7 @@ class ZeroMaskConstraint(Constraint):
         weight.data.mul_(mask)
 
     def _remask_quantized(self, key: str, layer) -> None:
-        from deftcompress.bnb import dequantized_weight
+        from deftcompress.quantization.bnb import dequantized_weight
 
         weight = dequantized_weight(layer)
         mask = self.masks[key].to(weight.device)
@@ -309,7 +319,7 @@ class ZeroMaskConstraint(Constraint):
         """Re-quantize `layer` (bitsandbytes 4/8-bit) in place from a float weight, with its own settings."""
         from torch import nn
 
-        from deftcompress.bnb import quantize_linear_layers, to_float_linear
+        from deftcompress.quantization.bnb import quantize_linear_layers, to_float_linear
 
         holder = nn.Module()
         holder.layer = to_float_linear(layer, weight)
@@ -366,10 +376,10 @@ class ZeroMaskConstraint(Constraint):
         if not adapters:
             return
         with torch.no_grad():
-            quantized = type(base.weight).__module__.startswith("bitsandbytes")
-            if quantized:
-                from deftcompress.bnb import dequantized_weight
+            from deftcompress.quantization.bnb import dequantized_weight, is_bnb_weight
 
+            quantized = is_bnb_weight(base.weight)
+            if quantized:
                 weight = dequantized_weight(base)
             else:
                 weight = base.weight.data

@@ -6,12 +6,13 @@ torch-pruning cuts them together. Every group is checked against the architectur
 up, gate and down of that layer) so a mis-traced graph fails loudly instead of pruning something
 else or nothing.
 
-Attention heads are cut with the architecture table directly (`deftcompress.structure`), because
+Attention heads are cut with the architecture table directly (`deftcompress.architecture.layout`), because
 torch-pruning's graph couples T5's self-attention heads across layers through the shared position
 bias, and does not know grouped-query attention. Whole heads go (key/value groups with their
 query heads for grouped-query attention), never head dimensions; head counts, all-head sizes and
-T5's `pruned_heads` are updated and checked against the shapes. T5 cross-attention heads are kept:
-HF's T5 shares one cross-attention bias tensor across decoder layers.
+T5's `pruned_heads` are updated and checked against the shapes. Heads the architecture table marks
+as not prunable stay whole (T5 cross-attention: HF's T5 shares one cross-attention bias tensor
+across decoder layers).
 
 Importance: `magnitude` (L2 norm of the coupled weights) or `taylor` (|w * dL/dw| summed over a
 few training batches). `scope: layer` removes the same fraction in every layer; `scope: global`
@@ -20,7 +21,7 @@ ranks neurons (and heads) across layers after normalising each layer's scores by
 Frozen parameters are unfrozen while the graph is traced (torch-pruning follows autograd and finds
 nothing through frozen weights) and frozen again afterwards. The new widths are recorded in the
 config (`deftcompress_layout`), so the saved model reloads to the same outputs through
-`deftcompress.models.load_model_and_tokenizer`.
+`deftcompress.models.formats.load_model`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from deftcompress.config import PassConfig, option
-from deftcompress.errors import DeftcompressError, RecipeError
-from deftcompress.registry import Pass, register_pass
+from deftcompress.core.config import PassConfig, option
+from deftcompress.core.protocol import ADAPTER, ZERO_MASK, Need, Pass
+from deftcompress.core.registry import register_pass
+from deftcompress.errors import DeftcompressError
 
 
 class StructuredPruningError(DeftcompressError):
@@ -45,7 +47,7 @@ class StructuredPruningError(DeftcompressError):
 class StructuredPruneConfig(PassConfig):
     mlp_ratio: float = option(0.3, "fraction of MLP neurons removed (0 <= ratio < 1)")
     head_ratio: float = option(0.0, "fraction of attention heads removed (key/value groups for grouped-query attention; "
-                                    "T5 cross-attention is kept)")
+                                    "heads the architecture table marks as not prunable, such as T5 cross-attention, are kept)")
     importance: Literal["magnitude", "taylor"] = option(
         "magnitude", "magnitude: L2 norm of the coupled weights; taylor: |weight * gradient| over a few training batches")
     round_to: int = option(8, "kept MLP neurons per layer rounded to a multiple of this (1: no rounding)")
@@ -75,34 +77,35 @@ class StructuredPrune(Pass):
     summary = "Remove MLP neurons (torch-pruning dependency graph) and attention heads; the saved model reloads with its new widths."
 
     @classmethod
-    def check_plan(cls, plan, position, recipe) -> None:
-        where = plan[position].where
-        for earlier in plan[:position]:
-            if earlier.cls.trains and not getattr(earlier.config, "merge", False):
-                raise RecipeError(f"{where}: {earlier.where} leaves its adapter on the model, and pruning a wrapped model "
-                                  "breaks it; prune before it, or set merge: true there")
-            if getattr(earlier.cls, "keeps_zero_mask", False):
-                raise RecipeError(f"{where}: {earlier.where} keeps a mask of zeroed weights that would no longer fit the "
-                                  "smaller matrices; put structured_prune before it")
+    def needs(cls, config) -> list[Need]:
+        return super().needs(config) + [
+            Need(ADAPTER, False, "{here}: {earlier} leaves its adapter on the model, and pruning a wrapped model breaks "
+                                 "it; prune before it, or set merge: true there"),
+            Need(ZERO_MASK, False, "{here}: {earlier} keeps {note} that would no longer fit the smaller matrices; put "
+                                   "structured_prune before it"),
+        ]
 
     def run(self, state) -> dict[str, Any]:
         from deftcompress.architecture import attention_blocks, mlp_blocks
-        from deftcompress.models import count_parameters
-        from deftcompress.structure import block_key, check_structure, original_heads, record_layout
+        from deftcompress.peft_methods.wrapping import is_wrapped
+        from deftcompress.quantization.bnb import is_quantized
+        from deftcompress.quantization.torch_int8 import quantized_modules
+        from deftcompress.measurement.size import count_parameters
+        from deftcompress.architecture.layout import block_key, check_structure, original_heads, record_layout
 
         c = self.config
         model = state.model
-        if hasattr(model, "peft_config") or hasattr(model, "adapters_config"):
+        if is_wrapped(model):
             raise StructuredPruningError("structured_prune: the model carries a PEFT adapter; prune before training, "
                                          "or merge it first (merge: true)")
-        if any(type(m).__module__.startswith(("bitsandbytes", "torch.ao")) for m in model.modules()):
+        if is_quantized(model) or quantized_modules(model):
             raise StructuredPruningError("structured_prune: the model is quantized; prune before quantizing")
         t0 = time.perf_counter()
         params_before, _ = count_parameters(model)
         was_training = model.training
         model.eval()
         mlps = mlp_blocks(model, state.arch)
-        attns = attention_blocks(model, state.arch, include_cross=False)  # T5 cross-attention is kept
+        attns = attention_blocks(model, state.arch, prunable_only=True)  # the table says which heads stay whole
         widths_before = {block_key(b): b.up.out_features for b in mlps}
         heads_before = {block_key(a): original_heads(model, a) for a in attns}
 
@@ -147,8 +150,8 @@ class StructuredPrune(Pass):
             "round_to": c.round_to,
             "prune_seconds": round(time.perf_counter() - t0, 3),
             "saved_format": "stock config.json plus per-layer widths under `deftcompress_layout`; "
-                            "load with deftcompress.models.load_model_and_tokenizer",
-            **({"notes": ["T5 cross-attention heads are not pruned"]} if state.arch.kind == "encoder_decoder" and c.head_ratio else {}),
+                            "load with deftcompress.models.formats.load_model",
+            **({"notes": kept_whole} if (kept_whole := _heads_kept_whole(state.arch)) and c.head_ratio else {}),
         }
 
     # -- MLP: torch-pruning dependency groups -------------------------------------------------
@@ -199,7 +202,7 @@ class StructuredPrune(Pass):
         """Attention index -> key/value heads to keep (current numbering)."""
         import torch
 
-        from deftcompress.structure import head_geometry
+        from deftcompress.architecture.layout import head_geometry
 
         scores = [_head_scores(a, self.config.importance) for a in attns]
         keep_counts = _keep_counts(scores, self.config.head_ratio, self.config.scope, round_to=1, minimum=1)
@@ -212,7 +215,7 @@ class StructuredPrune(Pass):
 
     @staticmethod
     def _prune_heads(model, attns, plan) -> dict[str, tuple[list[int], int]]:
-        from deftcompress.structure import block_key, head_geometry, original_heads, shrink_attention
+        from deftcompress.architecture.layout import block_key, head_geometry, original_heads, shrink_attention
 
         new = {}
         for i, keep_kv in plan.items():
@@ -227,6 +230,16 @@ class StructuredPrune(Pass):
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+
+def _heads_kept_whole(arch) -> list[str]:
+    """Why some attention heads were not pruned, from the architecture table."""
+    notes = []
+    for stack in arch.stacks:
+        for attention, kind in ((stack.attention, "self"), (stack.cross_attention, "cross")):
+            if attention is not None and not attention.heads_prunable:
+                notes.append(f"{arch.family} {stack.name} {kind}-attention heads are not pruned: {attention.not_prunable_because}")
+    return notes
+
 
 @contextmanager
 def _all_trainable(model):
@@ -280,7 +293,7 @@ def _head_scores(block, importance: str):
     """Per key/value head: mean over q, k, v, o of the summed |w|^2 (magnitude) or |w * grad| (taylor) of its slices."""
     import torch
 
-    from deftcompress.structure import head_geometry
+    from deftcompress.architecture.layout import head_geometry
 
     geo = head_geometry(block)
 
@@ -319,7 +332,7 @@ def _keep_counts(scores: list, ratio: float, scope: str, round_to: int, minimum:
 
 
 def _taylor_batches(state, config) -> list:
-    from deftcompress.training import collate, encode_examples
+    from deftcompress.training.loop import collate, encode_examples
 
     n = config.taylor_batches * config.taylor_batch_size
     examples = state.examples("train", n)

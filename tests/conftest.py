@@ -76,7 +76,7 @@ def tiny_data(tmp_path_factory) -> Path:
 def build_tiny_model(family: str):
     """A randomly initialised tiny model of `family` and the tokenizer it uses."""
     import transformers
-    from deftcompress.models import alias_path, load_tokenizer
+    from deftcompress.models.loading import alias_path, load_tokenizer
 
     torch.manual_seed(0)
     minilm_tok = lambda: transformers.AutoTokenizer.from_pretrained(alias_path("minilm"))  # noqa: E731
@@ -126,10 +126,10 @@ def pipeline_state(tiny_checkpoint, tiny_data, tmp_path):
     pipeline_state("bert") / pipeline_state("t5_gated", task="glue/sst2"); the recipe points at the
     tiny data folder, so `state.examples("train", n)` works (taylor importance, training).
     """
-    from deftcompress.models import load_model_and_tokenizer
-    from deftcompress.pipeline import PipelineState
-    from deftcompress.recipe import Recipe
-    from deftcompress.tasks import get_task
+    from deftcompress.models.loading import load_model_and_tokenizer
+    from deftcompress.pipeline.runner import PipelineState
+    from deftcompress.core.recipe import Recipe
+    from deftcompress.data.tasks import get_task
 
     def make(family: str, task: str = "glue/sst2", **settings) -> "PipelineState":
         ref = str(tiny_checkpoint(family))

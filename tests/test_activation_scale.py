@@ -7,7 +7,7 @@ import torch
 
 from conftest import build_tiny_model
 from deftcompress import Recipe, run_recipe
-from deftcompress.activation_scale import ActivationScales
+from deftcompress.training.activation_scale import ActivationScales
 from deftcompress.architecture import mlp_blocks
 
 
@@ -61,9 +61,9 @@ def test_scale_only_gradient_reaches_only_the_scales():
 
 
 def test_deft_with_scales_cuts_density_and_saves_a_plain_checkpoint(tiny_checkpoint, tiny_data, tmp_path):
-    from deftcompress.models import load_model_and_tokenizer
-    from deftcompress.evaluation import evaluate
-    from deftcompress.tasks import get_task, load_examples
+    from deftcompress.models.loading import load_model_and_tokenizer
+    from deftcompress.measurement.evaluation import evaluate
+    from deftcompress.data.tasks import get_task, load_examples
 
     deft = {"method": "lora", "r": 4, "density_loss": "preact", "density_target": 0.3, "density_ramp_ratio": 0.3,
             "activation_scale": True, "activation_scale_min": 1000.0, "max_steps": 10, "batch_size": 16,

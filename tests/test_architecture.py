@@ -44,7 +44,7 @@ def test_table_works_through_peft_wrapper():
 
 def test_unknown_family_says_how_to_add_it():
     model = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2))
-    with pytest.raises(ArchitectureError, match="gpt2.*architecture.py"):
+    with pytest.raises(ArchitectureError, match="gpt2.*architecture/families"):
         spec_for(model)
 
 

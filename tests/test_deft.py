@@ -16,9 +16,10 @@ from torch import nn
 
 from deftcompress import Recipe, RecipeError, run_recipe
 from deftcompress.architecture import MLPBlock, mlp_blocks
-from deftcompress.density_loss import DensityLoss, DensityLossSettings, density_loss_value, exact_zero_point
-from deftcompress.registry import Pass, register_pass
-from deftcompress.training import TrainSettings, collate, encode_examples, train
+from deftcompress.training.density_loss import DensityLoss, DensityLossSettings, density_loss_value, exact_zero_point
+from deftcompress.core.protocol import Pass
+from deftcompress.core.registry import register_pass
+from deftcompress.training.loop import TrainSettings, collate, encode_examples, train
 
 METHODS = ("lora", "qlora", "ia3", "prompt", "prefix", "adapter")
 FAMILIES = ("bert", "t5_relu", "llama")  # encoder, encoder-decoder, decoder-only
@@ -147,7 +148,7 @@ TRAINABLE_PATTERNS = {
 
 
 def _wrap(state, method, **kw):
-    from deftcompress.peft_methods import PeftSettings, wrap_model
+    from deftcompress.peft_methods.wrapping import PeftSettings, wrap_model
 
     return wrap_model(state.model, state.arch, state.task, PeftSettings(method=method, r=2, num_virtual_tokens=3,
                                                                         reduction_factor=4, **kw)).model
@@ -197,7 +198,7 @@ def test_gradient_reaches_only_peft_parameters_and_head(pipeline_state, method):
 
 
 def test_train_mlp_bias_makes_only_up_projection_biases_trainable(pipeline_state):
-    from deftcompress.peft_methods import enable_mlp_bias
+    from deftcompress.peft_methods.wrapping import enable_mlp_bias
 
     state = pipeline_state("bert")
     model = _wrap(state, "lora")
@@ -209,7 +210,7 @@ def test_train_mlp_bias_makes_only_up_projection_biases_trainable(pipeline_state
 
 def test_t5_and_llama_have_no_mlp_bias_to_train(pipeline_state):
     from deftcompress.errors import DeftcompressError
-    from deftcompress.peft_methods import enable_mlp_bias
+    from deftcompress.peft_methods.wrapping import enable_mlp_bias
 
     state = pipeline_state("t5_relu")
     with pytest.raises(DeftcompressError, match="no bias"):
@@ -306,10 +307,11 @@ def _run_deft(tiny_checkpoint, tiny_data, tmp_path, family, name, **deft):
 def test_recipe_saves_adapter_and_reloadable_model(tiny_checkpoint, tiny_data, tmp_path, family, method):
     from transformers import AutoTokenizer
 
-    from deftcompress.bnb import quantize_linear_layers
-    from deftcompress.models import load_model_and_tokenizer
-    from deftcompress.peft_methods import load_adapter_into, load_saved_model
-    from deftcompress.tasks import get_task, load_examples
+    from deftcompress.quantization.bnb import quantize_linear_layers
+    from deftcompress.models.loading import load_model_and_tokenizer
+    from deftcompress.models.formats import load_model
+    from deftcompress.peft_methods.saving import load_adapter_into
+    from deftcompress.data.tasks import get_task, load_examples
 
     name = f"{family}_{method}"
     report, out = _run_deft(tiny_checkpoint, tiny_data, tmp_path, family, name, method=method)
@@ -330,12 +332,11 @@ def test_recipe_saves_adapter_and_reloadable_model(tiny_checkpoint, tiny_data, t
     trained = RECORDED[name]
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     manifest = json.loads((out / "model" / "deftcompress_model.json").read_text())
-    reloaded = load_saved_model(out / "model")
-    from deftcompress.architecture import spec_for
-
-    arch = spec_for(reloaded)
-    exact = manifest["format"] == "base+adapter"
-    assert manifest["format"] == ("merged" if method in ("lora", "qlora", "ia3") else "base+adapter")
+    reloaded, _, arch = load_model(out / "model")
+    exact = manifest["format"] == "base_adapter"
+    merged = method in ("lora", "qlora", "ia3")
+    assert manifest["format"] == ("plain" if merged else "base_adapter")
+    assert manifest.get("merged_adapter") == ({"qlora": "lora"}.get(method, method) if merged else None)
     torch.testing.assert_close(_logits(reloaded, tokenizer, task, arch, examples), trained,
                                atol=1e-6 if exact else 1e-4, rtol=0 if exact else 1e-4)
     # the adapter folder alone (library format) on a fresh copy of the original checkpoint
@@ -352,9 +353,10 @@ def test_trained_mlp_biases_are_saved_with_the_adapter(tiny_checkpoint, tiny_dat
     from transformers import AutoTokenizer
 
     from deftcompress.architecture import spec_for
-    from deftcompress.models import load_model_and_tokenizer
-    from deftcompress.peft_methods import load_adapter_into, load_saved_model
-    from deftcompress.tasks import get_task, load_examples
+    from deftcompress.models.loading import load_model_and_tokenizer
+    from deftcompress.models.formats import load_model
+    from deftcompress.peft_methods.saving import load_adapter_into
+    from deftcompress.data.tasks import get_task, load_examples
 
     name = f"bias_{method}"
     report, out = _run_deft(tiny_checkpoint, tiny_data, tmp_path, "bert", name, method=method, train_mlp_bias=True,
@@ -370,7 +372,7 @@ def test_trained_mlp_biases_are_saved_with_the_adapter(tiny_checkpoint, tiny_dat
     examples = load_examples(task, "validation", tiny_data, 4)
     attached = load_adapter_into(base, adapter_dir, details["library"])
     torch.testing.assert_close(_logits(attached, tokenizer, task, arch, examples), RECORDED[name], atol=1e-6, rtol=0)
-    reloaded = load_saved_model(out / "model")
+    reloaded, _, _ = load_model(out / "model")
     torch.testing.assert_close(_logits(reloaded, tokenizer, task, spec_for(reloaded), examples), RECORDED[name],
                                atol=1e-4, rtol=1e-4)
 
@@ -380,7 +382,7 @@ def test_merge_hands_a_plain_model_to_the_next_pass(tiny_checkpoint, tiny_data, 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from deftcompress.architecture import spec_for
-    from deftcompress.tasks import get_task, load_examples
+    from deftcompress.data.tasks import get_task, load_examples
 
     name = f"merge_{method}"
     report, out = _run_deft(tiny_checkpoint, tiny_data, tmp_path, "roberta", name, merge=True)
@@ -414,9 +416,9 @@ def test_roberta_prefix_tuning_classifies_the_sequence_output(tiny_checkpoint, t
     report, out = _run_deft(tiny_checkpoint, tiny_data, tmp_path, "roberta", "roberta_prefix", method="prefix")
     details = report.steps[1].details
     assert any("pooler-less" in n for n in details["notes"])
-    from deftcompress.peft_methods import load_saved_model
+    from deftcompress.models.formats import load_model
 
-    assert load_saved_model(out / "model") is not None
+    assert load_model(out / "model")[0] is not None
 
 
 def test_prompt_tuning_density_excludes_padding(tiny_checkpoint, tiny_data, tmp_path):
@@ -424,7 +426,8 @@ def test_prompt_tuning_density_excludes_padding(tiny_checkpoint, tiny_data, tmp_
     report, _ = _run_deft(tiny_checkpoint, tiny_data, tmp_path, "t5_relu", "t5_prompt_density", method="prompt")
     masked = report.steps[1].density
     real_tokens = masked["counted_positions"]["encoder"]
-    from deftcompress.tasks import get_task, load_examples, t5_source
+    from deftcompress.data.tasks import get_task, load_examples
+    from deftcompress.data.text_to_text import t5_source
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_checkpoint("t5_relu"))
@@ -478,7 +481,7 @@ def test_shipped_recipes_validate_and_passes_lists_deft():
 
 @pytest.mark.parametrize("bits", (4, 8))
 def test_quantize_linear_layers_in_place_and_back(pipeline_state, bits):
-    from deftcompress.bnb import dequantize_linear_layers, is_bnb_linear, quantize_linear_layers
+    from deftcompress.quantization.bnb import dequantize_linear_layers, is_bnb_linear, quantize_linear_layers
 
     state = pipeline_state("bert")
     batch = _probe_batch(state, 4)
@@ -499,7 +502,7 @@ def test_quantize_linear_layers_in_place_and_back(pipeline_state, bits):
 
 
 def test_t5_keeps_wo_in_float_and_peft_wrapped_models_are_refused(pipeline_state):
-    from deftcompress.bnb import QuantizationError, quantize_linear_layers
+    from deftcompress.quantization.bnb import QuantizationError, quantize_linear_layers
 
     state = pipeline_state("t5_gated")
     summary = quantize_linear_layers(state.model, bits=4)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from deftcompress.architecture import MLPBlock
-from deftcompress.density import DensityMeter
+from deftcompress.measurement.density import DensityMeter
 
 
 def _block(stack: str, index: int) -> MLPBlock:

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from deftcompress import Recipe, RecipeError, run_recipe
-from deftcompress.config import PassConfig
-from deftcompress.registry import Pass, _REGISTRY, register_pass
-from deftcompress.report import Report
+from deftcompress.core.config import PassConfig
+from deftcompress.core.registry import Pass, _REGISTRY, register_pass
+from deftcompress.reporting.report import Report
 
 REQUIRED_STEP_KEYS = {"pass", "task_metric", "task_score", "density", "params", "nonzero_params", "size_bytes", "seconds",
                       "latency_ms_per_example"}
@@ -55,8 +55,8 @@ def test_bert_run_writes_contract_outputs(tiny_checkpoint, tiny_data, tmp_path):
 
 def test_density_matches_a_manual_count(tiny_checkpoint, tiny_data, tmp_path):
     """The pipeline's masked density equals an independent count with plain hooks on the real tokens."""
-    from deftcompress.models import load_model_and_tokenizer
-    from deftcompress.tasks import get_task, load_examples
+    from deftcompress.models.loading import load_model_and_tokenizer
+    from deftcompress.data.tasks import get_task, load_examples
 
     report, _ = run(tiny_checkpoint, tiny_data, tmp_path, max_eval_samples=10)
     model, tok, _ = load_model_and_tokenizer(str(tiny_checkpoint("bert")), get_task("glue/sst2"))

@@ -9,16 +9,16 @@ import torch
 
 from deftcompress.architecture import attention_blocks, mlp_blocks
 from deftcompress.errors import ArchitectureError, RecipeError
-from deftcompress.models import load_model_and_tokenizer
-from deftcompress.recipe import Recipe
-from deftcompress.registry import get_pass
-from deftcompress.structure import block_key, check_structure, layout_of
-from deftcompress.targets import matches, select_modules
+from deftcompress.models.loading import load_model_and_tokenizer
+from deftcompress.core.recipe import Recipe
+from deftcompress.core.registry import get_pass
+from deftcompress.architecture.layout import block_key, check_structure, layout_of
+from deftcompress.core.selectors import matches, select_modules
 
 
 def run_pass(state, name: str, **config):
     cls = get_pass(name, "test")
-    from deftcompress.config import parse_config
+    from deftcompress.core.config import parse_config
 
     return cls(parse_config(cls.Config, config, f"test.{name}")).run(state)
 
@@ -152,9 +152,10 @@ def test_masks_survive_full_fine_tuning(pipeline_state):
 
 @pytest.mark.parametrize("method, merge", [("lora", False), ("qlora", True)])
 def test_magnitude_prune_then_deft_keeps_zeros_in_the_saved_model(tiny_checkpoint, tiny_data, tmp_path, method, merge):
-    from deftcompress.passes.magnitude_prune import DEFAULT_IGNORE, magnitude_masks, targeted_weights
-    from deftcompress.pipeline import run_recipe
-    from deftcompress.tasks import get_task
+    from deftcompress.core.selectors import kept_module_patterns
+    from deftcompress.passes.magnitude_prune import magnitude_masks, targeted_weights
+    from deftcompress.pipeline.runner import run_recipe
+    from deftcompress.data.tasks import get_task
 
     ref = str(tiny_checkpoint("bert"))
     recipe = Recipe.build(name="mp", model=ref, data_dir=str(tiny_data), max_eval_samples=8,
@@ -164,7 +165,7 @@ def test_magnitude_prune_then_deft_keeps_zeros_in_the_saved_model(tiny_checkpoin
     report = run_recipe(recipe, output_dir=tmp_path / "run", quiet=True)
     assert report.steps[1].details["sparsity_achieved"] == 0.5
     original, _, _ = load_model_and_tokenizer(ref, get_task("glue/sst2"))
-    masks = magnitude_masks(targeted_weights(original, ["Linear"], DEFAULT_IGNORE), 0.5, "global")
+    masks = magnitude_masks(targeted_weights(original, ["Linear"], kept_module_patterns()), 0.5, "global")
     saved, _, _ = load_model_and_tokenizer(str(tmp_path / "run" / "model"), get_task("glue/sst2"))
     assert _masked_zeros_regrown(saved, masks) == 0
     changed = [n for n in masks if not torch.equal(dict(saved.named_modules())[n].weight, dict(original.named_modules())[n].weight)]
@@ -272,8 +273,8 @@ def test_check_structure_catches_a_stale_head_count(pipeline_state):
 
 
 def test_structured_prune_through_the_pipeline_saves_a_reloadable_model(tiny_checkpoint, tiny_data, tmp_path):
-    from deftcompress.pipeline import run_recipe
-    from deftcompress.tasks import get_task
+    from deftcompress.pipeline.runner import run_recipe
+    from deftcompress.data.tasks import get_task
 
     recipe = Recipe.build(name="sp", model=str(tiny_checkpoint("llama")), data_dir=str(tiny_data), max_eval_samples=8,
                           passes=[{"structured_prune": {"mlp_ratio": 0.25, "head_ratio": 0.5}}])

@@ -7,11 +7,13 @@ import json
 import pytest
 import torch
 
-from deftcompress.config import parse_config
+from deftcompress.core.config import parse_config
 from deftcompress.errors import RecipeError
-from deftcompress.models import count_parameters, load_model_and_tokenizer, state_dict_bytes
-from deftcompress.recipe import Recipe
-from deftcompress.registry import get_pass
+from deftcompress.models.formats import save_model
+from deftcompress.models.loading import load_model_and_tokenizer
+from deftcompress.measurement.size import count_parameters, state_dict_bytes
+from deftcompress.core.recipe import Recipe
+from deftcompress.core.registry import get_pass
 
 
 def run_quantize(state, **config):
@@ -52,8 +54,8 @@ def test_torch_int8_quantizes_linear_layers_and_reloads_exactly(pipeline_state, 
     assert not torch.equal(int8_logits, float_logits)
     assert (int8_logits - float_logits).abs().max() < 0.05 * float_logits.abs().max()
 
-    state.artifacts["save_model"](tmp_path)  # what the pipeline calls at the end
-    state.tokenizer.save_pretrained(tmp_path)
+    manifest = save_model(state.model, tmp_path, tokenizer=state.tokenizer)  # what the pipeline calls at the end
+    assert manifest["format"] == "torch_int8"
     assert (tmp_path / "model.int8.safetensors").is_file() and not (tmp_path / "model.safetensors").exists()
     assert json.loads((tmp_path / "config.json").read_text())["deftcompress_quantization"]["backend"] == "torch_int8"
     reloaded, _, _ = load_model_and_tokenizer(str(tmp_path), state.task)
@@ -65,8 +67,7 @@ def test_torch_int8_after_structured_pruning_reloads(pipeline_state, tmp_path):
     cls = get_pass("structured_prune", "test")
     cls(parse_config(cls.Config, {"mlp_ratio": 0.5, "head_ratio": 0.5}, "t")).run(state)
     run_quantize(state, backend="torch_int8")
-    state.artifacts["save_model"](tmp_path)
-    state.tokenizer.save_pretrained(tmp_path)
+    save_model(state.model, tmp_path, tokenizer=state.tokenizer)
     inputs = sample_inputs(state)
     reloaded, _, _ = load_model_and_tokenizer(str(tmp_path), state.task)
     assert torch.equal(logits(reloaded, inputs), logits(state.model, inputs))
@@ -78,8 +79,7 @@ def test_bnb_after_structured_pruning_saves_dequantized_and_reloads(pipeline_sta
     cls(parse_config(cls.Config, {"mlp_ratio": 0.5, "head_ratio": 0.5}, "t")).run(state)
     details = run_quantize(state, backend="bnb_4bit")
     assert details["saved_format"].startswith("float32, dequantized")
-    state.artifacts["save_model"](tmp_path)
-    state.tokenizer.save_pretrained(tmp_path)
+    save_model(state.model, tmp_path, tokenizer=state.tokenizer)
     inputs = sample_inputs(state)
     reloaded, _, _ = load_model_and_tokenizer(str(tmp_path), state.task)
     assert not any(type(m).__module__.startswith("bitsandbytes") for m in reloaded.modules())
@@ -101,8 +101,7 @@ def test_bitsandbytes_backends_run_on_cpu_and_reload(pipeline_state, backend, bi
     quant_logits = logits(state.model, inputs)
     assert torch.allclose(quant_logits, float_logits, atol=0.1)
 
-    state.artifacts["save_model"](tmp_path)
-    state.tokenizer.save_pretrained(tmp_path)
+    save_model(state.model, tmp_path, tokenizer=state.tokenizer)
     assert "quantization_config" not in vars(state.model.config)  # only the saved config carries it
     reloaded, _, _ = load_model_and_tokenizer(str(tmp_path), state.task)
     assert any(type(m).__module__.startswith("bitsandbytes") for m in reloaded.modules())
@@ -110,7 +109,7 @@ def test_bitsandbytes_backends_run_on_cpu_and_reload(pipeline_state, backend, bi
 
 
 def test_quantize_through_the_pipeline_reports_sizes(tiny_checkpoint, tiny_data, tmp_path):
-    from deftcompress.pipeline import run_recipe
+    from deftcompress.pipeline.runner import run_recipe
 
     recipe = Recipe.build(name="q", model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data), max_eval_samples=8,
                           passes=[{"quantize": {"backend": "torch_int8"}}])

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from deftcompress.cli import main
 from deftcompress.errors import RecipeError
-from deftcompress.recipe import Recipe
-from deftcompress.run_folder import MARKER, RunFolderError, run_lock
+from deftcompress.core.recipe import Recipe
+from deftcompress.pipeline.run_folder import MARKER, RunFolderError, run_lock
 
 
 def recipe_file(tmp_path: Path, model: Path, data: Path, **fields) -> Path:

@@ -3,8 +3,9 @@ import math
 import pytest
 
 from deftcompress.errors import DataError
-from deftcompress.tasks import (binary_f1, compute_metrics, get_task, load_examples, matthews, parse_t5_prediction,
-                                pearson, squad_metrics, t5_source, t5_target)
+from deftcompress.data.metrics import binary_f1, compute_metrics, matthews, pearson, squad_metrics
+from deftcompress.data.tasks import get_task, load_examples
+from deftcompress.data.text_to_text import parse_t5_prediction, t5_source, t5_target
 
 
 @pytest.mark.parametrize("name", ["glue/sst2", "glue/mrpc", "glue/stsb", "glue/cola", "glue/mnli", "squad"])

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deftcompress.registry import Constraint
-from deftcompress.training import TrainingError, TrainSettings, collate, encode_examples, train
+from deftcompress.core.protocol import Constraint
+from deftcompress.training.loop import TrainingError, TrainSettings, collate, encode_examples, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def _lora(state):
-    from deftcompress.peft_methods import PeftSettings, wrap_model
+    from deftcompress.peft_methods.wrapping import PeftSettings, wrap_model
 
     return wrap_model(state.model, state.arch, state.task, PeftSettings(method="lora", r=2)).model
 
@@ -81,8 +81,8 @@ def test_constraints_are_enforced_after_every_optimizer_step(pipeline_state):
 
 
 def test_keep_best_restores_the_best_epochs_weights(pipeline_state, monkeypatch):
-    import deftcompress.evaluation as evaluation
-    from deftcompress.evaluation import Evaluation
+    import deftcompress.measurement.evaluation as evaluation
+    from deftcompress.measurement.evaluation import Evaluation
 
     state = pipeline_state("bert")
     model = _lora(state)

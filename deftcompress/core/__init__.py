@@ -1,0 +1,13 @@
+"""The torch-free core: what a recipe is and how passes plug in.
+
+- `config`: typed option dataclasses checked field by field (`option`, `parse_config`);
+- `recipe`: reading and validating a recipe (YAML or `Recipe.build`);
+- `protocol`: the `Pass` and `Constraint` base classes and the capabilities a pass declares;
+- `registry`: `@register_pass` and the lookup of passes (built-in and entry points);
+- `plan`: validating a list of passes, including the capability check between them;
+- `selectors`: choosing modules by class name or ``re:<regex>``;
+- `model_refs`: what a recipe's `model:` names (alias, local folder, hub id).
+
+Nothing here imports torch, transformers or peft: `deftcompress validate`, `passes` and `report`
+answer without them.
+"""

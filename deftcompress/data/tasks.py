@@ -1,0 +1,223 @@
+"""Tasks: GLUE and SQuAD v1.1, their data (local files or the hub) and their metrics.
+
+Local layout (``$DEFTCOMPRESS_DATA_DIR`` or the recipe's ``data_dir``):
+``glue/<task>/{train,dev}.tsv`` in the GLUE distribution's TSV layout (``dev_matched.tsv`` for
+MNLI) and ``squad/{train,dev}-v1.1.json``. With no local folder the hub datasets
+``nyu-mll/glue`` and ``rajpurkar/squad`` are used. Without a SQuAD train file, the dev file is
+split by article (every 5th article is held out for evaluation) so that no context is shared.
+
+Every example is normalised to a dict: ``text_a``, ``text_b`` (or None), ``label`` (int, float or
+the answer text) and, for SQuAD, ``answers`` (all reference answers) and ``id``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from deftcompress.errors import DataError, RecipeError
+
+csv.field_size_limit(sys.maxsize)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str  # recipe value, e.g. "glue/sst2"
+    kind: Literal["classification", "regression", "qa"]
+    metric: str  # the headline metric
+    num_labels: int
+    tsv_fields: tuple[str, ...] = ()  # header names of text_a, text_b in the GLUE TSV
+    tsv_label: str | None = None
+    tsv_label_index: int | None = None  # for header-less files (CoLA)
+    tsv_text_index: tuple[int, ...] = ()
+    hub_fields: tuple[str, ...] = ()
+    dev_file: str = "dev.tsv"
+    hub_validation: str = "validation"
+    label_names: tuple[str, ...] = ()  # TSV label strings (MNLI) and T5 target words
+    t5_prefix: str = ""
+    t5_fields: tuple[str, ...] = ()  # how T5 names the two inputs
+
+    @property
+    def glue_name(self) -> str:
+        return self.name.split("/", 1)[1]
+
+
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        TaskSpec("glue/sst2", "classification", "accuracy", 2, ("sentence",), "label", hub_fields=("sentence",),
+                 label_names=("negative", "positive"), t5_prefix="sst2", t5_fields=("sentence",)),
+        TaskSpec("glue/mrpc", "classification", "f1", 2, ("#1 String", "#2 String"), "Quality",
+                 hub_fields=("sentence1", "sentence2"), label_names=("not_equivalent", "equivalent"),
+                 t5_prefix="mrpc", t5_fields=("sentence1", "sentence2")),
+        TaskSpec("glue/cola", "classification", "matthews_correlation", 2, tsv_label_index=1, tsv_text_index=(3,),
+                 hub_fields=("sentence",), label_names=("unacceptable", "acceptable"), t5_prefix="cola", t5_fields=("sentence",)),
+        TaskSpec("glue/qnli", "classification", "accuracy", 2, ("question", "sentence"), "label",
+                 hub_fields=("question", "sentence"), label_names=("entailment", "not_entailment"),
+                 t5_prefix="qnli", t5_fields=("question", "sentence")),
+        TaskSpec("glue/rte", "classification", "accuracy", 2, ("sentence1", "sentence2"), "label",
+                 hub_fields=("sentence1", "sentence2"), label_names=("entailment", "not_entailment"),
+                 t5_prefix="rte", t5_fields=("sentence1", "sentence2")),
+        TaskSpec("glue/stsb", "regression", "pearson", 1, ("sentence1", "sentence2"), "score",
+                 hub_fields=("sentence1", "sentence2"), t5_prefix="stsb", t5_fields=("sentence1", "sentence2")),
+        TaskSpec("glue/mnli", "classification", "accuracy", 3, ("sentence1", "sentence2"), "gold_label",
+                 hub_fields=("premise", "hypothesis"), dev_file="dev_matched.tsv", hub_validation="validation_matched",
+                 label_names=("entailment", "neutral", "contradiction"), t5_prefix="mnli", t5_fields=("hypothesis", "premise")),
+        TaskSpec("squad", "qa", "f1", 0),
+    )
+}
+
+
+def get_task(name: str, where: str = "task") -> TaskSpec:
+    if name not in TASKS:
+        raise RecipeError(f"{where}: unknown task {name!r} (known: {', '.join(TASKS)})")
+    return TASKS[name]
+
+
+Split = Literal["train", "validation"]
+
+
+def data_root(data_dir: str | os.PathLike | None) -> Path | None:
+    root = data_dir or os.environ.get("DEFTCOMPRESS_DATA_DIR")
+    return Path(root).expanduser() if root else None
+
+
+def load_examples(task: TaskSpec, split: Split, data_dir: str | os.PathLike | None = None,
+                  max_samples: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """Examples of one split; `max_samples` takes a seeded random subset for train, the first rows for validation."""
+    root = data_root(data_dir)
+    if task.kind == "qa":
+        examples = _squad_local(root, split) if root else _squad_hub(split)
+    else:
+        examples = _glue_local(task, root, split) if root else _glue_hub(task, split)
+    if not examples:
+        raise DataError(f"{task.name} {split}: no examples found")
+    if max_samples is not None and max_samples < len(examples):
+        if split == "train":
+            examples = random.Random(seed).sample(examples, max_samples)
+        else:
+            examples = examples[:max_samples]
+    return examples
+
+
+def _glue_local(task: TaskSpec, root: Path, split: Split) -> list[dict[str, Any]]:
+    path = root / "glue" / task.glue_name / ("train.tsv" if split == "train" else task.dev_file)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (expected the GLUE TSV layout under {root}/glue/{task.glue_name}/)")
+    # GLUE TSVs hold bare quotes (QUOTE_NONE) and MRPC starts with a BOM (utf-8-sig).
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:
+        raise DataError(f"{path}: empty file")
+    out = []
+    if task.tsv_label_index is not None:  # header-less (CoLA)
+        for n, row in enumerate(rows, 1):
+            try:
+                texts = [row[i] for i in task.tsv_text_index]
+                label = row[task.tsv_label_index]
+            except IndexError:
+                raise DataError(f"{path}:{n}: expected at least {max(task.tsv_text_index) + 1} tab-separated columns") from None
+            out.append(_example(task, texts, label, f"{path}:{n}"))
+        return out
+    header = rows[0]
+    wanted = list(task.tsv_fields) + [task.tsv_label]
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise DataError(f"{path}: header lacks column(s) {', '.join(missing)} (has: {', '.join(header)})")
+    idx = [header.index(c) for c in wanted]
+    for n, row in enumerate(rows[1:], 2):
+        if len(row) < len(header):
+            if not any(row):
+                continue
+            raise DataError(f"{path}:{n}: expected {len(header)} tab-separated columns, found {len(row)}")
+        values = [row[i] for i in idx]
+        out.append(_example(task, values[:-1], values[-1], f"{path}:{n}"))
+    return out
+
+
+def _example(task: TaskSpec, texts: list[str], raw_label: Any, where: str) -> dict[str, Any]:
+    try:
+        if task.kind == "regression":
+            label: Any = float(raw_label)
+        elif isinstance(raw_label, str) and raw_label in task.label_names and not raw_label.isdigit():
+            label = task.label_names.index(raw_label)
+        else:
+            label = int(raw_label)
+            if not 0 <= label < task.num_labels:
+                raise ValueError
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: bad label {raw_label!r} for {task.name}") from None
+    return {"text_a": texts[0], "text_b": texts[1] if len(texts) > 1 else None, "label": label}
+
+
+def _hub_dataset(*args: str, split: str):
+    try:
+        import datasets
+
+        return datasets.load_dataset(*args, split=split)
+    except Exception as exc:  # network, missing dataset: one line for the user
+        raise DataError(
+            f"could not load {'/'.join(args)} [{split}] from the hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "set DEFTCOMPRESS_DATA_DIR or data_dir to a local copy"
+        ) from None
+
+
+def _glue_hub(task: TaskSpec, split: Split) -> list[dict[str, Any]]:
+    ds = _hub_dataset("nyu-mll/glue", task.glue_name, split="train" if split == "train" else task.hub_validation)
+    out = []
+    for row in ds:
+        texts = [row[f] for f in task.hub_fields]
+        out.append({"text_a": texts[0], "text_b": texts[1] if len(texts) > 1 else None,
+                    "label": float(row["label"]) if task.kind == "regression" else int(row["label"])})
+    return out
+
+
+def _squad_rows(articles: list[dict], where: str) -> list[dict[str, Any]]:
+    out = []
+    try:
+        for article in articles:
+            for para in article["paragraphs"]:
+                for qa in para["qas"]:
+                    answers = [a["text"] for a in qa["answers"]]
+                    out.append({"id": qa["id"], "text_a": qa["question"], "text_b": para["context"],
+                                "label": answers[0] if answers else "", "answers": answers})
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"{where}: not SQuAD v1.1 JSON (missing {exc})") from None
+    return out
+
+
+def _squad_local(root: Path, split: Split) -> list[dict[str, Any]]:
+    folder = root / "squad"
+    train, dev = folder / "train-v1.1.json", folder / "dev-v1.1.json"
+    if not dev.is_file():
+        raise DataError(f"{dev}: file not found (expected SQuAD v1.1 JSON under {folder}/)")
+    if split == "train" and train.is_file():
+        return _squad_rows(_read_json(train)["data"], str(train))
+    articles = _read_json(dev).get("data")
+    if not isinstance(articles, list):
+        raise DataError(f"{dev}: not SQuAD v1.1 JSON (no 'data' list)")
+    if train.is_file():
+        return _squad_rows(articles, str(dev))
+    # No train file: hold out every 5th article for evaluation, train on the rest.
+    chosen = [a for i, a in enumerate(articles) if (i % 5 == 4) == (split == "validation")]
+    return _squad_rows(chosen, str(dev))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def _squad_hub(split: Split) -> list[dict[str, Any]]:
+    ds = _hub_dataset("rajpurkar/squad", split=split)
+    return [{"id": r["id"], "text_a": r["question"], "text_b": r["context"], "label": r["answers"]["text"][0],
+             "answers": list(r["answers"]["text"])} for r in ds]

@@ -1,0 +1,136 @@
+"""Evaluation: task score and activation density from the same forward passes.
+
+Classification (encoders, decoder-only with a classification head): one forward per batch gives
+the logits and, through the density meter's hooks, the density. Text-to-text (T5): the encoder
+runs once; its output feeds a teacher-forced decoder pass over the reference labels (decoder
+density) and generation (the score; the meter is paused so generated steps are not counted).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from deftcompress.architecture import ArchSpec, mlp_blocks
+from deftcompress.measurement.density import DensityMeter, DensityMode, DensityResult
+from deftcompress.data.features import encode_inputs, pad_inputs, target_batch
+from deftcompress.data.metrics import compute_metrics
+from deftcompress.data.tasks import TaskSpec
+from deftcompress.data.text_to_text import max_answer_tokens, parse_t5_prediction
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    density_mode: DensityMode = "masked"
+    density_tau: float = 0.01
+    batch_size: int = 64
+    max_seq_length: int = 128
+    max_target_length: int = 32
+    measure_density: bool = True
+
+
+@dataclass
+class Evaluation:
+    task_metric: str
+    task_score: float
+    metrics: dict[str, float]
+    density: DensityResult | None
+    examples: int
+    seconds: float
+    predictions: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def latency_ms_per_example(self) -> float:
+        return 1000.0 * self.seconds / max(self.examples, 1)
+
+
+def _batches(features: list[dict], batch_size: int):
+    # Length-sorted batches: little padding, so fast; order is restored when scoring.
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def _generate_takes_encoder_outputs(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "encoder_outputs" in inspect.signature(base.forward).parameters
+
+
+def is_prompt_learning(model: nn.Module) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokenizer, task: TaskSpec, examples: list[dict], arch: ArchSpec,
+             settings: EvalSettings = EvalSettings(), progress: bool = True, desc: str = "evaluate") -> Evaluation:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    text_to_text = arch.text_to_text
+    padding = "max_length" if settings.density_mode == "paper" else "longest"
+    features = encode_inputs(tokenizer, task, arch, examples, settings.max_seq_length)
+    meter = DensityMeter(mlp_blocks(model, arch), settings.density_mode, settings.density_tau) if settings.measure_density else None
+    predictions: list[Any] = [None] * len(examples)
+    start = time.perf_counter()
+    bar = tqdm(total=len(examples), desc=desc, disable=not progress, leave=False, unit="ex")
+    try:
+        if meter:
+            meter.__enter__()
+        for idx in _batches(features, settings.batch_size):
+            padded = pad_inputs(tokenizer, [features[i] for i in idx], padding, settings.max_seq_length)
+            batch = {k: v.to(device) for k, v in padded.items()}
+            if text_to_text:
+                preds = _text_to_text_batch(model, tokenizer, task, [examples[i] for i in idx], batch, meter, settings)
+            else:
+                if meter:
+                    meter.set_token_mask(arch.stacks[0].name, batch["attention_mask"])
+                logits = model(**batch).logits
+                preds = logits.squeeze(-1).float().tolist() if task.kind == "regression" else logits.argmax(-1).tolist()
+            for i, p in zip(idx, preds):
+                predictions[i] = p
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        if meter:
+            meter.__exit__(None, None, None)
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    metrics = compute_metrics(task, predictions, examples)
+    return Evaluation(task_metric=task.metric, task_score=metrics[task.metric], metrics=metrics,
+                      density=meter.result() if meter else None, examples=len(examples), seconds=seconds,
+                      predictions=predictions)
+
+
+def _text_to_text_batch(model, tokenizer, task: TaskSpec, examples: list[dict], batch: dict, meter: DensityMeter | None,
+                        settings: EvalSettings) -> list[Any]:
+    padding = "max_length" if settings.density_mode == "paper" else "longest"
+    labels, decoder_mask = target_batch(tokenizer, task, examples, padding, settings.max_target_length)
+    labels, decoder_mask = labels.to(batch["input_ids"].device), decoder_mask.to(batch["input_ids"].device)
+    if meter:
+        meter.set_token_mask("encoder", batch["attention_mask"])
+        meter.set_token_mask("decoder", decoder_mask)
+    max_new = max_answer_tokens(tokenizer, task, settings.max_target_length)
+    if is_prompt_learning(model) or not _generate_takes_encoder_outputs(model):
+        # Virtual tokens are added inside the peft wrapper's forward, so the encoder cannot be run apart;
+        # adapters' T5 wraps forward(*args, **kwargs), and generate() then refuses precomputed encoder outputs.
+        model(**batch, labels=labels, decoder_attention_mask=decoder_mask)
+        ctx = meter.tap.paused("encoder", "decoder") if meter else nullcontext()
+        with ctx:
+            generated = model.generate(**batch, max_new_tokens=max_new)
+    else:
+        encoder_outputs = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], return_dict=True)
+        model(encoder_outputs=encoder_outputs, attention_mask=batch["attention_mask"], labels=labels, decoder_attention_mask=decoder_mask)
+        ctx = meter.tap.paused("encoder", "decoder") if meter else nullcontext()
+        with ctx:
+            generated = model.generate(encoder_outputs=encoder_outputs, attention_mask=batch["attention_mask"], max_new_tokens=max_new)
+    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    return [parse_t5_prediction(task, t) for t in texts]
+

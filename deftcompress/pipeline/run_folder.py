@@ -1,0 +1,116 @@
+"""Run folders: recognisably ours, never a user's folder, one writer at a time.
+
+`apply` replaces its output folder with the new run's outputs. It only ever replaces a folder that
+it created itself: every run folder carries a marker file (`.deftcompress-run`) from its creation,
+and holds nothing but the outputs a run writes. Anything else (a source tree, a checkpoint, a data
+folder, a run folder with a user's own files added) is refused with a one-line error before any
+work starts. A lock file beside the run folder makes a second concurrent run into the same folder
+fail at once instead of silently overwriting the first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from deftcompress.errors import DeftcompressError
+
+MARKER = ".deftcompress-run"
+# What a run writes into its folder; anything else found there was put in by someone else.
+RUN_ENTRIES = frozenset({MARKER, "report.json", "report.md", "density.png", "recipe.resolved.yaml", "model", "passes",
+                         "state"})
+
+
+class RunFolderError(DeftcompressError):
+    """The output folder is not one this program may write or replace."""
+
+    exit_code = 2
+
+
+def is_run_folder(folder: Path) -> bool:
+    return (folder / MARKER).is_file()
+
+
+def write_marker(folder: Path) -> None:
+    from deftcompress import __version__
+
+    info = {"created_by": "deftcompress", "version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (folder / MARKER).write_text(json.dumps(info) + "\n")
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output_dir(out: Path, protected: dict[str, Path]) -> None:
+    """Refuse an output folder that is not ours to replace, or that holds the run's own inputs.
+
+    `protected` maps a label ("model", "data") to an input path; the output folder may neither be
+    that path nor contain it.
+    """
+    out_abs = Path(os.path.abspath(out))
+    resolved = out_abs.resolve()
+    for label, path in protected.items():
+        p = Path(path).resolve()
+        if resolved == p or _inside(p, resolved):
+            raise RunFolderError(f"{out}: output folder {'is' if resolved == p else 'contains'} the {label} "
+                                 f"({path}); choose another output folder")
+    if not out_abs.exists() and not out_abs.is_symlink():
+        return
+    if out_abs.is_symlink() or not out_abs.is_dir():
+        raise RunFolderError(f"{out}: exists and is not a folder; choose another output folder")
+    entries = sorted(p.name for p in out_abs.iterdir())
+    if not entries:
+        return  # an empty folder: nothing to lose
+    if not is_run_folder(out_abs):
+        raise RunFolderError(f"{out}: exists and is not a deftcompress run folder (no {MARKER} marker); refusing to "
+                             "replace it: choose another output folder or empty it yourself")
+    foreign = [e for e in entries if e not in RUN_ENTRIES]
+    if foreign:
+        raise RunFolderError(f"{out}: run folder holds files a run did not write ({', '.join(foreign[:3])}); "
+                             "move them out or choose another output folder")
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on `<parent>/.<name>.lock` for the whole run; a second run into `out` fails at once."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.lock"
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunFolderError(f"{out}: another deftcompress run is writing this folder (lock {path}); wait for it "
+                                 "or choose another output folder") from None
+        # The previous holder may have removed the file between our open and our lock: lock the live file.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)

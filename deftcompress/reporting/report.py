@@ -1,0 +1,171 @@
+"""The run report: one record per evaluated step (baseline first) and the final model.
+
+Torch-free: `deftcompress report` reads a finished run without importing torch.
+
+`report.json` is a contract: each step holds at least pass, task_metric, task_score, density
+{encoder, decoder, per_layer, mode}, params, nonzero_params, size_bytes, seconds. Pass-specific
+facts (what the pass really did: counts, sizes, timings) go under `details`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # reading a report (`deftcompress report`) must not import torch
+    from deftcompress.measurement.density import DensityResult
+    from deftcompress.measurement.evaluation import Evaluation
+
+
+@dataclass
+class StepRecord:
+    index: int
+    pass_name: str
+    task_metric: str
+    task_score: float
+    metrics: dict[str, float]
+    density: dict[str, Any]
+    params: int
+    nonzero_params: int
+    size_bytes: int
+    latency_ms_per_example: float
+    eval_examples: int
+    eval_seconds: float
+    seconds: float  # wall time of the pass itself (0 for the baseline)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["pass"] = d.pop("pass_name")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StepRecord":
+        d = dict(d)
+        d["pass_name"] = d.pop("pass")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def density_dict(result: "DensityResult | None") -> dict[str, Any]:
+    if result is None:
+        return {"encoder": None, "decoder": None, "per_layer": [], "mode": None, "tau": None}
+    return {
+        "encoder": result.encoder,
+        "decoder": result.decoder,
+        "encoder_above_tau": result.encoder_above_tau,
+        "decoder_above_tau": result.decoder_above_tau,
+        "per_layer": [asdict(layer) for layer in result.per_layer],
+        "mode": result.mode,
+        "tau": result.tau,
+        "counted_positions": result.counted_positions,
+    }
+
+
+def make_step(index: int, pass_name: str, evaluation: "Evaluation", params: int, nonzero: int, size_bytes: int,
+              seconds: float, details: dict[str, Any] | None = None) -> StepRecord:
+    return StepRecord(
+        index=index, pass_name=pass_name, task_metric=evaluation.task_metric, task_score=evaluation.task_score,
+        metrics=evaluation.metrics, density=density_dict(evaluation.density), params=params, nonzero_params=nonzero,
+        size_bytes=size_bytes, latency_ms_per_example=evaluation.latency_ms_per_example,
+        eval_examples=evaluation.examples, eval_seconds=evaluation.seconds, seconds=seconds, details=details or {},
+    )
+
+
+@dataclass
+class Report:
+    name: str
+    model: str
+    task: str
+    steps: list[StepRecord] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "model": self.model, "task": self.task, "steps": [s.to_dict() for s in self.steps],
+                "final": self.final, "environment": self.environment}
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "Report":
+        d = json.loads((Path(run_dir) / "report.json").read_text())
+        return cls(name=d["name"], model=d["model"], task=d["task"], steps=[StepRecord.from_dict(s) for s in d["steps"]],
+                   final=d.get("final", {}), environment=d.get("environment", {}))
+
+    def write(self, folder: Path) -> None:
+        (folder / "report.json").write_text(json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
+        (folder / "report.md").write_text(self.markdown())
+
+    # -- tables ----------------------------------------------------------------------------------
+
+    def table_rows(self) -> list[list[str]]:
+        base = self.steps[0] if self.steps else None
+        rows = []
+        for s in self.steps:
+            d = s.density
+            rows.append([
+                str(s.index), s.pass_name, f"{s.task_score:.4f}",
+                _fmt(d.get("encoder")), _fmt(d.get("decoder")), _fmt(d.get("encoder_above_tau") if d.get("encoder") is not None else d.get("decoder_above_tau")),
+                f"{s.params / 1e6:.2f}M", f"{s.nonzero_params / 1e6:.2f}M", f"{s.size_bytes / 1e6:.1f}MB",
+                f"{s.latency_ms_per_example:.2f}", f"{s.latency_ms_per_example / base.latency_ms_per_example:.2f}x" if base and base.latency_ms_per_example else "-",
+                f"{s.seconds:.1f}",
+            ])
+        return rows
+
+    def headers(self) -> list[str]:
+        metric = self.steps[0].task_metric if self.steps else "score"
+        tau = self.steps[0].density.get("tau") if self.steps else None
+        return ["#", "pass", metric, "density enc", "density dec", f"|a|>{tau:g}" if tau is not None else "|a|>tau",
+                "params", "nonzero", "size", "ms/ex", "latency", "pass s"]
+
+    def per_layer_rows(self, step: StepRecord | None = None) -> list[list[str]]:
+        step = step or self.steps[-1]
+        return [[f"{l['stack']}.{l['layer']}", _fmt(l["density"]), _fmt(l["above_tau"]), str(l["width"])]
+                for l in step.density.get("per_layer", [])]
+
+    def text_table(self) -> str:
+        lines = [_align([self.headers()] + self.table_rows())]
+        if self.steps:
+            s = self.steps[-1]
+            lines.append(f"\nper-layer density after step {s.index} ({s.pass_name}, mode={s.density.get('mode')}):")
+            lines.append(_align([["layer", "density", "|a|>tau", "width"]] + self.per_layer_rows(s)))
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        out = [f"# {self.name}: {self.model} on {self.task}", "", _md([self.headers()] + self.table_rows()), ""]
+        if self.steps:
+            s = self.steps[-1]
+            out += [f"Per-layer density after step {s.index} ({s.pass_name}), mode `{s.density.get('mode')}`:", "",
+                    _md([["layer", "density", "|a|>tau", "width"]] + self.per_layer_rows(s)), ""]
+            for step in self.steps:
+                if step.details:
+                    out.append(f"- step {step.index} `{step.pass_name}`: " + json.dumps(step.details, default=_json_default)[:2000])
+            out.append("")
+        return "\n".join(out)
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _align(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows)
+
+
+def _md(rows: list[list[str]]) -> str:
+    head, *body = rows
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body])
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "__dataclass_fields__"):
+        return asdict(o)
+    return str(o)

@@ -1,0 +1,9 @@
+"""Fine-tuning: the training loop, the density losses, activation scales, process groups.
+
+- `options`: the option groups a training pass shares (PEFT method, density loss, optimisation),
+  torch-free so that recipes validate without torch;
+- `loop`: `train` (AdamW, schedule, constraints after every step, keep-best, accelerate DDP);
+- `density_loss`: the DEFT density loss as an extra loss of the loop;
+- `activation_scale`: per-neuron scales that let DEFT reach exact zeros, folded at the end;
+- `distributed`: rank and world size under torchrun / accelerate.
+"""

@@ -1,0 +1,213 @@
+"""Option groups that training passes share, torch-free so recipes validate without torch.
+
+`deft` composes all three; a later training pass (ADA-DEFT) composes the same groups instead of
+copying fields. Each group checks its own fields and turns them into the settings object of the
+code it configures (`PeftSettings`, `DensityLossSettings`, `TrainSettings`), so no pass copies
+options by hand. Recipes keep the flat field names: a group is a set of fields, not a nested key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from deftcompress.core.config import option
+from deftcompress.core.selectors import kept_module_patterns, patterns_problem
+
+METHODS: tuple[str, ...] = ("lora", "qlora", "adapter", "prompt", "prefix", "ia3")
+MERGEABLE: tuple[str, ...] = ("lora", "qlora", "ia3")  # adapters that fold into the weights
+TARGETED: tuple[str, ...] = ("lora", "qlora", "ia3")  # methods that take target_modules
+
+
+@dataclass
+class PeftOptions:
+    """Which PEFT method, on which modules, and whether it is merged afterwards."""
+
+    method: Literal["lora", "qlora", "adapter", "prompt", "prefix", "ia3"] = option(
+        "lora", "PEFT method: lora | qlora (4-bit nf4 base + LoRA) | adapter (bottleneck, adapters' SeqBnConfig) | "
+                "prompt | prefix | ia3")
+    r: int = option(8, "lora / qlora: rank")
+    lora_alpha: float = option(16.0, "lora / qlora: scaling numerator (updates are scaled by alpha / r)")
+    lora_dropout: float = option(0.0, "lora / qlora: dropout on the LoRA input")
+    target_modules: list[str] | None = option(
+        None, "lora / qlora / ia3: module-name suffixes to adapt; null = per family from the architecture table "
+              "(query, value for LoRA; key, value for IA3; plus the MLP up-projection if target_mlp_up)")
+    target_mlp_up: bool = option(True, "with target_modules null: also adapt the MLP up-projection, the layer that "
+                                       "sets the pre-activations the density loss acts on")
+    reduction_factor: int = option(16, "adapter: bottleneck size = hidden size / reduction_factor")
+    num_virtual_tokens: int = option(20, "prompt / prefix: number of virtual tokens")
+    merge: bool = option(False, "fold the adapter into the base weights after training (lora, qlora, ia3); the next "
+                                "pass then gets a plain model")
+    quantize_skip: list[str] = option(
+        kept_module_patterns(), "qlora: Linear layers left unquantized (selectors: class name, module-name component "
+                                "or 're:<regex>'; default: every family's heads, pooler and LM head)")
+
+    def peft_problem(self) -> str | None:
+        m = self.method
+        if self.merge and m not in MERGEABLE:
+            return f"merge: true needs lora, qlora or ia3 ({m} cannot be folded into the weights)"
+        if self.target_modules is not None and m not in TARGETED:
+            return f"target_modules applies to lora, qlora and ia3, not to {m}"
+        if self.target_modules is not None and not self.target_modules:
+            return "target_modules must name at least one module (or be null for the default)"
+        for name in ("r", "reduction_factor", "num_virtual_tokens"):
+            if getattr(self, name) < 1:
+                return f"{name} must be >= 1, got {getattr(self, name)}"
+        if self.lora_alpha <= 0:
+            return "lora_alpha must be > 0"
+        if not 0 <= self.lora_dropout < 1:
+            return "lora_dropout must be in [0, 1)"
+        return patterns_problem(self.quantize_skip, "quantize_skip")
+
+    def peft_settings(self):
+        from deftcompress.peft_methods.wrapping import PeftSettings
+
+        return PeftSettings(method=self.method, r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                            target_modules=tuple(self.target_modules) if self.target_modules else None,
+                            target_mlp_up=self.target_mlp_up, reduction_factor=self.reduction_factor,
+                            num_virtual_tokens=self.num_virtual_tokens, quantize_skip=tuple(self.quantize_skip))
+
+
+@dataclass
+class DensityOptions:
+    """The density loss, its schedule and controller, and the per-neuron activation scales."""
+
+    density_weight: float = option(1.0, "weight of the density loss; 0 = plain PEFT through exactly the same code path")
+    density_loss: Literal["paper", "preact", "hinge"] = option(
+        "preact", "preact (default; with density_target and activation scales, the best measured: "
+                  "benchmarks/results/deft_research.md): sigmoid((x - theta)/T) on the pre-activation, theta = the "
+                  "activation's exact-zero point - preact_margin; paper: a^2/(a^2+eps) on the activation (the paper's "
+                  "reference loss, with density_target null to reproduce it); hinge: "
+                 "min(relu(x - theta), hinge_cap)/hinge_cap")
+    density_eps: float = option(1.0e-7, "paper loss: eps (the paper used 1e-7)")
+    density_eps_start: float | None = option(None, "paper loss: if set, eps decays log-linearly from this to density_eps")
+    density_mode: Literal["masked", "paper"] | None = option(
+        None, "masked: real tokens only; paper: padding counted and batches padded to max_seq_length (the paper's "
+              "code); null = the recipe's density_mode")
+    preact_temperature: float = option(1.0, "preact loss: temperature T of the sigmoid")
+    preact_margin: float = option(0.0, "preact / hinge: aim this far below the exact-zero point")
+    preact_zero_point: float | None = option(
+        None, "preact / hinge: pre-activation at or below which the activation is exactly 0; null = measured "
+              "(GELU -5.543, tanh-GELU -5.158, ReLU 0, SiLU -88.7)")
+    hinge_cap: float = option(4.0, "hinge loss: cap of the hinge")
+    density_warmup_ratio: float = option(0.0, "fraction of the steps trained on the task loss only, before the "
+                                              "density weight rises")
+    density_ramp_ratio: float = option(0.5, "after the warm-up: fraction of the steps over which the weight rises "
+                                            "linearly from 0, or the density target falls from 1 (0 = at once)")
+    density_target: float | None = option(
+        0.38, "per-layer exact density to aim for: a multiplier per layer rises while the layer's density on the "
+              "training batch is above the (ramped) target and scales the loss (times density_weight); null = a "
+              "constant density_weight, as in the paper")
+    density_controller_rate: float = option(1.0, "density_target: multiplier step per unit of density excess per step")
+    density_lambda_max: float = option(100.0, "density_target: cap of each layer's multiplier")
+    density_layer_weights: list[float] | None = option(
+        None, "relative weight of each MLP layer (encoder layers first, then decoder); null = equal")
+    train_mlp_bias: bool = option(False, "also train the MLP up-projection bias (a per-neuron threshold shift); "
+                                         "BERT / RoBERTa only, T5 and Llama MLPs have no bias")
+    mlp_bias_lr: float | None = option(None, "learning rate of the MLP biases (null = learning_rate)")
+    activation_scale: bool | None = option(
+        None, "train a per-neuron scale s >= 1 on each MLP's activation input (undone after the activation, folded "
+              "into the weights at the end) so the frozen activation can reach exact zeros; null = on whenever density "
+              "pressure is on and the base weights are float (not qlora)")
+    activation_scale_lr: float = option(0.15, "learning rate of the scales' logarithms")
+    activation_scale_min: float = option(1.0, "lower bound of every scale")
+    density_grad: Literal["all", "scale_only"] = option(
+        "scale_only", "with activation scales: scale_only = the density loss trains only the scales (the adapter and "
+                      "head learn the task alone); all = it trains everything")
+
+    def density_problem(self, method: str) -> str | None:
+        if self.mlp_bias_lr is not None and self.mlp_bias_lr <= 0:
+            return "mlp_bias_lr must be > 0"
+        if self.mlp_bias_lr is not None and not self.train_mlp_bias:
+            return "mlp_bias_lr is set but train_mlp_bias is false"
+        if self.density_weight < 0:
+            return "density_weight must be >= 0"
+        if self.density_eps <= 0:
+            return "density_eps must be > 0"
+        if self.density_eps_start is not None and self.density_eps_start <= self.density_eps:
+            return "density_eps_start must be larger than density_eps (eps decays from it)"
+        if self.preact_temperature <= 0:
+            return "preact_temperature must be > 0"
+        if self.hinge_cap <= 0:
+            return "hinge_cap must be > 0"
+        if not (0 <= self.density_warmup_ratio <= 1 and 0 <= self.density_ramp_ratio <= 1):
+            return "density_warmup_ratio and density_ramp_ratio must be in [0, 1]"
+        if self.density_warmup_ratio + self.density_ramp_ratio > 1:
+            return "density_warmup_ratio + density_ramp_ratio must be <= 1"
+        if self.density_target is not None and not 0 <= self.density_target < 1:
+            return "density_target must be in [0, 1)"
+        if self.density_controller_rate <= 0 or self.density_lambda_max <= 0:
+            return "density_controller_rate and density_lambda_max must be > 0"
+        if self.activation_scale and method == "qlora":
+            return "activation_scale cannot fold into 4-bit weights: set activation_scale: false (or null) for qlora"
+        if self.activation_scale_lr <= 0 or self.activation_scale_min < 1:
+            return "activation_scale_lr must be > 0 and activation_scale_min >= 1"
+        if self.density_layer_weights is not None and (not self.density_layer_weights or min(self.density_layer_weights) < 0):
+            return "density_layer_weights must be a non-empty list of weights >= 0"
+        return None
+
+    def uses_activation_scales(self, method: str) -> bool:
+        """activation_scale null: on whenever there is density pressure and the base weights are float (not qlora)."""
+        if self.activation_scale is not None:
+            return self.activation_scale
+        return self.density_weight > 0 and method != "qlora"
+
+    def density_loss_settings(self, mode: str):
+        from deftcompress.training.density_loss import DensityLossSettings
+
+        return DensityLossSettings(
+            kind=self.density_loss, mode=mode, weight=self.density_weight, eps=self.density_eps,
+            eps_start=self.density_eps_start, temperature=self.preact_temperature, margin=self.preact_margin,
+            zero_point=self.preact_zero_point, hinge_cap=self.hinge_cap, warmup_ratio=self.density_warmup_ratio,
+            ramp_ratio=self.density_ramp_ratio,
+            layer_weights=tuple(self.density_layer_weights) if self.density_layer_weights else None,
+            target=self.density_target, controller_rate=self.density_controller_rate,
+            lambda_max=self.density_lambda_max)
+
+
+@dataclass
+class TrainingOptions:
+    """Optimisation: length, batch, AdamW and its schedule, epoch selection."""
+
+    epochs: int = option(1, "training epochs")
+    max_steps: int | None = option(None, "if set: exactly this many optimizer steps (overrides epochs)")
+    max_train_samples: int | None = option(None, "train on a seeded random subset of this many training rows")
+    batch_size: int = option(32, "global batch size (split across processes under torchrun)")
+    learning_rate: float = option(5.0e-4, "peak AdamW learning rate (linear warm-up, then linear decay to 0)")
+    warmup_ratio: float = option(0.06, "fraction of the steps in learning-rate warm-up")
+    weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and norms)")
+    max_grad_norm: float | None = option(1.0, "gradient clipping norm (null = none)")
+    eval_every_epoch: bool = option(True, "with more than one epoch: evaluate after each and keep the best epoch "
+                                          "(the paper's code keeps the last)")
+    max_seq_length: int | None = option(None, "truncation (and paper-mode padding) length; null = the recipe's")
+
+    def training_problem(self) -> str | None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                return f"{name} must be >= 1, got {getattr(self, name)}"
+        for name in ("max_steps", "max_train_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                return f"{name} must be >= 1 or null, got {value}"
+        if self.max_seq_length is not None and self.max_seq_length < 8:
+            return "max_seq_length must be >= 8 or null"
+        if self.learning_rate <= 0:
+            return "learning_rate must be > 0"
+        if not 0 <= self.warmup_ratio < 1:
+            return "warmup_ratio must be in [0, 1)"
+        if self.weight_decay < 0:
+            return "weight_decay must be >= 0"
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            return "max_grad_norm must be > 0 or null"
+        return None
+
+    def train_settings(self, *, padding: str, max_seq_length: int, max_target_length: int, seed: int, desc: str):
+        from deftcompress.training.loop import TrainSettings
+
+        return TrainSettings(epochs=self.epochs, max_steps=self.max_steps, batch_size=self.batch_size,
+                             learning_rate=self.learning_rate, warmup_ratio=self.warmup_ratio,
+                             weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
+                             eval_every_epoch=self.eval_every_epoch, padding=padding,
+                             max_seq_length=self.max_seq_length or max_seq_length,
+                             max_target_length=max_target_length, seed=seed, desc=desc)
