@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -96,7 +95,8 @@ def run(args) -> dict:
     from deftcompress.architecture import mlp_blocks
     from deftcompress.measurement.density import ActivationTap
     from deftcompress.measurement.evaluation import EvalSettings, evaluate
-    from deftcompress.models.loading import alias_path, load_model_and_tokenizer
+    from deftcompress.core.model_refs import alias_path
+    from deftcompress.models.loading import load_model_and_tokenizer
     from deftcompress.data.tasks import get_task, load_examples
 
     torch.set_num_threads(args.threads)

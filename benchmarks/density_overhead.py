@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from deftcompress.measurement.evaluation import EvalSettings, evaluate
-from deftcompress.models.loading import load_model_and_tokenizer, resolve_model_ref
+from deftcompress.core.model_refs import resolve_model_ref
+from deftcompress.models.loading import load_model_and_tokenizer
 from deftcompress.data.tasks import get_task, load_examples
 
 

@@ -76,7 +76,8 @@ def tiny_data(tmp_path_factory) -> Path:
 def build_tiny_model(family: str):
     """A randomly initialised tiny model of `family` and the tokenizer it uses."""
     import transformers
-    from deftcompress.models.loading import alias_path, load_tokenizer
+    from deftcompress.core.model_refs import alias_path
+    from deftcompress.models.loading import load_tokenizer
 
     torch.manual_seed(0)
     minilm_tok = lambda: transformers.AutoTokenizer.from_pretrained(alias_path("minilm"))  # noqa: E731

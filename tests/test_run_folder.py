@@ -1,6 +1,5 @@
 """Output folders: `apply` never replaces a folder it did not create, nor one holding its own inputs."""
 
-import os
 from pathlib import Path
 
 import pytest

@@ -10,15 +10,13 @@ from deftcompress.core.registry import get_pass
 from deftcompress.errors import RecipeError
 
 
-def plan_passes(items: list[tuple[str, Any, str]], recipe: Any = None) -> list[PlannedPass]:
+def plan_passes(items: list[tuple[str, Any, str]]) -> list[PlannedPass]:
     """Validate (name, raw config, where) triples into a plan, including the checks between passes."""
     plan = []
     for name, raw, where in items:
         cls = get_pass(name, where)
         plan.append(PlannedPass(name=name, config=parse_config(cls.Config, raw, where), cls=cls, where=where))
     check_facts(plan)
-    for i, planned in enumerate(plan):
-        planned.cls.check_plan(plan, i, recipe)
     return plan
 
 

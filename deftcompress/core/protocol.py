@@ -91,10 +91,6 @@ class Pass:
             return []
         return [Need(QUANTIZED, False, "{here}: {earlier} must come after every pass that changes the model")]
 
-    @classmethod
-    def check_plan(cls, plan: list[PlannedPass], position: int, recipe: Any) -> None:
-        """Checks that facts cannot express (raise RecipeError naming plan[position].where); rarely needed."""
-
     def eval_settings(self, base: Any) -> Any:
         """Evaluation settings for the measurement after this pass (default: the recipe's)."""
         return base

@@ -93,7 +93,7 @@ class Recipe:
                 raise RecipeError(f"{where}: pass name must be a string, got {name!r}")
             items.append((name, config, f"{where}.{name}"))
         recipe = cls(settings=settings, source=source)
-        recipe.plan = plan_passes(items, recipe)
+        recipe.plan = plan_passes(items)
         recipe.check_files()
         return recipe
 

@@ -70,4 +70,5 @@ def all_passes() -> dict[str, type[Pass]]:
 
 
 def describe_pass(cls: type[Pass]) -> dict[str, Any]:
-    return {"name": cls.name, "summary": cls.summary or (cls.__doc__ or "").strip().splitlines()[0], "fields": describe_fields(cls.Config)}
+    return {"name": cls.name, "summary": cls.summary or (cls.__doc__ or "").strip().splitlines()[0],
+            "trains": cls.trains, "changes_model": cls.changes_model, "fields": describe_fields(cls.Config)}

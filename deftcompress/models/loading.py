@@ -8,7 +8,6 @@ from safetensors; remote code is never trusted.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import torch
 from torch import nn
 
 from deftcompress.architecture import ArchSpec, spec_for_model_type
-from deftcompress.core.model_refs import MODEL_ALIASES, alias_path, check_checkpoint_dir, resolve_model_ref  # noqa: F401
 from deftcompress.data.tasks import TaskSpec
 from deftcompress.errors import CheckpointError, RecipeError
 

@@ -24,30 +24,15 @@ from typing import Any, Literal
 
 from torch import nn
 
-from deftcompress.architecture import ArchSpec, mlp_blocks, spec_for
-from deftcompress.core.selectors import kept_module_patterns
+from deftcompress.architecture import ArchSpec, mlp_blocks
 from deftcompress.data.tasks import TaskSpec
 from deftcompress.errors import DeftcompressError
 from deftcompress.quantization.bnb import marked_as_quantized, quantize_linear_layers
-from deftcompress.training.options import MERGEABLE, METHODS  # noqa: F401  (one list of methods, torch-free)
+from deftcompress.training.options import MERGEABLE, METHODS, PeftSettings  # noqa: F401  (torch-free)
 
 
 class PeftMethodError(DeftcompressError):
     """A PEFT method cannot be applied to this model as configured."""
-
-
-@dataclass(frozen=True)
-class PeftSettings:
-    method: str = "lora"
-    r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = None  # None: from the architecture table
-    target_mlp_up: bool = True  # default targets include the MLP up-projection(s)
-    reduction_factor: int = 16
-    num_virtual_tokens: int = 20
-    adapter_name: str | None = None  # None: peft's "default" (saved at the folder's top) / "deft" for adapters
-    quantize_skip: tuple[str, ...] = field(default_factory=lambda: tuple(kept_module_patterns()))  # selectors
 
 
 @dataclass

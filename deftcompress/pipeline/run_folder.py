@@ -36,9 +36,13 @@ def is_run_folder(folder: Path) -> bool:
 
 
 def write_marker(folder: Path) -> None:
-    from deftcompress import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
-    info = {"created_by": "deftcompress", "version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        ours = version("deftcompress")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        ours = "unknown"
+    info = {"created_by": "deftcompress", "version": ours, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (folder / MARKER).write_text(json.dumps(info) + "\n")
 
 

@@ -26,32 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
 from deftcompress.architecture import MLPBlock
 from deftcompress.measurement.density import ActivationTap, align_token_mask
 from deftcompress.errors import DeftcompressError
-
-
-@dataclass(frozen=True)
-class DensityLossSettings:
-    kind: str = "paper"  # a key of DENSITY_TERMS
-    mode: Literal["masked", "paper"] = "masked"
-    weight: float = 1.0
-    eps: float = 1e-7
-    eps_start: float | None = None  # paper term: eps decays log-linearly from eps_start to eps
-    temperature: float = 1.0  # preact term
-    margin: float = 0.0  # preact / hinge: aim this far below the exact-zero point
-    zero_point: float | None = None  # None: measured from each layer's activation function
-    hinge_cap: float = 4.0
-    warmup_ratio: float = 0.0  # fraction of steps trained on the task loss only
-    ramp_ratio: float = 0.0  # fraction of steps over which the weight (or target) then ramps in
-    layer_weights: tuple[float, ...] | None = None  # one per MLP block (encoder first); normalised per stack
-    target: float | None = None  # per-layer multiplier controller: exact density target
-    controller_rate: float = 1.0
-    lambda_max: float = 100.0
+from deftcompress.training.options import DensityLossSettings  # noqa: F401  (the settings live with the options)
 
 
 @dataclass

@@ -30,38 +30,21 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from deftcompress.errors import DeftcompressError
 from deftcompress.data.features import Batch, collate, encode_examples
+from deftcompress.training.options import TrainSettings  # noqa: F401  (the settings live with the options)
 
 if TYPE_CHECKING:
-    from deftcompress.architecture import ArchSpec
     from deftcompress.pipeline.runner import PipelineState
 
 
 class TrainingError(DeftcompressError):
     """Training cannot run as configured (no trainable parameters, batch not divisible, ...)."""
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: int = 1
-    max_steps: int | None = None  # if set: exactly this many optimizer steps, overriding epochs (as transformers' Trainer)
-    batch_size: int = 32  # global batch, split across processes
-    learning_rate: float = 5e-4
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.01
-    max_grad_norm: float | None = 1.0
-    eval_every_epoch: bool = True  # evaluate after each epoch (when >1 runs) and keep the best one
-    padding: Literal["longest", "max_length"] = "longest"
-    max_seq_length: int = 128
-    max_target_length: int = 32
-    seed: int = 42
-    desc: str = "train"
 
 
 class ExtraLoss(Protocol):

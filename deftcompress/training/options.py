@@ -1,16 +1,16 @@
-"""Option groups that training passes share, torch-free so recipes validate without torch.
+"""Option groups that training passes share, and the settings objects they produce (torch-free).
 
-`deft` composes all three; a later training pass (ADA-DEFT) composes the same groups instead of
-copying fields. Each group checks its own fields and turns them into the settings object of the
-code it configures (`PeftSettings`, `DensityLossSettings`, `TrainSettings`), so no pass copies
-options by hand. Recipes keep the flat field names: a group is a set of fields, not a nested key.
+`deft` composes all three groups; a later training pass (ADA-DEFT) composes the same groups instead
+of copying fields. Each group checks its own fields and turns them into the settings of the code it
+configures (`PeftSettings` for `peft_methods.wrapping`, `DensityLossSettings` for
+`training.density_loss`, `TrainSettings` for `training.loop`), so no pass copies options by hand.
+Recipes keep the flat field names: a group is a set of fields, not a nested key.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 from deftcompress.core.config import option
 from deftcompress.core.selectors import kept_module_patterns, patterns_problem
@@ -18,6 +18,61 @@ from deftcompress.core.selectors import kept_module_patterns, patterns_problem
 METHODS: tuple[str, ...] = ("lora", "qlora", "adapter", "prompt", "prefix", "ia3")
 MERGEABLE: tuple[str, ...] = ("lora", "qlora", "ia3")  # adapters that fold into the weights
 TARGETED: tuple[str, ...] = ("lora", "qlora", "ia3")  # methods that take target_modules
+
+
+# ---- settings: what the training code reads ---------------------------------------------------
+
+@dataclass(frozen=True)
+class PeftSettings:
+    method: str = "lora"
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None  # None: from the architecture table
+    target_mlp_up: bool = True  # default targets include the MLP up-projection(s)
+    reduction_factor: int = 16
+    num_virtual_tokens: int = 20
+    adapter_name: str | None = None  # None: peft's "default" (saved at the folder's top) / "deft" for adapters
+    quantize_skip: tuple[str, ...] = field(default_factory=lambda: tuple(kept_module_patterns()))  # selectors
+
+
+@dataclass(frozen=True)
+class DensityLossSettings:
+    kind: str = "paper"  # a key of DENSITY_TERMS
+    mode: Literal["masked", "paper"] = "masked"
+    weight: float = 1.0
+    eps: float = 1e-7
+    eps_start: float | None = None  # paper term: eps decays log-linearly from eps_start to eps
+    temperature: float = 1.0  # preact term
+    margin: float = 0.0  # preact / hinge: aim this far below the exact-zero point
+    zero_point: float | None = None  # None: measured from each layer's activation function
+    hinge_cap: float = 4.0
+    warmup_ratio: float = 0.0  # fraction of steps trained on the task loss only
+    ramp_ratio: float = 0.0  # fraction of steps over which the weight (or target) then ramps in
+    layer_weights: tuple[float, ...] | None = None  # one per MLP block (encoder first); normalised per stack
+    target: float | None = None  # per-layer multiplier controller: exact density target
+    controller_rate: float = 1.0
+    lambda_max: float = 100.0
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 1
+    max_steps: int | None = None  # if set: exactly this many optimizer steps, overriding epochs (as transformers' Trainer)
+    batch_size: int = 32  # global batch, split across processes
+    learning_rate: float = 5e-4
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    eval_every_epoch: bool = True  # evaluate after each epoch (when >1 runs) and keep the best one
+    padding: Literal["longest", "max_length"] = "longest"
+    max_seq_length: int = 128
+    max_target_length: int = 32
+    seed: int = 42
+    desc: str = "train"
+
+
+# ---- option groups: what recipes write --------------------------------------------------------
 
 
 @dataclass
@@ -61,8 +116,6 @@ class PeftOptions:
         return patterns_problem(self.quantize_skip, "quantize_skip")
 
     def peft_settings(self):
-        from deftcompress.peft_methods.wrapping import PeftSettings
-
         return PeftSettings(method=self.method, r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                             target_modules=tuple(self.target_modules) if self.target_modules else None,
                             target_mlp_up=self.target_mlp_up, reduction_factor=self.reduction_factor,
@@ -154,8 +207,6 @@ class DensityOptions:
         return self.density_weight > 0 and method != "qlora"
 
     def density_loss_settings(self, mode: str):
-        from deftcompress.training.density_loss import DensityLossSettings
-
         return DensityLossSettings(
             kind=self.density_loss, mode=mode, weight=self.density_weight, eps=self.density_eps,
             eps_start=self.density_eps_start, temperature=self.preact_temperature, margin=self.preact_margin,
@@ -203,8 +254,6 @@ class TrainingOptions:
         return None
 
     def train_settings(self, *, padding: str, max_seq_length: int, max_target_length: int, seed: int, desc: str):
-        from deftcompress.training.loop import TrainSettings
-
         return TrainSettings(epochs=self.epochs, max_steps=self.max_steps, batch_size=self.batch_size,
                              learning_rate=self.learning_rate, warmup_ratio=self.warmup_ratio,
                              weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
