@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -34,11 +36,17 @@ def main() -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default runs/<name>).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Local data folder (overrides the recipe and $DEFTCOMPRESS_DATA_DIR).")
+@click.option("--restart", is_flag=True, help="Replace a run of another recipe (or an unfinished one) in the output folder instead of refusing or resuming.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or step log; only the final table.")
-def apply(recipe: Path, output_dir: Path | None, data_dir: str | None, quiet: bool) -> None:
-    """Apply RECIPE (YAML) to its model and write runs/<name>/ (report.json, report.md, model/)."""
+def apply(recipe: Path, output_dir: Path | None, data_dir: str | None, restart: bool, quiet: bool) -> None:
+    """Apply RECIPE (YAML) to its model and write runs/<name>/ (report.json, report.md, model/).
+
+    Every finished pass is kept in the output folder: after an error, Ctrl-C or a kill, the same
+    command resumes after the last finished pass.
+    """
     from deftcompress.core.recipe import Recipe
 
+    pipeline = None
     try:
         if data_dir:
             os.environ["DEFTCOMPRESS_DATA_DIR"] = data_dir
@@ -48,16 +56,48 @@ def apply(recipe: Path, output_dir: Path | None, data_dir: str | None, quiet: bo
         _quiet_libraries()
         from deftcompress.pipeline.runner import Pipeline
 
-        pipeline = Pipeline(loaded, output_dir=output_dir, quiet=quiet, log=lambda *a: click.echo(*a, err=True))
-        report = pipeline.run()
+        pipeline = Pipeline(loaded, output_dir=output_dir, quiet=quiet, restart=restart,
+                            log=lambda *a: click.echo(*a, err=True))
+        with _sigterm_as_interrupt():
+            report = pipeline.run()
     except DeftcompressError as exc:
         _fail(exc)
+    except KeyboardInterrupt as exc:
+        code = 143 if isinstance(exc, Terminated) else 130
+        where = f"; finished passes are kept in {pipeline.output_dir}: run the same command to resume" if pipeline else ""
+        click.echo(f"interrupted ({'SIGTERM' if code == 143 else 'Ctrl-C'}){where}", err=True)
+        sys.exit(code)
     from deftcompress.training import distributed
 
     if not distributed.is_main_process():  # under torchrun every process returns the report; one table is enough
         return
+    if pipeline.reused_finished_run:
+        click.echo(f"{pipeline.output_dir}: already finished with this recipe; shown as it is (--restart runs it again)",
+                   err=True)
+    elif report.resumed_from is not None:
+        click.echo(f"resumed at step {report.resumed_from}: earlier steps come from the interrupted run", err=True)
     click.echo(report.text_table())
     click.echo(f"\noutputs: {pipeline.output_dir}/ (report.json, report.md, density.png, recipe.resolved.yaml, model/)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that the run stops the way Ctrl-C stops it."""
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. inside a test runner's worker): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @main.command()

@@ -18,7 +18,7 @@ from deftcompress import Recipe, RecipeError, run_recipe
 from deftcompress.architecture import MLPBlock, mlp_blocks
 from deftcompress.training.density_loss import DensityLoss, DensityLossSettings, density_loss_value, exact_zero_point
 from deftcompress.core.protocol import Pass
-from deftcompress.core.registry import register_pass
+from deftcompress.core.registry import register_pass, unregister_pass
 from deftcompress.training.loop import TrainSettings, collate, encode_examples, train
 
 METHODS = ("lora", "qlora", "ia3", "prompt", "prefix", "adapter")
@@ -125,18 +125,21 @@ def test_exact_zero_points():
 
 
 def test_weight_schedule_and_eps_schedule():
-    loss = DensityLoss([_block("encoder", 0)], DensityLossSettings(weight=2.0, warmup_ratio=0.2, ramp_ratio=0.4,
-                                                                   eps=1e-7, eps_start=1e-3))
+    loss = DensityLoss([_block("encoder", 0, act=nn.Identity())],
+                       DensityLossSettings(weight=2.0, warmup_ratio=0.2, ramp_ratio=0.4, eps=1e-7, eps_start=1e-3))
     assert [loss.ramp(s, 10) for s in (0, 1, 2, 4, 6, 9)] == pytest.approx([0, 0, 0, 0.5, 1, 1])
     assert loss.eps_at(2, 10) == pytest.approx(1e-3)  # eps decays only once the density phase starts
     assert loss.eps_at(10, 10) == pytest.approx(1e-7)
     assert loss.eps_at(6, 10) == pytest.approx(1e-5, rel=1e-6)  # halfway in log space
-    loss.begin_step({}, 1, 10)  # inside the warm-up: weight 0, nothing joins the graph
     block = loss.blocks[0]
     x = torch.ones(1, 1, 2, requires_grad=True)
-    loss._on_activation(block, x, x)
-    term, raw = loss.end_step()
+    with loss:  # the loss hooks the block's activation module: an identity here, so it sees a = 1
+        loss.begin_step({}, 1, 10)  # inside the warm-up: weight 0, nothing joins the graph
+        block.act(x)
+        term, raw = loss.end_step()
     assert term is None and raw == pytest.approx(1 / (1 + 1e-3))
+    # the same value through the hook-free public function (step 0 of 1 is in the warm-up too: eps = eps_start)
+    assert float(density_loss_value([(block, x, x)], loss.settings)) == pytest.approx(raw)
 
 
 # ---- which parameters train ------------------------------------------------------------------
@@ -271,7 +274,6 @@ def _fixed_batch(tokenizer, state_or_task, arch, examples):
     return collate(tokenizer, state_or_task, arch, encode_examples(tokenizer, state_or_task, arch, examples))
 
 
-@register_pass
 class RecordOutputs(Pass):
     """Test-only: remember the logits of the pipeline's in-memory model on fixed rows."""
 
@@ -284,6 +286,14 @@ class RecordOutputs(Pass):
         with torch.no_grad():
             RECORDED[state.recipe.name] = state.model(**batch.inputs).logits.detach().clone()
         return {"model_class": type(state.model).__name__}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def record_outputs_pass():
+    """`test_record_outputs` exists while this module's tests run, and is removed afterwards."""
+    register_pass(RecordOutputs)
+    yield RecordOutputs
+    unregister_pass(RecordOutputs.name)
 
 
 def _logits(model, tokenizer, task, arch, examples):
@@ -350,7 +360,6 @@ def test_recipe_saves_adapter_and_reloadable_model(tiny_checkpoint, tiny_data, t
 @pytest.mark.parametrize("method", ("lora", "adapter"))
 def test_trained_mlp_biases_are_saved_with_the_adapter(tiny_checkpoint, tiny_data, tmp_path, method):
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
     from deftcompress.architecture import spec_for
     from deftcompress.models.loading import load_model_and_tokenizer
@@ -397,8 +406,34 @@ def test_merge_hands_a_plain_model_to_the_next_pass(tiny_checkpoint, tiny_data, 
     torch.testing.assert_close(logits, RECORDED[name], atol=1e-4 if method != "qlora" else 2e-2, rtol=1e-3)
 
 
-def test_t5_gated_squad_text_to_text_with_paper_mode_training(tiny_checkpoint, tiny_data, tmp_path):
+def test_t5_gated_squad_text_to_text_with_paper_mode_training(tiny_checkpoint, tiny_data, tmp_path, monkeypatch):
     """SQuAD as text-to-text on a gated-GELU T5: encoder + decoder loss terms, padding counted (paper mode)."""
+    from deftcompress.training import loop
+
+    # Record what the loss sees: the pre-activation of every MLP activation in each training forward, and each batch.
+    pre_acts: list[tuple[str, int, torch.Tensor]] = []
+    batches, act_modules = [], []
+    real_train, real_collate = loop.train, loop.collate
+
+    def recording_train(state, model, *args, **kwargs):
+        blocks = mlp_blocks(model, state.arch)
+        act_modules.extend(b.act for b in blocks)
+        def record(block):
+            return lambda module, inputs, output: pre_acts.append((block.stack, block.index, inputs[0].detach().clone()))
+
+        hooks = [b.act.register_forward_hook(record(b)) for b in blocks]
+        try:
+            return real_train(state, model, *args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def recording_collate(*args, **kwargs):
+        batches.append(real_collate(*args, **kwargs))
+        return batches[-1]
+
+    monkeypatch.setattr(loop, "train", recording_train)
+    monkeypatch.setattr(loop, "collate", recording_collate)
     recipe = Recipe.build(name="t5_squad", model=str(tiny_checkpoint("t5_gated")), task="squad", data_dir=str(tiny_data),
                           max_eval_samples=4, eval_batch_size=8, max_seq_length=48,
                           passes=[{"deft": {"method": "lora", "max_steps": 2, "batch_size": 4, "max_train_samples": 8,
@@ -406,19 +441,99 @@ def test_t5_gated_squad_text_to_text_with_paper_mode_training(tiny_checkpoint, t
     report = run_recipe(recipe, output_dir=tmp_path / "t5_squad", quiet=True)
     step = report.steps[1]
     assert step.task_metric == "f1" and step.density["encoder"] is not None and step.density["decoder"] is not None
-    assert step.details["density_loss"]["mode"] == "paper"
-    # gated GELU is never exactly 0 at init, so each stack's term is close to 1: their sum is close to 2
-    assert 1.5 < step.details["epochs"][0]["density_loss"] <= 2.0
+    details = step.details
+    assert details["steps"] == 2 and details["train_rows"] == 8 and details["epochs"][0]["steps"] == 2
+    # the default loss (preact) with the activation's own exact-zero point: tanh-GELU is exactly 0 below about -5.158
+    assert len(act_modules) == 4 and len({type(a) for a in act_modules}) == 1
+    theta = exact_zero_point(act_modules[0])
+    assert -5.2 < theta < -5.1
+    loss_settings = details["density_loss"]
+    assert loss_settings["loss"] == "preact" and loss_settings["mode"] == "paper"
+    assert loss_settings["thresholds"] == [round(theta, 4)] and loss_settings["temperature"] == 1.0
+
+    # paper mode pads every batch to max_seq_length (encoder) / max_target_length (decoder) and counts every position
+    assert len(batches) == 2 and len(pre_acts) == 2 * 4  # 2 steps x (2 encoder + 2 decoder layers)
+    for batch in batches:
+        assert batch.inputs["input_ids"].shape == (4, 48) and batch.inputs["labels"].shape == (4, 32)
+        assert int(batch.token_masks["encoder"].sum()) < 4 * 48  # there is padding to count
+    for stack, _, pre in pre_acts:
+        assert pre.shape == ((4, 48, 64) if stack == "encoder" else (4, 32, 64)), stack
+    # the logged loss, by hand: per layer the mean of sigmoid(x - theta) over *every* position and feature, the mean
+    # over each stack's layers, encoder + decoder; then the mean over the epoch's two steps
+    def by_hand(masks_per_step=None) -> float:
+        per_step = []
+        for s in range(2):
+            layers = pre_acts[4 * s:4 * s + 4]
+            total = 0.0
+            for stack in ("encoder", "decoder"):
+                values = []
+                for st, _, pre in layers:
+                    if st != stack:
+                        continue
+                    per_position = torch.sigmoid(pre.double() - theta).mean(-1)
+                    mask = None if masks_per_step is None else masks_per_step[s][stack].double()
+                    values.append(per_position.mean() if mask is None else (per_position * mask).sum() / mask.sum())
+                assert len(values) == 2
+                total += float(sum(values) / 2)
+            per_step.append(total)
+        return sum(per_step) / 2
+
+    paper = by_hand()
+    assert details["epochs"][0]["density_loss"] == pytest.approx(paper, abs=2e-6)  # the log rounds to 6 decimals
+    # counting only the real tokens gives another value (by ~2e-4 here), so the check above tells paper from masked
+    masked = by_hand([b.token_masks for b in batches])
+    assert abs(masked - paper) > 1e-5
+    # each stack's term is a mean of sigmoids, at most 1; at init pre-activations sit far above theta, so close to 1
+    assert 1.5 < details["epochs"][0]["density_loss"] <= 2.0
 
 
 def test_roberta_prefix_tuning_classifies_the_sequence_output(tiny_checkpoint, tiny_data, tmp_path):
     """peft's prefix tuning hands RoBERTa's head the cache instead of the hidden states; the pass fixes that."""
+    import peft
+    from transformers import AutoTokenizer
+
+    from deftcompress.data.tasks import get_task, load_examples
+    from deftcompress.models.formats import load_model
+    from deftcompress.models.loading import load_model_and_tokenizer
+
     report, out = _run_deft(tiny_checkpoint, tiny_data, tmp_path, "roberta", "roberta_prefix", method="prefix")
     details = report.steps[1].details
     assert any("pooler-less" in n for n in details["notes"])
-    from deftcompress.models.formats import load_model
+    task = get_task("glue/sst2")
+    examples = load_examples(task, "validation", tiny_data, 4)
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
 
-    assert load_model(out / "model")[0] is not None
+    # the reloaded model computes what the pipeline's in-memory model computed
+    reloaded, _, arch = load_model(out / "model")
+    assert json.loads((out / "model" / "deftcompress_model.json").read_text())["format"] == "base_adapter"
+    base = reloaded.get_base_model()
+    sequence, head_input = [], []
+    hooks = [base.roberta.register_forward_hook(lambda m, args, output: sequence.append(output[0])),
+             base.classifier.register_forward_pre_hook(lambda m, args: head_input.append(args[0]))]
+    try:
+        logits = _logits(reloaded, tokenizer, task, arch, examples)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert logits.shape == (4, 2)
+    torch.testing.assert_close(logits, RECORDED["roberta_prefix"], atol=1e-6, rtol=0)
+    # ... and its head classifies the backbone's sequence output (it pools the first token itself)
+    assert len(sequence) == 1 and len(head_input) == 1
+    assert isinstance(head_input[0], torch.Tensor) and torch.equal(head_input[0], sequence[0])
+    assert head_input[0].shape[:2] == _fixed_batch(tokenizer, task, arch, examples).inputs["input_ids"].shape
+
+    # the control: the same peft prefix tuning without the pass's patch hands the head something else (the cache)
+    plain_base, _, _ = load_model_and_tokenizer(str(tiny_checkpoint("roberta")), task)
+    plain = peft.get_peft_model(plain_base, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    unpatched_input = []
+    hook = plain_base.classifier.register_forward_pre_hook(lambda m, args: unpatched_input.append(args[0]))
+    try:
+        _logits(plain, tokenizer, task, arch, examples)
+    except Exception:  # the head fails on a cache object; what matters is what it was given
+        pass
+    finally:
+        hook.remove()
+    assert len(unpatched_input) == 1 and not isinstance(unpatched_input[0], torch.Tensor), type(unpatched_input[0])
 
 
 def test_prompt_tuning_density_excludes_padding(tiny_checkpoint, tiny_data, tmp_path):

@@ -53,25 +53,44 @@ def test_targets_match_class_names_through_the_mro_and_regex_on_full_names():
 
 # ---- magnitude pruning ---------------------------------------------------------------------
 
+def _targeted_weights(model) -> dict[str, torch.Tensor]:
+    return {n: m.weight for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "classifier" not in n and "pooler" not in n}
+
+
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_magnitude_prune_reaches_exactly_the_requested_sparsity(pipeline_state, scope):
     state = pipeline_state("bert")
     head_before = state.model.classifier.weight.clone()
+    before = {n: w.detach().clone() for n, w in _targeted_weights(state.model).items()}
+    assert all(int((w == 0).sum()) == 0 for w in before.values())  # random init: every zero below is the pass's
     details = run_pass(state, "magnitude_prune", sparsity=0.3, scope=scope)
-    weights = {n: m.weight for n, m in state.model.named_modules()
-               if isinstance(m, torch.nn.Linear) and "classifier" not in n and "pooler" not in n}
+    weights = _targeted_weights(state.model)
+    assert list(weights) == list(before) and len(weights) == 12  # 2 layers x (q, k, v, attention out, up, down)
     total = sum(w.numel() for w in weights.values())
     zeros = sum(int((w == 0).sum()) for w in weights.values())
-    assert zeros == round(0.3 * total) or scope == "layer"
+    if scope == "layer":  # every matrix rounds on its own: the total is the sum of the per-matrix counts
+        assert zeros == sum(round(0.3 * w.numel()) for w in weights.values())
+    else:
+        assert zeros == round(0.3 * total)
     assert details["sparsity_achieved"] == pytest.approx(zeros / total, abs=1e-6)
     assert details["zero_params"] == zeros and details["targeted_params"] == total
     assert abs(zeros / total - 0.3) < 1e-3
-    if scope == "layer":
-        for name, w in weights.items():
-            assert int((w == 0).sum()) == round(0.3 * w.numel()), name
-    else:  # one threshold: every surviving weight is at least as large as every pruned one
-        kept = torch.cat([w[w != 0].abs().flatten() for w in weights.values()])
-        assert kept.min() > 0
+    for name, w in weights.items():
+        pruned = w == 0
+        assert torch.equal(w[~pruned], before[name][~pruned]), name  # the kept weights are untouched
+        if scope == "layer":
+            assert int(pruned.sum()) == round(0.3 * w.numel()), name
+            # one threshold per matrix: every kept weight is at least as large as every pruned one of that matrix
+            assert before[name][~pruned].abs().min() >= before[name][pruned].abs().max(), name
+    if scope == "global":  # one threshold: every surviving weight is at least as large as every pruned one
+        kept = torch.cat([before[n][w != 0].abs().flatten() for n, w in weights.items()])
+        pruned = torch.cat([before[n][w == 0].abs().flatten() for n, w in weights.items()])
+        assert len(kept) + len(pruned) == total and len(pruned) == zeros
+        assert kept.min() >= pruned.max()
+        # not a per-matrix cut: the matrices lose different fractions
+        fractions = {round(int((w == 0).sum()) / w.numel(), 3) for w in weights.values()}
+        assert len(fractions) > 1
     assert torch.equal(state.model.classifier.weight, head_before)  # ignored by default
     assert len(state.constraints) == 1 and state.constraints[0].describe()["masked_entries"] == zeros
 

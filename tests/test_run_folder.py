@@ -87,7 +87,10 @@ def test_own_run_folder_is_replaced_but_not_with_foreign_files_in_it(tiny_checkp
     assert apply(recipe, "-o", str(out)).exit_code == 0
     assert (out / MARKER).is_file() and (out / "report.json").is_file()
     first = (out / "report.json").stat().st_mtime_ns
-    assert apply(recipe, "-o", str(out)).exit_code == 0  # a run of ours: replaced
+    again = apply(recipe, "-o", str(out))  # the same recipe, finished: nothing to do, the same report
+    assert again.exit_code == 0 and "already finished" in again.output
+    assert (out / "report.json").stat().st_mtime_ns == first
+    assert apply(recipe, "-o", str(out), "--restart").exit_code == 0  # a run of ours: replaced on request
     assert (out / "report.json").stat().st_mtime_ns != first
     (out / "notes.txt").write_text("mine")
     result = apply(recipe, "-o", str(out))

@@ -187,7 +187,8 @@ def _save_base_adapter(model: nn.Module, folder: Path, merge_adapters: bool) -> 
     from deftcompress.peft_methods.wrapping import is_peft_model
 
     library = "peft" if is_peft_model(model) else "adapters"
-    base = plain_base_copy(model)
+    # The state after a pass (merge_adapters=False) must reload exactly: the base keeps the head peft wrapped.
+    base = plain_base_copy(model, head="trained" if merge_adapters else "original")
     base_manifest = save_model(base, folder / "base", merge_adapters=merge_adapters)
     save_adapter(model, folder / "adapter")
     name = model.active_adapter if library == "peft" else adapters_name(model)

@@ -113,18 +113,20 @@ def merged_float_copy(model: nn.Module) -> nn.Module:
     return clone
 
 
-def plain_base_copy(model: nn.Module) -> nn.Module:
+def plain_base_copy(model: nn.Module, head: str = "trained") -> nn.Module:
     """A copy of the transformers model under a peft wrapper or an adapters model, adapter removed (not merged).
 
-    A trained classification head stays (it is part of the adapter too, so reloading is exact).
+    `head="trained"` keeps peft's trained classification head in the base (the base alone then
+    classifies as trained); `head="original"` keeps the head peft wrapped, so base + adapter reload
+    to exactly the wrapped model (the adapter holds the trained head).
     """
     if is_peft_model(model) and not model.active_peft_config.is_prompt_learning:
         clone = copy.deepcopy(model)
-        unwrap_trained_heads(clone)
+        unwrap_trained_heads(clone, keep=head)
         return clone.unload()  # LoRA / IA3 layers back to their base layers, deltas dropped
     if is_peft_model(model):
         base = copy.deepcopy(model.get_base_model())
-        unwrap_trained_heads(base)  # keep the trained head, drop the wrapper
+        unwrap_trained_heads(base, keep=head)  # drop the wrapper
         for module in base.modules():  # the hook added by patch_prefix_classification is peft-specific
             handle = module.__dict__.pop("_deftcompress_prefix_hook", None)
             if handle is not None:

@@ -207,16 +207,17 @@ def merge(model: nn.Module) -> nn.Module:
     return model.merge_and_unload()
 
 
-def unwrap_trained_heads(model: nn.Module) -> None:
-    """Replace peft's modules_to_save wrappers (the trained head) by the trained module, in place.
+def unwrap_trained_heads(model: nn.Module, keep: Literal["trained", "original"] = "trained") -> None:
+    """Replace peft's modules_to_save wrappers by the trained head (or the original one), in place.
 
     peft's IA3 unload copies `.weight` from the wrapper and fails on heads that are not a single
     Linear (RoBERTa's classification head); with the wrappers gone, merge_and_unload has nothing to copy.
+    `keep="original"` gives the base exactly as peft found it (the adapter holds the trained head).
     """
     from peft.utils import ModulesToSaveWrapper
 
     for name, module in list(model.named_modules()):
         if isinstance(module, ModulesToSaveWrapper):
             parent_name, _, child = name.rpartition(".")
-            trained = module.modules_to_save[module.active_adapters[0]]
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, trained)
+            head = module.modules_to_save[module.active_adapters[0]] if keep == "trained" else module.original_module
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, head)

@@ -21,8 +21,13 @@ from deftcompress.errors import DeftcompressError
 
 MARKER = ".deftcompress-run"
 # What a run writes into its folder; anything else found there was put in by someone else.
-RUN_ENTRIES = frozenset({MARKER, "report.json", "report.md", "density.png", "recipe.resolved.yaml", "model", "passes",
-                         "state"})
+RUN_ENTRIES = frozenset({MARKER, "progress.json", "report.json", "report.md", "density.png", "recipe.resolved.yaml",
+                         "model", "passes", "state"})
+
+
+def is_run_entry(name: str) -> bool:
+    """A file or folder a run writes (or a temporary one a killed atomic write left: `.<name>.tmp-<pid>`)."""
+    return name in RUN_ENTRIES or (name.startswith(".") and ".tmp-" in name and name[1:].split(".tmp-")[0] in RUN_ENTRIES)
 
 
 class RunFolderError(DeftcompressError):
@@ -77,7 +82,7 @@ def check_output_dir(out: Path, protected: dict[str, Path]) -> None:
     if not is_run_folder(out_abs):
         raise RunFolderError(f"{out}: exists and is not a deftcompress run folder (no {MARKER} marker); refusing to "
                              "replace it: choose another output folder or empty it yourself")
-    foreign = [e for e in entries if e not in RUN_ENTRIES]
+    foreign = [e for e in entries if not is_run_entry(e)]
     if foreign:
         raise RunFolderError(f"{out}: run folder holds files a run did not write ({', '.join(foreign[:3])}); "
                              "move them out or choose another output folder")

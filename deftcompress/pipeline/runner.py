@@ -1,7 +1,7 @@
 """The pipeline: load the model, evaluate the baseline, run each pass, evaluate, report, save.
 
-Outputs are written to a temporary folder beside the destination and renamed into place at the
-end, so a failed run never leaves a half-written report (an older run in the same folder survives).
+Every finished step is committed to the run folder (`pipeline.progress`), so a run that stops for
+any reason resumes after its last finished pass.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import dataclasses
 import os
 import platform
 import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,10 +25,11 @@ from deftcompress.measurement.evaluation import EvalSettings, Evaluation, evalua
 from deftcompress.measurement.size import count_parameters, directory_bytes, state_dict_bytes
 from deftcompress.models.formats import save_model
 from deftcompress.models.loading import load_model_and_tokenizer
-from deftcompress.pipeline.run_folder import check_output_dir, run_lock, write_marker
+from deftcompress.pipeline.progress import RunProgress, recipe_hash
+from deftcompress.pipeline.run_folder import check_output_dir, run_lock
 from deftcompress.pipeline.state import PipelineState
 from deftcompress.reporting.plots import plot_density
-from deftcompress.reporting.report import Report, StepRecord, make_step
+from deftcompress.reporting.report import Report, StepRecord, make_step, write_atomic
 from deftcompress.training import distributed
 
 
@@ -44,15 +44,24 @@ def _step(state: PipelineState, name: str, evaluation: Evaluation, seconds: floa
 
 
 class Pipeline:
-    """Runs a recipe. ``Pipeline(recipe).run()`` returns the `Report`; outputs land in `output_dir`."""
+    """Runs a recipe. ``Pipeline(recipe).run()`` returns the `Report`; outputs land in `output_dir`.
+
+    The run folder is written as the run goes: after every finished pass its state (the model in its
+    format, the constraints, the report so far, the recipe's hash) is committed to the folder, so an
+    error, Ctrl-C, SIGTERM or SIGKILL loses at most the pass that was running. Running the same recipe
+    into the same folder again resumes after the last finished pass (`report.resumed_from`); a
+    finished run is returned as it is; another recipe is refused unless `restart=True`.
+    """
 
     def __init__(self, recipe: Recipe, output_dir: str | os.PathLike | None = None, quiet: bool = False,
-                 log=print):
+                 log=print, restart: bool = False):
         self.recipe = recipe
         self.output_dir = recipe.output_dir(output_dir)
         self.quiet = quiet
+        self.restart = restart
         self.log = (lambda *a, **k: None) if quiet else log
         self.final_state: PipelineState | None = None  # kept after run() for callers that reuse the model
+        self.reused_finished_run = False
 
     def protected_inputs(self) -> dict[str, Path]:
         """Inputs the output folder must never be or contain: the checkpoint and the data folder."""
@@ -65,77 +74,106 @@ class Pipeline:
             protected["data folder"] = root
         return protected
 
+    def recipe_hash(self) -> str:
+        return recipe_hash(self.recipe)
+
     def run(self) -> Report:
+        out = self.output_dir
         main = distributed.is_main_process()
         if main:  # refused before any model loads: a user's folder is never touched
-            check_output_dir(self.output_dir, self.protected_inputs())
-        with run_lock(self.output_dir) if main else nullcontext():
-            work = Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.tmp-", dir=self.output_dir.parent))
-            write_marker(work)
+            check_output_dir(out, self.protected_inputs())
+        with run_lock(out) if main else nullcontext():
+            progress = RunProgress.open(out, self.recipe_hash(), restart=self.restart, main=main)
+            if main:
+                write_atomic(out / "recipe.resolved.yaml", self.recipe.to_yaml())
+            if progress.finished:
+                self.reused_finished_run = True
+                self.log(f"{out}: this recipe already finished there; nothing to do (--restart runs it again)")
+                return Report.load(out)
+            report = None
             try:
-                report = self._run(work)
-                if main:
-                    check_output_dir(self.output_dir, {})  # still ours after the run (nothing added meanwhile)
-                    _replace_dir(work, self.output_dir)
-                else:
-                    shutil.rmtree(work, ignore_errors=True)
-                distributed.barrier()
+                report = self._run(progress)
                 return report
-            except BaseException:
-                shutil.rmtree(work, ignore_errors=True)
+            except BaseException as exc:
+                if main:
+                    progress.stopped(exc)
                 raise
 
-    def _run(self, work: Path) -> Report:
+    def _run(self, progress: "RunProgress") -> Report:
         recipe = self.recipe
-        torch.manual_seed(recipe.seed)
+        out = self.output_dir
+        main = distributed.is_main_process()
         device = distributed.pick_device(recipe.device)
         task = get_task(recipe.task)
+        torch.manual_seed(recipe.seed)  # the same new head as an uninterrupted run, whenever the source is loaded
         ref = resolve_model_ref(recipe.model)
-        self.log(f"loading {recipe.model} for {task.name} on {device}")
-        model, tokenizer, arch = load_model_and_tokenizer(ref, task, device)
+        report = Report(name=recipe.name, model=recipe.model, task=task.name, environment=_environment(device),
+                        status="running", recipe_hash=progress.recipe_hash)
+        report.steps = [StepRecord.from_dict(s) for s in progress.steps]
+        if progress.model_state is not None:
+            self.log(f"resuming {out} after step {len(report.steps) - 1} ({report.steps[-1].pass_name})")
+            model, tokenizer, arch = None, None, None
+        else:
+            self.log(f"loading {recipe.model} for {task.name} on {device}")
+            model, tokenizer, arch = load_model_and_tokenizer(ref, task, device)
         state = PipelineState(recipe=recipe, task=task, arch=arch, model=model, tokenizer=tokenizer, device=device,
-                              work_dir=work, quiet=self.quiet)
-        report = Report(name=recipe.name, model=recipe.model, task=task.name, environment=_environment(device))
+                              work_dir=out, quiet=self.quiet)
+        if progress.model_state is not None:
+            state.restore(out / progress.model_state)
+        if report.steps:
+            report.resumed_from = len(report.steps)
+        state.step_index = len(report.steps) - 1 if report.steps else 0
+        progress.clear_unfinished_pass_dirs()
 
         settings = state.eval_settings()
-        last = _measure(state, settings, "baseline")
-        report.steps.append(_step(state, "baseline", last, 0.0, {"eval_settings": dataclasses.asdict(settings)}))
-        self._log_step(report.steps[-1])
-        last_settings, model_changed = settings, False
+        if not report.steps:
+            report.steps.append(_step(state, "baseline", _measure(state, settings, "baseline"), 0.0,
+                                      {"eval_settings": dataclasses.asdict(settings)}))
+            self._log_step(report.steps[-1])
+            progress.commit(state, report, model_changed=False, last_eval_settings=settings)
+        last_settings = progress.last_eval_settings(settings)
+        model_changed = progress.model_changed_since_eval
 
-        for planned in recipe.plan:
-            state.step_index += 1
+        for planned in recipe.plan[len(report.steps) - 1:]:
+            state.step_index = len(report.steps)
             p: Pass = planned.cls(planned.config)
             self.log(f"[{state.step_index}/{len(recipe.plan)}] {planned.name}")
+            torch.manual_seed(recipe.seed + state.step_index)  # a resumed pass draws what an uninterrupted one drew
             t0 = time.perf_counter()
             details = p.run(state) or {}
             seconds = time.perf_counter() - t0
             model_changed = model_changed or planned.cls.changes_model
             step_settings = p.eval_settings(settings)
             if not model_changed and step_settings == last_settings:
-                details["evaluation"] = "reused the previous step's measurement (model unchanged)"
+                step = _reused_step(report.steps[-1], state, planned.name, seconds, details)
             else:
-                last = _measure(state, step_settings, planned.name)
+                step = _step(state, planned.name, _measure(state, step_settings, planned.name), seconds, details)
                 last_settings, model_changed = step_settings, False
-            report.steps.append(_step(state, planned.name, last, seconds, details))
-            self._log_step(report.steps[-1])
+            report.steps.append(step)
+            self._log_step(step)
+            progress.commit(state, report, model_changed=planned.cls.changes_model, last_eval_settings=last_settings,
+                            model_changed_since_eval=model_changed)
 
-        if distributed.is_main_process():
-            self._save(state, report, work)
+        if main:
+            self._save(state, report, out)
+            progress.finish(report)
+        distributed.barrier()
         self.final_state = state
         return report
 
-    def _save(self, state: PipelineState, report: Report, work: Path) -> None:
-        model_dir = work / "model"
+    def _save(self, state: PipelineState, report: Report, out: Path) -> None:
+        model_dir = out / "model"
+        if model_dir.exists():  # a final save that a kill interrupted: ours, written again
+            shutil.rmtree(model_dir)
         manifest = save_model(state.model, model_dir, merge_adapters=True, tokenizer=state.tokenizer)
         final = report.steps[-1].to_dict()
         final["saved_model_bytes"] = directory_bytes(model_dir)
         final["saved_model_format"] = manifest["format"]
         final["model_dir"] = str(self.output_dir / "model")
         report.final = final
-        (work / "recipe.resolved.yaml").write_text(state.recipe.to_yaml())
-        report.write(work)
-        plot_density(report, work / "density.png")
+        report.status = "finished"
+        report.write(out)
+        plot_density(report, out / "density.png")
 
     def _log_step(self, step: StepRecord) -> None:
         d = step.density
@@ -145,15 +183,12 @@ class Pipeline:
                  f"({step.eval_examples} ex, {step.latency_ms_per_example:.2f} ms/ex)")
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`; an existing `dst` (checked to be a run folder of ours) is only removed once the new one is in place."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        dst.rename(old)
-    src.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _reused_step(previous: StepRecord, state: PipelineState, name: str, seconds: float, details: dict) -> StepRecord:
+    """The previous step's measurement for a pass that left the model as it was (same evaluation settings)."""
+    details["evaluation"] = "reused the previous step's measurement (model unchanged)"
+    record = StepRecord.from_dict(previous.to_dict())
+    record.index, record.pass_name, record.seconds, record.details = state.step_index, name, seconds, details
+    return record
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -163,8 +198,9 @@ def _environment(device: torch.device) -> dict[str, Any]:
             "device": str(device), "threads": torch.get_num_threads(), "world_size": distributed.world_size()}
 
 
-def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike | None = None, quiet: bool = False) -> Report:
-    """Python API: run a recipe (object or YAML path) and return its report."""
+def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike | None = None, quiet: bool = False,
+               restart: bool = False) -> Report:
+    """Python API: run a recipe (object or YAML path) and return its report (resuming an unfinished run)."""
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_file(recipe)
-    return Pipeline(recipe, output_dir=output_dir, quiet=quiet).run()
+    return Pipeline(recipe, output_dir=output_dir, quiet=quiet, restart=restart).run()

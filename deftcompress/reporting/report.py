@@ -84,20 +84,30 @@ class Report:
     steps: list[StepRecord] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
+    status: str = "finished"  # running | failed | interrupted | finished
+    recipe_hash: str | None = None
+    resumed_from: int | None = None  # index of the first step this process ran, when it continued an earlier run
+    error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "model": self.model, "task": self.task, "steps": [s.to_dict() for s in self.steps],
-                "final": self.final, "environment": self.environment}
+        return {"name": self.name, "model": self.model, "task": self.task, "status": self.status,
+                "recipe_hash": self.recipe_hash, "resumed_from": self.resumed_from, "error": self.error,
+                "steps": [s.to_dict() for s in self.steps], "final": self.final, "environment": self.environment}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Report":
+        return cls(name=d["name"], model=d["model"], task=d["task"], steps=[StepRecord.from_dict(s) for s in d["steps"]],
+                   final=d.get("final", {}), environment=d.get("environment", {}), status=d.get("status", "finished"),
+                   recipe_hash=d.get("recipe_hash"), resumed_from=d.get("resumed_from"), error=d.get("error"))
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Report":
-        d = json.loads((Path(run_dir) / "report.json").read_text())
-        return cls(name=d["name"], model=d["model"], task=d["task"], steps=[StepRecord.from_dict(s) for s in d["steps"]],
-                   final=d.get("final", {}), environment=d.get("environment", {}))
+        return cls.from_dict(json.loads((Path(run_dir) / "report.json").read_text()))
 
     def write(self, folder: Path) -> None:
-        (folder / "report.json").write_text(json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
-        (folder / "report.md").write_text(self.markdown())
+        """report.json and report.md, each replaced atomically (a reader never sees half a file)."""
+        write_atomic(folder / "report.json", json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
+        write_atomic(folder / "report.md", self.markdown())
 
     # -- tables ----------------------------------------------------------------------------------
 
@@ -135,7 +145,13 @@ class Report:
         return "\n".join(lines)
 
     def markdown(self) -> str:
-        out = [f"# {self.name}: {self.model} on {self.task}", "", _md([self.headers()] + self.table_rows()), ""]
+        out = [f"# {self.name}: {self.model} on {self.task}", ""]
+        if self.status != "finished":
+            out += [f"Status: **{self.status}**" + (f" ({self.error})" if self.error else "")
+                    + " (finished passes are kept; `deftcompress apply` with the same recipe resumes)", ""]
+        if self.resumed_from is not None:
+            out += [f"Resumed at step {self.resumed_from}: earlier steps were computed by an earlier run.", ""]
+        out += [_md([self.headers()] + self.table_rows()), ""]
         if self.steps:
             s = self.steps[-1]
             out += [f"Per-layer density after step {s.index} ({s.pass_name}), mode `{s.density.get('mode')}`:", "",
@@ -145,6 +161,15 @@ class Report:
                     out.append(f"- step {step.index} `{step.pass_name}`: " + json.dumps(step.details, default=_json_default)[:2000])
             out.append("")
         return "\n".join(out)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _fmt(x: Any) -> str:
