@@ -37,8 +37,10 @@ def main() -> None:
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default runs/<name>).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Local data folder (overrides the recipe and $DEFTCOMPRESS_DATA_DIR).")
 @click.option("--restart", is_flag=True, help="Replace a run of another recipe (or an unfinished one) in the output folder instead of refusing or resuming.")
+@click.option("--trust-pickle", is_flag=True, help="Load a checkpoint that has only pickled weights (.bin/.pt), which can run code: only for sources you trust.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or step log; only the final table.")
-def apply(recipe: Path, output_dir: Path | None, data_dir: str | None, restart: bool, quiet: bool) -> None:
+def apply(recipe: Path, output_dir: Path | None, data_dir: str | None, restart: bool, trust_pickle: bool,
+          quiet: bool) -> None:
     """Apply RECIPE (YAML) to its model and write runs/<name>/ (report.json, report.md, model/).
 
     Every finished pass is kept in the output folder: after an error, Ctrl-C or a kill, the same
@@ -50,18 +52,22 @@ def apply(recipe: Path, output_dir: Path | None, data_dir: str | None, restart: 
     try:
         if data_dir:
             os.environ["DEFTCOMPRESS_DATA_DIR"] = data_dir
-        loaded = Recipe.from_file(recipe)
+        loaded = Recipe.from_file(recipe, trust_pickle=trust_pickle)
         if data_dir:
             loaded.settings.data_dir = data_dir
         _quiet_libraries()
         from deftcompress.pipeline.runner import Pipeline
 
         pipeline = Pipeline(loaded, output_dir=output_dir, quiet=quiet, restart=restart,
-                            log=lambda *a: click.echo(*a, err=True))
+                            log=lambda *a: click.echo(*a, err=True), warn=lambda text: click.echo(text, err=True))
         with _sigterm_as_interrupt():
             report = pipeline.run()
     except DeftcompressError as exc:
         _fail(exc)
+    except OSError as exc:  # disk full, permissions, a name too long: the system's words, one line
+        where = exc.filename or (pipeline.output_dir if pipeline else recipe)
+        click.echo(f"error: {where}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt as exc:
         code = 143 if isinstance(exc, Terminated) else 130
         where = f"; finished passes are kept in {pipeline.output_dir}: run the same command to resume" if pipeline else ""
@@ -102,14 +108,15 @@ def _sigterm_as_interrupt():
 
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-def validate(recipes: tuple[Path, ...]) -> None:
-    """Check RECIPES without loading any model; exit 2 at the first invalid one."""
+@click.option("--trust-pickle", is_flag=True, help="Accept checkpoints that have only pickled weights.")
+def validate(recipes: tuple[Path, ...], trust_pickle: bool) -> None:
+    """Check RECIPES without loading any model; exit 2 if any is invalid."""
     from deftcompress.core.recipe import Recipe
 
     failed = 0
     for path in recipes:
         try:
-            r = Recipe.from_file(path)
+            r = Recipe.from_file(path, trust_pickle=trust_pickle)
             click.echo(f"ok: {path} ({len(r.plan)} passes: {', '.join(p.name for p in r.plan)})")
         except DeftcompressError as exc:
             click.echo(f"error: {exc}", err=True)

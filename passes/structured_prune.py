@@ -63,10 +63,10 @@ class StructuredPruneConfig(PassConfig):
                 return f"{field} must be in [0, 1), got {value}"
         if self.mlp_ratio == 0 and self.head_ratio == 0:
             return "mlp_ratio and head_ratio are both 0: nothing to prune"
-        if self.round_to < 1:
-            return f"round_to must be >= 1, got {self.round_to}"
-        if self.taylor_batches < 1 or self.taylor_batch_size < 1:
-            return "taylor_batches and taylor_batch_size must be >= 1"
+        if not 1 <= self.round_to <= 65_536:
+            return f"round_to must be in [1, 65536], got {self.round_to}"
+        if not (1 <= self.taylor_batches <= 10_000 and 1 <= self.taylor_batch_size <= 65_536):
+            return "taylor_batches must be in [1, 10000] and taylor_batch_size in [1, 65536]"
         return None
 
 
@@ -75,6 +75,10 @@ class StructuredPrune(Pass):
     name = "structured_prune"
     Config = StructuredPruneConfig
     summary = "Remove MLP neurons (torch-pruning dependency graph) and attention heads; the saved model reloads with its new widths."
+
+    @classmethod
+    def needs_train_data(cls, config) -> bool:
+        return config.importance == "taylor"
 
     @classmethod
     def needs(cls, config) -> list[Need]:
@@ -132,6 +136,14 @@ class StructuredPrune(Pass):
         neurons_after = sum(b.up.out_features for b in mlps)
         heads_total = sum(len(h) for h, _ in heads_before.values())
         heads_kept = sum(len(h) for h, _ in heads_after.values())
+        warnings = []
+        if c.mlp_ratio > 0 and neurons_after == neurons_before:
+            widest = max(widths_before.values())
+            why = (f"round_to {c.round_to} is not smaller than the MLP width ({widest})" if c.round_to >= widest else
+                   "the ratio rounds to zero neurons in every layer")
+            warnings.append(f"mlp_ratio {c.mlp_ratio} removed no MLP neuron: {why}")
+        if c.head_ratio > 0 and heads_kept == heads_total:
+            warnings.append(f"head_ratio {c.head_ratio} removed no attention head (too few heads per layer for this ratio)")
         return {
             "importance": c.importance,
             "scope": c.scope,
@@ -149,6 +161,7 @@ class StructuredPrune(Pass):
             "taylor_batches": len(batches),
             "round_to": c.round_to,
             "prune_seconds": round(time.perf_counter() - t0, 3),
+            **({"warnings": warnings} if warnings else {}),
             "saved_format": "stock config.json plus per-layer widths under `deftcompress_layout`; "
                             "load with deftcompress.models.formats.load_model",
             **({"notes": kept_whole} if (kept_whole := _heads_kept_whole(state.arch)) and c.head_ratio else {}),

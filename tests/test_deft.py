@@ -563,7 +563,7 @@ def test_prompt_tuning_density_excludes_padding(tiny_checkpoint, tiny_data, tmp_
     ({"method": "lora", "density_warmup_ratio": 0.7, "density_ramp_ratio": 0.5}, "must be <= 1"),
     ({"method": "lora", "mlp_bias_lr": 0.1}, "train_mlp_bias is false"),
     ({"method": "lora", "density_loss": "l1"}, "expected one of"),
-    ({"method": "lora", "r": 0}, "r must be >= 1"),
+    ({"method": "lora", "r": 0}, r"r must be in \[1, 4096\]"),
     ({"method": "lora", "learning_rte": 0.1}, "unknown option"),
 ])
 def test_bad_configs_are_rejected_before_loading(tiny_checkpoint, tiny_data, deft, message):

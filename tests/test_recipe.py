@@ -62,9 +62,9 @@ def test_yaml_object_tags_are_refused(tmp_path):
 def test_pickled_checkpoint_is_refused(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / "config.json").write_text("{}")
+    (ckpt / "config.json").write_text('{"model_type": "bert"}')
     (ckpt / "pytorch_model.bin").write_bytes(b"not really")
-    with pytest.raises(RecipeError, match="no .safetensors weights.*pytorch_model.bin.*pickled"):
+    with pytest.raises(RecipeError, match="only pickled weights.*pytorch_model.bin.*--trust-pickle"):
         Recipe.build(model=str(ckpt))
 
 

@@ -8,6 +8,8 @@ into that dataclass and rejects unknown keys and wrong types with the field path
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from typing import Any, Literal, Union
@@ -25,6 +27,15 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
 @dataclasses.dataclass
 class PassConfig:
     """Base class for pass configs (empty: a pass with no options)."""
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 4, 4, 2
+
+
+def short(value: Any) -> str:
+    """A bounded repr for error messages: a value can be huge (a YAML alias bomb) or very long."""
+    return _SHORT.repr(value)
 
 
 def _type_name(tp: Any) -> str:
@@ -51,7 +62,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise RecipeError(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
+        raise RecipeError(f"{where}: expected one of {_type_name(tp)}, got {short(value)}")
     if origin in (Union, types.UnionType):
         errors = []
         for arg in typing.get_args(tp):
@@ -59,19 +70,19 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
                 return coerce(value, arg, where)
             except RecipeError as exc:
                 errors.append(exc)
-        raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise RecipeError(f"{where}: expected {_type_name(tp)}, got {short(value)}")
     if tp is type(None):
         if value is None:
             return None
-        raise RecipeError(f"{where}: expected null, got {value!r}")
+        raise RecipeError(f"{where}: expected null, got {short(value)}")
     if origin in (list, tuple):
         if not isinstance(value, list):
-            raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+            raise RecipeError(f"{where}: expected {_type_name(tp)}, got {short(value)}")
         (item_tp,) = typing.get_args(tp)[:1] or (Any,)
         return [coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+            raise RecipeError(f"{where}: expected a mapping, got {short(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -81,6 +92,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise RecipeError(f"{where}: expected a finite number, got {value}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -89,7 +102,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         return parse_config(tp, value, where)
     else:
         raise TypeError(f"unsupported config annotation {tp!r} at {where}")
-    raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    raise RecipeError(f"{where}: expected {_type_name(tp)}, got {short(value)}")
 
 
 def parse_config(cls: type, data: Any, where: str) -> Any:
@@ -99,13 +112,13 @@ def parse_config(cls: type, data: Any, where: str) -> Any:
     if dataclasses.is_dataclass(data) and isinstance(data, cls):
         data = dataclasses.asdict(data)
     if not isinstance(data, dict):
-        raise RecipeError(f"{where}: expected a mapping of options, got {data!r}")
+        raise RecipeError(f"{where}: expected a mapping of options, got {short(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
         known = ", ".join(fields) or "(none)"
-        raise RecipeError(f"{where}.{unknown[0]}: unknown option (known: {known})")
+        raise RecipeError(f"{where}.{str(unknown[0])[:60]}: unknown option (known: {known})")
     values = {}
     for name, f in fields.items():
         if name in data:

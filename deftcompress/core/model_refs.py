@@ -6,6 +6,7 @@ folder must hold config.json and safetensors weights: pickled weights are refuse
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -24,27 +25,107 @@ def alias_path(alias: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def resolve_model_ref(ref: str, where: str = "model") -> str:
+def resolve_model_ref(ref: str, where: str = "model", trust_pickle: bool = False) -> str:
     """Alias -> folder; local folder -> checked folder; anything else that looks like a hub id passes."""
     if ref in MODEL_ALIASES:
         return str(alias_path(ref))
     path = Path(ref).expanduser()
     if path.exists():
-        check_checkpoint_dir(path, where)
+        check_checkpoint_dir(path, where, trust_pickle)
         return str(path)
     looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
     if looks_local or not _HUB_ID.match(ref):
-        raise RecipeError(f"{where}: checkpoint folder {ref!r} not found (and it is not a hub id or one of: {', '.join(MODEL_ALIASES)})")
+        raise RecipeError(f"{where}: checkpoint folder {ref[:200]!r} not found (and it is not a hub id or one of: {', '.join(MODEL_ALIASES)})")
     return ref
 
 
-def check_checkpoint_dir(path: Path, where: str = "model") -> None:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
+                   "sentencepiece.bpe.model")
+MAX_HEADER_BYTES = 100 << 20  # safetensors headers are JSON; anything larger is not one
+
+
+def check_checkpoint_dir(path: Path, where: str = "model", trust_pickle: bool = False) -> None:
+    """Refuse, before any model loads, a folder that cannot be a checkpoint this toolkit loads (torch-free)."""
     if not path.is_dir():
         raise RecipeError(f"{where}: {path} is not a folder (expected a checkpoint folder with config.json)")
     if not (path / "config.json").is_file():
         raise RecipeError(f"{where}: {path} has no config.json; not a transformers checkpoint folder")
-    has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
-    if not has_safetensors:
+    config = _read_config(path / "config.json", where)
+    if "deftcompress_layout" in config:
+        problem = layout_problem(config["deftcompress_layout"])
+        if problem:
+            raise RecipeError(f"{where}: {path / 'config.json'}: deftcompress_layout: {problem}")
+    quantization = config.get("deftcompress_quantization")
+    weights = sorted(path.glob("*.safetensors"))
+    if isinstance(quantization, dict) and quantization.get("backend") == "torch_int8":
+        weights = [path / "model.int8.safetensors"]
+        if not weights[0].is_file():
+            raise RecipeError(f"{where}: {path / 'config.json'} says torch_int8 but model.int8.safetensors is missing")
+    if not weights and not (path / "model.safetensors.index.json").is_file():
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = f" (found {', '.join(pickled)}: pickled weights are refused; convert them to safetensors)" if pickled else ""
-        raise RecipeError(f"{where}: {path} has no .safetensors weights{hint}")
+        if not pickled:
+            raise RecipeError(f"{where}: {path} has no .safetensors weights")
+        if not trust_pickle:
+            raise RecipeError(f"{where}: {path} holds only pickled weights ({', '.join(pickled[:3])}), which can run code "
+                              "when loaded: convert them to safetensors, or pass --trust-pickle if you trust their source")
+    for file in weights:
+        problem = safetensors_problem(file)
+        if problem:
+            raise RecipeError(f"{where}: {file}: {problem}")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise RecipeError(f"{where}: {path} has no tokenizer files (one of {', '.join(TOKENIZER_FILES[:4])}, ...); "
+                          "save the tokenizer beside the model")
+
+
+def _read_config(file: Path, where: str) -> dict:
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{where}: {file}: not valid JSON ({str(exc)[:120]})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise RecipeError(f"{where}: {file}: not a transformers config (no model_type)")
+    return config
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """Why `file` is not a complete safetensors file (header read without torch), or None."""
+    size = file.stat().st_size
+    if size < 8:
+        return f"{'empty' if size == 0 else 'truncated'} ({size} bytes): not a safetensors file"
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if not 2 <= length <= min(size - 8, MAX_HEADER_BYTES):
+            return "not a safetensors file (bad header length): random bytes or another format"
+        try:
+            header = json.loads(f.read(length).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return "not a safetensors file (header is not JSON)"
+    if not isinstance(header, dict):
+        return "not a safetensors file (header is not a mapping)"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return "not a safetensors file (malformed tensor entries)"
+    if 8 + length + end != size:
+        return f"truncated or padded: its header describes {8 + length + end} bytes, the file has {size}"
+    return None
+
+
+def layout_problem(layout) -> str | None:
+    """Why a `deftcompress_layout` record (pruned widths in config.json) is malformed, or None."""
+    if not isinstance(layout, dict) or layout.get("format") != 1:
+        return "expected a mapping with format: 1"
+    mlp, attention = layout.get("mlp", {}), layout.get("attention", {})
+    if not isinstance(mlp, dict) or not isinstance(attention, dict):
+        return "mlp and attention must be mappings of layer -> widths"
+    for key, entry in mlp.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("kept"), int) and isinstance(entry.get("of"), int)
+                and 1 <= entry["kept"] <= entry["of"]):
+            return f"mlp.{str(key)[:40]}: expected {{kept, of}} with 1 <= kept <= of"
+    for key, entry in attention.items():
+        ok = isinstance(entry, dict) and isinstance(entry.get("of"), int) and all(
+            isinstance(entry.get(k), list) and entry[k] and all(isinstance(h, int) and 0 <= h < entry["of"] for h in entry[k])
+            for k in ("heads", "kv_heads"))
+        if not ok:
+            return f"attention.{str(key)[:40]}: expected {{heads, kv_heads, of}} with head numbers below of"
+    return None

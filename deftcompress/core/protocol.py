@@ -68,6 +68,9 @@ class Pass:
       trains        True if the pass updates weights by gradient descent
       changes_model False for passes that only measure (the pipeline then reuses the last evaluation)
       summary       one line for `deftcompress passes`
+
+    A pass's details may hold "warnings": a list of sentences about options that did nothing; the
+    pipeline prints them and the report keeps them.
     """
 
     name: ClassVar[str]
@@ -83,6 +86,11 @@ class Pass:
     def leaves(cls, config: Any) -> dict[str, str]:
         """Facts this pass leaves for later passes, each with a note for error messages."""
         return {}
+
+    @classmethod
+    def needs_train_data(cls, config: Any) -> bool:
+        """True if the pass reads the task's training split (validation then checks that it exists)."""
+        return cls.trains
 
     @classmethod
     def needs(cls, config: Any) -> list[Need]:

@@ -15,13 +15,46 @@ from typing import Any, Literal
 
 import yaml
 
-from deftcompress.core.config import option, parse_config
+from deftcompress.core.config import option, parse_config, short
 from deftcompress.errors import RecipeError
 from deftcompress.core.plan import plan_passes
 from deftcompress.core.protocol import PlannedPass
 from deftcompress.data.tasks import data_root, get_task
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+MAX_RECIPE_BYTES = 1 << 20
+MAX_ALIASES = 50  # anchors are fine for sharing options; a "billion laughs" is not
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,2})?")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (YAML would keep the last silently) and alias bombs."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                event = self.peek_event()
+                raise yaml.MarkedYAMLError(problem=f"more than {MAX_ALIASES} aliases (*name): refusing to expand them",
+                                           problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: construct_mapping reports it
+                break
+            if duplicate:
+                raise yaml.MarkedYAMLError(problem=f"duplicate key {str(key)[:60]!r}", problem_mark=key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 @dataclass
@@ -42,8 +75,16 @@ class RecipeSettings:
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
 
     def check(self) -> str | None:
+        if not 0 <= self.seed < 2**32:
+            return f"seed must be in [0, 2**32), got {self.seed}"
+        if not DEVICE.fullmatch(self.device):
+            return f"device: {self.device[:40]!r} is not auto, cpu, mps, cuda or cuda:N"
+        if self.max_seq_length > 8192:
+            return f"max_seq_length {self.max_seq_length} is larger than any supported model takes (8192)"
+        if self.eval_batch_size > 65536:
+            return f"eval_batch_size {self.eval_batch_size} is absurdly large (at most 65536)"
         if not RUN_NAME.fullmatch(self.name) or self.name in (".", ".."):
-            return (f"name: {self.name!r} is not a plain run name (letters, digits, '.', '_', '-'; at most 100 "
+            return (f"name: {self.name[:60]!r} is not a plain run name (letters, digits, '.', '_', '-'; at most 100 "
                     "characters; no path separators): use output_dir or -o to choose a folder")
         if self.max_eval_samples is not None and self.max_eval_samples < 1:
             return "max_eval_samples must be >= 1 or null"
@@ -61,16 +102,17 @@ class Recipe:
     settings: RecipeSettings
     plan: list[PlannedPass] = field(default_factory=list)
     source: str = "<python>"
+    trust_pickle: bool = False  # load a pickle-only checkpoint (`--trust-pickle`); never a recipe field
 
     def __getattr__(self, item: str) -> Any:  # recipe.task, recipe.seed, ... read the settings
-        if item in ("settings", "plan", "source"):
+        if item in ("settings", "plan", "source", "trust_pickle"):
             raise AttributeError(item)
         return getattr(self.settings, item)
 
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "<python>") -> "Recipe":
+    def from_dict(cls, data: Any, source: str = "<python>", trust_pickle: bool = False) -> "Recipe":
         if not isinstance(data, dict):
             raise RecipeError(f"{source}: expected a mapping with name, model, task, passes (got {type(data).__name__})")
         data = dict(data)
@@ -80,39 +122,41 @@ class Recipe:
         if passes is None:
             raise RecipeError(f"{source}: passes: required (a list such as [{{evaluate: {{}}}}])")
         if not isinstance(passes, list):
-            raise RecipeError(f"{source}: passes: expected a list of one-key mappings, got {passes!r}")
+            raise RecipeError(f"{source}: passes: expected a list of one-key mappings, got {short(passes)}")
         items = []
         for i, item in enumerate(passes):
             where = f"{source}: passes[{i}]"
             if isinstance(item, str):
                 item = {item: {}}
             if not isinstance(item, dict) or len(item) != 1:
-                raise RecipeError(f"{where}: expected a one-key mapping {{pass_name: {{options}}}}, got {item!r}")
+                raise RecipeError(f"{where}: expected a one-key mapping {{pass_name: {{options}}}}, got {short(item)}")
             (name, config), = item.items()
             if not isinstance(name, str):
-                raise RecipeError(f"{where}: pass name must be a string, got {name!r}")
+                raise RecipeError(f"{where}: pass name must be a string, got {short(name)}")
             items.append((name, config, f"{where}.{name}"))
-        recipe = cls(settings=settings, source=source)
+        recipe = cls(settings=settings, source=source, trust_pickle=trust_pickle)
         recipe.plan = plan_passes(items)
         recipe.check_files()
         return recipe
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "Recipe":
+    def from_file(cls, path: str | os.PathLike, trust_pickle: bool = False) -> "Recipe":
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"{path}: recipe file not found")
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)  # noqa: S506 (safe: a SafeLoader)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
             raise RecipeError(f"{where}: invalid YAML ({exc.problem})") from None
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise RecipeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+            raise RecipeError(f"{path}: invalid YAML ({str(exc).splitlines()[0][:200]})") from None
         if isinstance(data, dict) and "name" not in data:
             data = {"name": re.sub(r"[^A-Za-z0-9._-]", "_", path.stem).lstrip("._-")[:100] or "run", **data}
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(data, source=str(path), trust_pickle=trust_pickle)
 
     @classmethod
     def build(cls, passes: list[Any] | None = None, **settings: Any) -> "Recipe":
@@ -124,19 +168,21 @@ class Recipe:
     def check_files(self) -> None:
         from deftcompress.core.model_refs import resolve_model_ref
 
-        resolve_model_ref(self.settings.model, f"{self.source}: model")
+        resolve_model_ref(self.settings.model, f"{self.source}: model", trust_pickle=self.trust_pickle)
         root = data_root(self.settings.data_dir)
-        if root is not None:
-            origin = "data_dir" if self.settings.data_dir else "DEFTCOMPRESS_DATA_DIR"
-            if not root.is_dir():
-                raise RecipeError(f"{self.source}: {origin}: folder {root} not found")
-            task = get_task(self.settings.task)
-            if task.kind == "qa":
-                needed = root / "squad" / "dev-v1.1.json"
-            else:
-                needed = root / "glue" / task.glue_name / task.dev_file
-            if not needed.is_file():
-                raise RecipeError(f"{self.source}: {origin}: {needed} not found (needed by task {task.name})")
+        if root is None:
+            return
+        origin = "data_dir" if self.settings.data_dir else "DEFTCOMPRESS_DATA_DIR"
+        if not root.is_dir():
+            raise RecipeError(f"{self.source}: {origin}: folder {root} not found")
+        task = get_task(self.settings.task)
+        needed = {f"task {task.name}": root / "squad" / "dev-v1.1.json" if task.kind == "qa" else root / "glue" / task.glue_name / task.dev_file}
+        trainers = [p.where for p in self.plan if p.cls.needs_train_data(p.config)]
+        if trainers and task.kind != "qa":  # SQuAD without a train file trains on part of the dev articles
+            needed[trainers[0]] = root / "glue" / task.glue_name / "train.tsv"
+        for user, path in needed.items():
+            if not path.is_file():
+                raise RecipeError(f"{self.source}: {origin}: {path} not found (needed by {user})")
 
     # -- output ----------------------------------------------------------------------------------
 

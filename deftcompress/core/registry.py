@@ -60,7 +60,7 @@ def _load_builtin_passes() -> None:
 def get_pass(name: str, where: str) -> type[Pass]:
     _load_builtin_passes()
     if name not in _REGISTRY:
-        raise RecipeError(f"{where}: unknown pass {name!r} (known: {', '.join(sorted(_REGISTRY))})")
+        raise RecipeError(f"{where}: unknown pass {name[:60]!r} (known: {', '.join(sorted(_REGISTRY))})")
     return _REGISTRY[name]
 
 

@@ -76,7 +76,7 @@ TASKS: dict[str, TaskSpec] = {
 
 def get_task(name: str, where: str = "task") -> TaskSpec:
     if name not in TASKS:
-        raise RecipeError(f"{where}: unknown task {name!r} (known: {', '.join(TASKS)})")
+        raise RecipeError(f"{where}: unknown task {name[:60]!r} (known: {', '.join(TASKS)})")
     return TASKS[name]
 
 
@@ -111,8 +111,11 @@ def _glue_local(task: TaskSpec, root: Path, split: Split) -> list[dict[str, Any]
     if not path.is_file():
         raise DataError(f"{path}: file not found (expected the GLUE TSV layout under {root}/glue/{task.glue_name}/)")
     # GLUE TSVs hold bare quotes (QUOTE_NONE) and MRPC starts with a BOM (utf-8-sig).
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     if not rows:
         raise DataError(f"{path}: empty file")
     out = []
@@ -210,11 +213,18 @@ def _squad_local(root: Path, split: Split) -> list[dict[str, Any]]:
 
 
 def _read_json(path: Path) -> dict:
+    """A SQuAD file: a JSON object with a "data" list of articles."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise DataError(f"{path}: not SQuAD v1.1 JSON (expected an object with a 'data' list of articles, "
+                        f"got {type(data).__name__})")
+    return data
 
 
 def _squad_hub(split: Split) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from deftcompress.architecture import ArchSpec, spec_for_model_type
 from deftcompress.data.tasks import TaskSpec
-from deftcompress.errors import CheckpointError, RecipeError
+from deftcompress.errors import ArchitectureError, CheckpointError, RecipeError
 
 def load_config(ref: str):
     from transformers import AutoConfig
@@ -59,16 +59,20 @@ def auto_class_for(arch: ArchSpec, task: TaskSpec | None):
 
 
 def load_model_and_tokenizer(ref: str, task: TaskSpec | None, device: torch.device | str = "cpu",
-                             tokenizer_ref: str | None = None, **model_kwargs: Any):
+                             tokenizer_ref: str | None = None, notes: list[str] | None = None,
+                             trust_pickle: bool = False, **model_kwargs: Any):
     """Model with the head the task needs (new heads are initialised from the current torch seed).
 
     `task=None` keeps the checkpoint's own head (a folder this toolkit saved); `tokenizer_ref` reads
-    the tokenizer from another folder (a saved adapter's base sits beside its tokenizer).
+    the tokenizer from another folder (a saved adapter's base sits beside its tokenizer). Only task
+    heads may be missing from the checkpoint or sized for another label count (they are initialised
+    anew, and `notes` says so); any other missing or mis-shaped weight is an error, never a silent
+    re-initialisation. Weights come from safetensors unless `trust_pickle`.
     """
     config = load_config(ref)
     arch = spec_for_model_type(config.model_type)
     auto = auto_class_for(arch, task)
-    kwargs: dict[str, Any] = dict(trust_remote_code=False, use_safetensors=True, **model_kwargs)
+    kwargs: dict[str, Any] = dict(trust_remote_code=False, use_safetensors=not trust_pickle, **model_kwargs)
     if auto.__name__ == "AutoModelForSequenceClassification" and task is not None:
         kwargs["num_labels"] = task.num_labels
         # A head trained for another label count is replaced by a new one rather than failing to load.
@@ -84,9 +88,14 @@ def load_model_and_tokenizer(ref: str, task: TaskSpec | None, device: torch.devi
         if getattr(config, "deftcompress_layout", None) is not None or _torch_int8_info(config) is not None:
             model = load_restructured(auto, ref, config, kwargs)
         else:
-            model = auto.from_pretrained(ref, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"model {ref!r}: cannot load ({str(exc).splitlines()[0][:240]})") from None
+            model, info = auto.from_pretrained(ref, output_loading_info=True, **kwargs)
+            _check_loading_info(ref, arch, info, notes)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, ArchitectureError) as exc:
+        # transformers and safetensors report a broken checkpoint in many exception types; the user needs one line
+        first = str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"model {ref!r}: cannot load ({first})") from None
     if tokenizer.pad_token is None:  # decoder-only models often have no pad token
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(model.config, "pad_token_id", None) is None:
@@ -98,6 +107,25 @@ def load_model_and_tokenizer(ref: str, task: TaskSpec | None, device: torch.devi
 
         use_generic_cpu_kernel(model)
     return model, tokenizer, arch
+
+
+def _check_loading_info(ref: str, arch: ArchSpec, info: dict[str, Any], notes: list[str] | None) -> None:
+    """Refuse weights transformers would silently initialise anew, except a task head's."""
+    from deftcompress.core.selectors import matches
+
+    heads = list(arch.kept_modules)
+    # transformers lists mismatched keys as names (4.57) or as (name, checkpoint shape, model shape)
+    mismatched = [m if isinstance(m, str) else m[0] for m in info.get("mismatched_keys", [])]
+    bad = [(k, "another shape in the checkpoint than the config builds") for k in mismatched if not matches(k, None, heads)]
+    bad += [(k, "missing from the checkpoint") for k in info.get("missing_keys", []) if not matches(k, None, heads)]
+    if bad:
+        key, why = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointError(f"model {ref!r}: {key}: {why}{more}; config.json and the weights disagree, and only a "
+                              "task head may be initialised anew")
+    new_heads = sorted({k.rsplit(".", 1)[0] for k in list(info.get("missing_keys", [])) + mismatched})
+    if notes is not None and new_heads:
+        notes.append(f"initialised anew (not in the checkpoint, or sized for another label count): {', '.join(new_heads)}")
 
 
 def _torch_int8_info(config) -> dict | None:

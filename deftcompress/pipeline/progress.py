@@ -62,8 +62,13 @@ class RunProgress:
     # -- opening ---------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, folder: Path, digest: str, restart: bool = False, main: bool = True) -> "RunProgress":
-        """The progress of `folder` for a recipe with hash `digest`: new, resumed, finished, or refused."""
+    def open(cls, folder: Path, digest: str, restart: bool = False, main: bool = True,
+             recipe_yaml: str = "") -> "RunProgress":
+        """The progress of `folder` for a recipe with hash `digest`: new, resumed, finished, or refused.
+
+        A new run's folder is created at its first commit (the baseline), so a run that fails while
+        loading its model writes nothing.
+        """
         path = folder / PROGRESS
         if main and folder.is_dir() and is_run_folder(folder):
             data = _read(path) if path.is_file() and not restart else None
@@ -76,16 +81,23 @@ class RunProgress:
             if data is not None:
                 return cls(folder, data, main)
             _clear_run_folder(folder)
-        if main:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_marker(folder)
-        elif path.is_file():  # other processes of a torchrun job follow what the main process found
+        elif not main and path.is_file():  # other processes of a torchrun job follow what the main process found
             return cls(folder, _read(path), main)
         data = {"format": PROGRESS_FORMAT, "recipe_hash": digest, "status": "running", "steps": [], "model_state": None,
                 "last_eval_settings": None, "model_changed_since_eval": False}
         progress = cls(folder, data, main)
-        progress._write()
+        progress.recipe_yaml = recipe_yaml
         return progress
+
+    recipe_yaml = ""
+
+    def _ensure_folder(self) -> None:
+        if (self.folder / MARKER).is_file():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_marker(self.folder)
+        if self.recipe_yaml:
+            write_atomic(self.folder / "recipe.resolved.yaml", self.recipe_yaml)
 
     @property
     def recipe_hash(self) -> str:
@@ -118,6 +130,7 @@ class RunProgress:
         """Record the step just finished (the last one of `report.steps`); save the model first if it changed."""
         if not self.main:
             return
+        self._ensure_folder()
         index = len(report.steps) - 1
         previous = self.model_state
         if model_changed:
@@ -151,6 +164,8 @@ class RunProgress:
 
     def stopped(self, exc: BaseException) -> None:
         """The run stopped in a pass: say so in the report; finished passes stay committed."""
+        if not (self.folder / PROGRESS).is_file():
+            return  # stopped before the first commit: nothing was written, nothing to mark
         interrupted = isinstance(exc, KeyboardInterrupt)
         self.data["status"] = "interrupted" if interrupted else "failed"
         self._write()
@@ -163,7 +178,7 @@ class RunProgress:
 
     def clear_unfinished_pass_dirs(self) -> None:
         """Remove what an interrupted pass left half-written (passes/NN_* after the last finished step, temp states)."""
-        if not self.main:
+        if not self.main or not self.folder.is_dir():
             return
         done = len(self.data["steps"]) - 1
         passes = self.folder / "passes"

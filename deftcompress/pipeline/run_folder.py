@@ -66,6 +66,16 @@ def check_output_dir(out: Path, protected: dict[str, Path]) -> None:
     that path nor contain it.
     """
     out_abs = Path(os.path.abspath(out))
+    too_long = [part for part in out_abs.parts if len(part.encode()) > 255]
+    if too_long:
+        raise RunFolderError(f"{str(out)[:80]}...: a folder name of {len(too_long[0].encode())} bytes (at most 255)")
+    ancestor = out_abs.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise RunFolderError(f"{out}: {ancestor} is a file, not a folder; choose another output folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise RunFolderError(f"{out}: {ancestor} is not writable; choose another output folder")
     resolved = out_abs.resolve()
     for label, path in protected.items():
         p = Path(path).resolve()
@@ -90,8 +100,30 @@ def check_output_dir(out: Path, protected: dict[str, Path]) -> None:
 
 @contextmanager
 def run_lock(out: Path) -> Iterator[None]:
-    """An exclusive lock on `<parent>/.<name>.lock` for the whole run; a second run into `out` fails at once."""
+    """An exclusive lock on `<parent>/.<name>.lock` for the whole run; a second run into `out` fails at once.
+
+    Parent folders created for the lock are removed again if the run leaves them empty (it failed
+    before writing anything).
+    """
+    created = []
+    parent = Path(os.path.abspath(out)).parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
     out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(out):
+            yield
+    finally:
+        for folder in created:  # innermost first
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                break
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
     path = out.parent / f".{out.name}.lock"
     try:
         import fcntl

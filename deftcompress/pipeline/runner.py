@@ -10,6 +10,7 @@ import dataclasses
 import os
 import platform
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from deftcompress.core.model_refs import resolve_model_ref
 from deftcompress.core.protocol import Pass
 from deftcompress.core.recipe import Recipe
+from deftcompress.errors import RecipeError
 from deftcompress.data.tasks import data_root, get_task
 from deftcompress.measurement.evaluation import EvalSettings, Evaluation, evaluate
 from deftcompress.measurement.size import count_parameters, directory_bytes, state_dict_bytes
@@ -54,19 +56,20 @@ class Pipeline:
     """
 
     def __init__(self, recipe: Recipe, output_dir: str | os.PathLike | None = None, quiet: bool = False,
-                 log=print, restart: bool = False):
+                 log=print, restart: bool = False, warn=None):
         self.recipe = recipe
         self.output_dir = recipe.output_dir(output_dir)
         self.quiet = quiet
         self.restart = restart
         self.log = (lambda *a, **k: None) if quiet else log
+        self.warn = warn or (lambda text: print(text, file=sys.stderr))  # warnings show even when quiet
         self.final_state: PipelineState | None = None  # kept after run() for callers that reuse the model
         self.reused_finished_run = False
 
     def protected_inputs(self) -> dict[str, Path]:
         """Inputs the output folder must never be or contain: the checkpoint and the data folder."""
         protected = {}
-        model = Path(resolve_model_ref(self.recipe.model)).expanduser()
+        model = Path(resolve_model_ref(self.recipe.model, trust_pickle=self.recipe.trust_pickle)).expanduser()
         if model.exists():
             protected["input checkpoint"] = model
         root = data_root(self.recipe.data_dir)
@@ -82,10 +85,11 @@ class Pipeline:
         main = distributed.is_main_process()
         if main:  # refused before any model loads: a user's folder is never touched
             check_output_dir(out, self.protected_inputs())
+        self.device = self._device()
+        self.examples = self._read_data()  # bad data fails here, before any model loads or any file is written
         with run_lock(out) if main else nullcontext():
-            progress = RunProgress.open(out, self.recipe_hash(), restart=self.restart, main=main)
-            if main:
-                write_atomic(out / "recipe.resolved.yaml", self.recipe.to_yaml())
+            progress = RunProgress.open(out, self.recipe_hash(), restart=self.restart, main=main,
+                                        recipe_yaml=self.recipe.to_yaml())
             if progress.finished:
                 self.reused_finished_run = True
                 self.log(f"{out}: this recipe already finished there; nothing to do (--restart runs it again)")
@@ -99,25 +103,46 @@ class Pipeline:
                     progress.stopped(exc)
                 raise
 
+    def _device(self) -> torch.device:
+        try:
+            return distributed.pick_device(self.recipe.device)
+        except (RuntimeError, ValueError) as exc:
+            raise RecipeError(f"{self.recipe.source}: device: {self.recipe.device!r} cannot be used here "
+                              f"({str(exc).splitlines()[0][:160]})") from None
+
+    def _read_data(self) -> dict:
+        """The evaluation rows, and the training rows if a pass trains: read (and checked) once, up front."""
+        from deftcompress.data.tasks import load_examples
+
+        recipe, task = self.recipe, get_task(self.recipe.task)
+        rows = {("validation", recipe.max_eval_samples):
+                load_examples(task, "validation", recipe.data_dir, recipe.max_eval_samples, recipe.seed)}
+        if any(p.cls.needs_train_data(p.config) for p in recipe.plan):
+            load_examples(task, "train", recipe.data_dir, None, recipe.seed)  # every row parses: no failure an hour in
+        return rows
+
     def _run(self, progress: "RunProgress") -> Report:
         recipe = self.recipe
         out = self.output_dir
         main = distributed.is_main_process()
-        device = distributed.pick_device(recipe.device)
+        device = self.device
         task = get_task(recipe.task)
         torch.manual_seed(recipe.seed)  # the same new head as an uninterrupted run, whenever the source is loaded
-        ref = resolve_model_ref(recipe.model)
+        ref = resolve_model_ref(recipe.model, trust_pickle=recipe.trust_pickle)
         report = Report(name=recipe.name, model=recipe.model, task=task.name, environment=_environment(device),
                         status="running", recipe_hash=progress.recipe_hash)
         report.steps = [StepRecord.from_dict(s) for s in progress.steps]
+        loading_notes: list[str] = []
         if progress.model_state is not None:
             self.log(f"resuming {out} after step {len(report.steps) - 1} ({report.steps[-1].pass_name})")
             model, tokenizer, arch = None, None, None
         else:
             self.log(f"loading {recipe.model} for {task.name} on {device}")
-            model, tokenizer, arch = load_model_and_tokenizer(ref, task, device)
+            model, tokenizer, arch = load_model_and_tokenizer(ref, task, device, notes=loading_notes,
+                                                              trust_pickle=recipe.trust_pickle)
         state = PipelineState(recipe=recipe, task=task, arch=arch, model=model, tokenizer=tokenizer, device=device,
                               work_dir=out, quiet=self.quiet)
+        state.preload_examples(self.examples)
         if progress.model_state is not None:
             state.restore(out / progress.model_state)
         if report.steps:
@@ -127,8 +152,8 @@ class Pipeline:
 
         settings = state.eval_settings()
         if not report.steps:
-            report.steps.append(_step(state, "baseline", _measure(state, settings, "baseline"), 0.0,
-                                      {"eval_settings": dataclasses.asdict(settings)}))
+            details = {"eval_settings": dataclasses.asdict(settings), **({"notes": loading_notes} if loading_notes else {})}
+            report.steps.append(_step(state, "baseline", _measure(state, settings, "baseline"), 0.0, details))
             self._log_step(report.steps[-1])
             progress.commit(state, report, model_changed=False, last_eval_settings=settings)
         last_settings = progress.last_eval_settings(settings)
@@ -151,6 +176,8 @@ class Pipeline:
                 last_settings, model_changed = step_settings, False
             report.steps.append(step)
             self._log_step(step)
+            for warning in details.get("warnings", []):
+                self.warn(f"warning: step {step.index} {planned.name}: {warning}")
             progress.commit(state, report, model_changed=planned.cls.changes_model, last_eval_settings=last_settings,
                             model_changed_since_eval=model_changed)
 

@@ -50,6 +50,10 @@ class PipelineState:
             self._examples[key] = load_examples(self.task, split, self.recipe.data_dir, max_samples, self.recipe.seed)
         return self._examples[key]
 
+    def preload_examples(self, rows: dict[tuple, list]) -> None:
+        """Rows already read (the pipeline reads the evaluation rows before any model loads)."""
+        self._examples.update(rows)
+
     def eval_examples(self) -> list[dict]:
         return self.examples("validation", self.recipe.max_eval_samples)
 

@@ -32,7 +32,14 @@ def barrier() -> None:
 def pick_device(requested: str) -> torch.device:
     """`auto`: this process's GPU under torchrun (LOCAL_RANK), else the first GPU, else the CPU."""
     if requested != "auto":
-        return torch.device(requested)
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("torch sees no CUDA device")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise RuntimeError(f"only {torch.cuda.device_count()} CUDA device(s)")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise RuntimeError("torch sees no MPS device")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")

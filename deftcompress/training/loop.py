@@ -222,6 +222,10 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                     extra_term, extra_raw = extra_loss.end_step()
                     if extra_term is not None:
                         loss = task_loss + extra_term
+                if not torch.isfinite(loss.detach()):  # stop before a NaN or infinite loss reaches the weights
+                    raise TrainingError(f"training step {step + 1}: the loss is {float(loss.detach())} (task loss "
+                                        f"{float(task_loss.detach())}); stopped, nothing saved from this pass: "
+                                        "lower learning_rate or check the data")
                 accelerator.backward(loss)
                 if settings.max_grad_norm:
                     accelerator.clip_grad_norm_([p for _, p in params], settings.max_grad_norm)

@@ -107,8 +107,8 @@ class PeftOptions:
         if self.target_modules is not None and not self.target_modules:
             return "target_modules must name at least one module (or be null for the default)"
         for name in ("r", "reduction_factor", "num_virtual_tokens"):
-            if getattr(self, name) < 1:
-                return f"{name} must be >= 1, got {getattr(self, name)}"
+            if not 1 <= getattr(self, name) <= 4096:
+                return f"{name} must be in [1, 4096], got {getattr(self, name)}"
         if self.lora_alpha <= 0:
             return "lora_alpha must be > 0"
         if not 0 <= self.lora_dropout < 1:
@@ -234,15 +234,15 @@ class TrainingOptions:
     max_seq_length: int | None = option(None, "truncation (and paper-mode padding) length; null = the recipe's")
 
     def training_problem(self) -> str | None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                return f"{name} must be >= 1, got {getattr(self, name)}"
+        for name, top in (("epochs", 10_000), ("batch_size", 65_536)):
+            if not 1 <= getattr(self, name) <= top:
+                return f"{name} must be in [1, {top}], got {getattr(self, name)}"
         for name in ("max_steps", "max_train_samples"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                return f"{name} must be >= 1 or null, got {value}"
-        if self.max_seq_length is not None and self.max_seq_length < 8:
-            return "max_seq_length must be >= 8 or null"
+            if value is not None and not 1 <= value <= 10**9:
+                return f"{name} must be in [1, 10**9] or null, got {value}"
+        if self.max_seq_length is not None and not 8 <= self.max_seq_length <= 8192:
+            return "max_seq_length must be in [8, 8192] or null"
         if self.learning_rate <= 0:
             return "learning_rate must be > 0"
         if not 0 <= self.warmup_ratio < 1:
