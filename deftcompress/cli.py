@@ -34,8 +34,8 @@ def main() -> None:
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default runs/<name>).")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Local data folder (overrides the recipe and $DEFTCOMPRESS_DATA_DIR).")
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), help="Output folder (default runs/<name>).")
+@click.option("--data-dir", type=click.Path(), help="Local data folder (overrides the recipe and $DEFTCOMPRESS_DATA_DIR).")
 @click.option("--restart", is_flag=True, help="Replace a run of another recipe (or an unfinished one) in the output folder instead of refusing or resuming.")
 @click.option("--trust-pickle", is_flag=True, help="Load a checkpoint that has only pickled weights (.bin/.pt), which can run code: only for sources you trust.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or step log; only the final table.")

@@ -18,8 +18,12 @@ class ArchitectureError(DeftcompressError):
 
 
 class DataError(DeftcompressError):
-    """A data file or data set is missing or malformed."""
+    """A data file or data set is missing or malformed (bad input: exit 2)."""
+
+    exit_code = 2
 
 
 class CheckpointError(DeftcompressError):
-    """A model checkpoint is missing, incomplete or not in safetensors format."""
+    """A model checkpoint is missing, incomplete or not in safetensors format (bad input: exit 2)."""
+
+    exit_code = 2

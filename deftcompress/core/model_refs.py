@@ -29,6 +29,8 @@ def resolve_model_ref(ref: str, where: str = "model", trust_pickle: bool = False
     """Alias -> folder; local folder -> checked folder; anything else that looks like a hub id passes."""
     if ref in MODEL_ALIASES:
         return str(alias_path(ref))
+    if len(ref) > 4096 or any(len(part.encode()) > 255 for part in Path(ref).parts):
+        raise RecipeError(f"{where}: {ref[:60]!r}... is too long for a path or a hub id")
     path = Path(ref).expanduser()
     if path.exists():
         check_checkpoint_dir(path, where, trust_pickle)

@@ -148,6 +148,8 @@ class Recipe:
             raise RecipeError(f"{path}: {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
         try:
             data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)  # noqa: S506 (safe: a SafeLoader)
+        except RecursionError:
+            raise RecipeError(f"{path}: invalid YAML (nested too deeply)") from None
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -156,7 +158,10 @@ class Recipe:
             raise RecipeError(f"{path}: invalid YAML ({str(exc).splitlines()[0][:200]})") from None
         if isinstance(data, dict) and "name" not in data:
             data = {"name": re.sub(r"[^A-Za-z0-9._-]", "_", path.stem).lstrip("._-")[:100] or "run", **data}
-        return cls.from_dict(data, source=str(path), trust_pickle=trust_pickle)
+        try:
+            return cls.from_dict(data, source=str(path), trust_pickle=trust_pickle)
+        except RecursionError:
+            raise RecipeError(f"{path}: a value is nested too deeply") from None
 
     @classmethod
     def build(cls, passes: list[Any] | None = None, **settings: Any) -> "Recipe":

@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Iterable, Iterator
 
+from deftcompress.errors import DeftcompressError
+
 if TYPE_CHECKING:  # `deftcompress validate` checks patterns without importing torch
     from torch import nn
 
@@ -37,11 +39,34 @@ def pattern_problem(pattern: str) -> str | None:
             re.compile(pattern[len(REGEX_PREFIX):])
         except re.error as exc:
             return f"bad regular expression in {pattern!r}: {exc}"
+        for probe in _PROBES:  # a pattern that backtracks catastrophically would hang on a module name
+            try:
+                _fullmatch(pattern, probe)
+            except SelectorTimeout:
+                return f"regular expression {pattern[:60]!r} takes too long to match (catastrophic backtracking)"
         return None
     if not pattern.isidentifier():
         return (f"{pattern!r} is neither a class name (e.g. Linear), a module-name component (e.g. classifier) "
                 "nor 're:<regex>' on module names")
     return None
+
+
+class SelectorTimeout(DeftcompressError):
+    """A `re:` pattern took too long on a module name."""
+
+
+_PROBES = ("a" * 40 + "!", "x." * 30 + "!", "base_model.model.bert.encoder.layer.11.attention.self.query.lora_A.default")
+_TIMEOUT = 0.25  # seconds a single module name may take
+
+
+def _fullmatch(pattern: str, name: str) -> bool:
+    """`re:` patterns run under a time limit (the `regex` module), so no pattern can hang a run."""
+    import regex
+
+    try:
+        return regex.fullmatch(pattern[len(REGEX_PREFIX):], name, timeout=_TIMEOUT) is not None
+    except TimeoutError:
+        raise SelectorTimeout(f"{pattern[:60]!r} took more than {_TIMEOUT}s on module name {name[:80]!r}") from None
 
 
 def patterns_problem(patterns: Iterable[str], field: str) -> str | None:
@@ -58,7 +83,7 @@ def matches(name: str, module: "nn.Module | None", patterns: Iterable[str]) -> b
     parts = None
     for pattern in patterns:
         if pattern.startswith(REGEX_PREFIX):
-            if re.fullmatch(pattern[len(REGEX_PREFIX):], name):
+            if _fullmatch(pattern, name):
                 return True
         elif is_class_pattern(pattern):
             if module is None:

@@ -46,7 +46,7 @@ def recipe_hash(recipe: "Recipe") -> str:
         resolved.pop(key, None)
     root = data_root(recipe.data_dir)
     resolved["data"] = str(root.resolve()) if root is not None else "hub"
-    model = Path(resolve_model_ref(recipe.model)).expanduser()
+    model = Path(resolve_model_ref(recipe.model, trust_pickle=recipe.trust_pickle)).expanduser()
     resolved["model"] = str(model.resolve()) if model.exists() else recipe.model
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()
 
