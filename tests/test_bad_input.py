@@ -1034,3 +1034,34 @@ def test_a_regex_that_backtracks_is_refused_at_validate_and_stopped_at_run_time(
     with pytest.raises(SelectorTimeout, match="took more than"):
         list(select_modules(model, [slow]))
     assert time.monotonic() - start < 10
+
+
+def test_a_loss_that_turns_nan_stops_training_in_one_line(ctx, tmp_path):
+    """A finite but absurd learning rate blows the weights up: the pass stops before saving them."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: t\nmodel: {q(ctx.model)}\ntask: glue/sst2\ndata_dir: {q(ctx.data)}\nmax_eval_samples: 4\n"
+                      "passes:\n  - deft: {method: lora, max_steps: 6, batch_size: 8, learning_rate: 1.0e+30, "
+                      "warmup_ratio: 0.0}\n")
+    out = tmp_path / "out"
+    result, _ = invoke(["apply", str(recipe), "-o", str(out), "--quiet"])
+    line = check_result(result, codes=(1,), progress_ok=True)
+    assert "the loss is" in line and "learning_rate" in line, line
+    report = json.loads((out / "report.json").read_text())  # the baseline was committed; the failed pass was not
+    assert report["status"] == "failed" and [s["pass"] for s in report["steps"]] == ["baseline"]
+    assert not (out / "model").exists()
+
+
+def test_disk_full_while_committing_is_one_line(ctx, tmp_path, monkeypatch):
+    import errno
+
+    from deftcompress.pipeline import progress
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "progress.json"))
+
+    monkeypatch.setattr(progress.RunProgress, "commit", full)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_yaml(ctx))
+    result, _ = invoke(["apply", str(recipe), "-o", str(tmp_path / "out"), "--quiet"])
+    line = check_result(result, codes=(1,), progress_ok=True)
+    assert "No space left on device" in line and "progress.json" in line, line

@@ -98,14 +98,16 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_numbers(tiny_checkpoint, t
     assert not (out / "state").exists() and sorted(p.name for p in out.parent.iterdir()) == ["driver.py", "killed", "out", "r.yaml"]
 
 
-def test_sigterm_stops_with_143_keeps_finished_passes_and_resumes(tiny_checkpoint, tiny_data, tmp_path, uninterrupted):
+@pytest.mark.parametrize("signal_name, code, said", [("SIGTERM", 143, "SIGTERM"), ("SIGINT", 130, "Ctrl-C")])
+def test_sigterm_and_ctrl_c_stop_with_one_line_keep_finished_passes_and_resume(tiny_checkpoint, tiny_data, tmp_path,
+                                                                             uninterrupted, signal_name, code, said):
     recipe = _recipe(tmp_path, tiny_checkpoint("bert"), tiny_data)
     out = tmp_path / "out"
-    env = {"KILL_FLAG": str(tmp_path / "killed"), "KILL_AT": "4", "KILL_SIGNAL": "SIGTERM"}
+    env = {"KILL_FLAG": str(tmp_path / "killed"), "KILL_AT": "4", "KILL_SIGNAL": signal_name}
     stopped = _apply(tmp_path, recipe, out, **env)
-    assert stopped.returncode == 143
+    assert stopped.returncode == code
     last = stopped.stderr.strip().splitlines()[-1]
-    assert last.startswith("interrupted (SIGTERM)") and "resume" in last and "Traceback" not in stopped.stderr
+    assert last.startswith(f"interrupted ({said})") and "resume" in last and "Traceback" not in stopped.stderr
     assert json.loads((out / "report.json").read_text())["status"] == "interrupted"
     assert _apply(tmp_path, recipe, out, **env).returncode == 0
     assert _measured(out) == uninterrupted[0]

@@ -31,7 +31,7 @@ from deftcompress.pipeline.progress import RunProgress, recipe_hash
 from deftcompress.pipeline.run_folder import check_output_dir, run_lock
 from deftcompress.pipeline.state import PipelineState
 from deftcompress.reporting.plots import plot_density
-from deftcompress.reporting.report import Report, StepRecord, make_step, write_atomic
+from deftcompress.reporting.report import Report, StepRecord, make_step
 from deftcompress.training import distributed
 
 
