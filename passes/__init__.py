@@ -3,3 +3,4 @@
 from . import evaluate  # noqa: F401
 from . import deft  # noqa: F401
 from . import magnitude_prune, structured_prune, quantize  # noqa: F401
+from . import onnx_export  # noqa: F401

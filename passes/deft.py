@@ -28,7 +28,7 @@ from deftcompress.training.options import DensityOptions, PeftOptions, TrainingO
 class DeftConfig(TrainingOptions, DensityOptions, PeftOptions, PassConfig):
     """PEFT method, density loss and training options (fields in that order; see `deftcompress passes`)."""
 
-    def check(self) -> str | None:
+    def problem(self) -> str | None:
         return self.peft_problem() or self.density_problem(self.method) or self.training_problem()
 
 

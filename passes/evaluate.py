@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from deftcompress.core.config import PassConfig, option
-from deftcompress.core.protocol import Pass
+from deftcompress.core.protocol import ONNX_GRAPH, Need, Pass
 from deftcompress.core.registry import register_pass
 
 
@@ -21,6 +21,20 @@ class EvaluateConfig(PassConfig):
     density_mode: Literal["masked", "paper"] | None = option(None, "override the recipe's density_mode for this measurement")
     density_tau: float | None = option(None, "override the recipe's density_tau")
     eval_batch_size: int | None = option(None, "override the recipe's eval_batch_size")
+    runtime: Literal["torch", "onnxruntime"] = option(
+        "torch", "torch: the PyTorch model; onnxruntime: the graph an onnx_export pass wrote (as deployed; masked "
+                 "density needs density_outputs: true on the export)")
+    threads: int = option(0, "onnxruntime: intra-op threads (0: onnxruntime decides)")
+    optimization: Literal["disable", "basic", "extended", "all"] = option("all", "onnxruntime: graph optimisation level")
+
+    def problem(self) -> str | None:
+        if self.eval_batch_size is not None and not 1 <= self.eval_batch_size <= 65536:
+            return "eval_batch_size must be in [1, 65536] or null"
+        if self.density_tau is not None and self.density_tau < 0:
+            return "density_tau must be >= 0"
+        if not 0 <= self.threads <= 1024:
+            return "threads must be in [0, 1024]"
+        return None
 
 
 @register_pass
@@ -30,10 +44,18 @@ class Evaluate(Pass):
     changes_model = False
     summary = "Measure task score and MLP activation density (per layer, encoder/decoder) of the current model."
 
+    @classmethod
+    def needs(cls, config) -> list[Need]:
+        if config.runtime != "onnxruntime":
+            return []
+        return [Need(ONNX_GRAPH, True, "{here}.runtime: onnxruntime evaluates an exported graph: put an onnx_export "
+                                       "pass before it")]
+
     def eval_settings(self, base):
         c = self.config
         changes = {k: v for k, v in (("density_mode", c.density_mode), ("density_tau", c.density_tau),
                                       ("batch_size", c.eval_batch_size)) if v is not None}
+        changes.update(runtime=c.runtime, ort_threads=c.threads, ort_optimization=c.optimization)
         return dataclasses.replace(base, **changes)
 
     def run(self, state) -> dict:

@@ -50,7 +50,7 @@ class MagnitudePruneConfig(PassConfig):
     ignore: list[str] = option(kept_module_patterns(), "modules never pruned, same syntax (default: every family's "
                                                        "task heads, pooler and LM head)")
 
-    def check(self) -> str | None:
+    def problem(self) -> str | None:
         if not 0.0 <= self.sparsity < 1.0:
             return f"sparsity must be in [0, 1), got {self.sparsity}"
         if not self.targets:

@@ -56,7 +56,7 @@ class StructuredPruneConfig(PassConfig):
     taylor_batches: int = option(4, "training batches whose gradients feed taylor importance")
     taylor_batch_size: int = option(16, "rows per taylor batch")
 
-    def check(self) -> str | None:
+    def problem(self) -> str | None:
         for field in ("mlp_ratio", "head_ratio"):
             value = getattr(self, field)
             if not 0.0 <= value < 1.0:

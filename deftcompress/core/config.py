@@ -2,7 +2,8 @@
 
 Every pass declares its options as a dataclass of `PassConfig`; each field carries a `help`
 string in its metadata, which `deftcompress passes` prints. `parse_config` turns a YAML mapping
-into that dataclass and rejects unknown keys and wrong types with the field path in the message.
+into that dataclass and rejects unknown keys and wrong types with the field path in the message;
+a config's `problem()` method, if it has one, checks fields against each other.
 """
 
 from __future__ import annotations
@@ -126,11 +127,11 @@ def parse_config(cls: type, data: Any, where: str) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise RecipeError(f"{where}.{name}: required option is missing")
     config = cls(**values)
-    check = getattr(config, "check", None)
-    if callable(check):
-        problem = check()
-        if problem:
-            raise RecipeError(f"{where}: {problem}")
+    problem = getattr(config, "problem", None)  # a config's own cross-field check: None or what is wrong
+    if callable(problem):
+        found = problem()
+        if found:
+            raise RecipeError(f"{where}: {found}")
     return config
 
 

@@ -74,7 +74,7 @@ class RecipeSettings:
     eval_batch_size: int = option(64, "batch size of evaluation")
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
 
-    def check(self) -> str | None:
+    def problem(self) -> str | None:
         if not 0 <= self.seed < 2**32:
             return f"seed must be in [0, 2**32), got {self.seed}"
         if not DEVICE.fullmatch(self.device):

@@ -34,6 +34,9 @@ class EvalSettings:
     max_seq_length: int = 128
     max_target_length: int = 32
     measure_density: bool = True
+    runtime: str = "torch"  # torch | onnxruntime (the exported graph, see deftcompress.runtime.onnxruntime)
+    ort_threads: int = 0
+    ort_optimization: str = "all"
 
 
 @dataclass

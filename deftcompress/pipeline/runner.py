@@ -36,13 +36,26 @@ from deftcompress.training import distributed
 
 
 def _measure(state: PipelineState, settings: EvalSettings, desc: str) -> Evaluation:
+    if settings.runtime == "onnxruntime":
+        from deftcompress.runtime.onnxruntime import SessionSettings, evaluate_onnx
+
+        return evaluate_onnx(state.onnx, state.tokenizer, state.task, state.eval_examples(), state.arch, settings,
+                             SessionSettings(settings.ort_threads, settings.ort_optimization), progress=not state.quiet,
+                             desc=f"{desc} (onnxruntime)")
     return evaluate(state.model, state.tokenizer, state.task, state.eval_examples(), state.arch, settings,
                     progress=not state.quiet, desc=desc)
 
 
-def _step(state: PipelineState, name: str, evaluation: Evaluation, seconds: float, details: dict) -> StepRecord:
+def _step(state: PipelineState, name: str, evaluation: Evaluation, seconds: float, details: dict,
+          runtime: str = "torch") -> StepRecord:
     params, nonzero = count_parameters(state.model)
-    return make_step(state.step_index, name, evaluation, params, nonzero, state_dict_bytes(state.model), seconds, details)
+    size = state_dict_bytes(state.model)
+    if runtime == "onnxruntime":  # the step measured the graph: its size is the graph's files
+        from deftcompress.export.onnx import folder_bytes
+
+        size = sum(Path(state.onnx.folder, f).stat().st_size for f in state.onnx.files)
+        details.setdefault("runtime", f"onnxruntime ({'int8' if state.onnx.quantized else 'fp32'} graph; size = .onnx files)")
+    return make_step(state.step_index, name, evaluation, params, nonzero, size, seconds, details)
 
 
 class Pipeline:
@@ -172,7 +185,8 @@ class Pipeline:
             if not model_changed and step_settings == last_settings:
                 step = _reused_step(report.steps[-1], state, planned.name, seconds, details)
             else:
-                step = _step(state, planned.name, _measure(state, step_settings, planned.name), seconds, details)
+                step = _step(state, planned.name, _measure(state, step_settings, planned.name), seconds, details,
+                             step_settings.runtime)
                 last_settings, model_changed = step_settings, False
             report.steps.append(step)
             self._log_step(step)
@@ -196,6 +210,12 @@ class Pipeline:
         final = report.steps[-1].to_dict()
         final["saved_model_bytes"] = directory_bytes(model_dir)
         final["saved_model_format"] = manifest["format"]
+        if state.onnx is not None:
+            from deftcompress.export.onnx import folder_bytes
+
+            final["onnx"] = {"folder": os.path.relpath(state.onnx.folder, out), "files": state.onnx.files,
+                             "bytes": folder_bytes(Path(state.onnx.folder)), "quantized": state.onnx.quantized,
+                             "density_outputs": state.onnx.density_outputs}
         final["model_dir"] = str(self.output_dir / "model")
         report.final = final
         report.status = "finished"

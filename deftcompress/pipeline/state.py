@@ -7,6 +7,7 @@ state after a pass (model in its format, tokenizer, constraints), ready for resu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class PipelineState:
     quiet: bool = False
     constraints: list[Constraint] = field(default_factory=list)
     step_index: int = 0
+    onnx: Any = None  # the exported graph (deftcompress.export.onnx.OnnxGraph) once an export pass ran
     _examples: dict[tuple, list] = field(default_factory=dict, repr=False)
 
     @property
@@ -97,8 +99,12 @@ class PipelineState:
             file = f"constraint_{i:02d}_{constraint.name}.safetensors"
             save_file(tensors, str(folder / file))
             saved.append({"name": constraint.name, "file": file})
+        onnx = None
+        if self.onnx is not None:  # the graph stays where the export pass wrote it, inside the run folder
+            onnx = dataclasses.asdict(self.onnx)
+            onnx["folder"] = os.path.relpath(onnx["folder"], self.work_dir)
         (folder / STATE_FILE).write_text(json.dumps({"model_format": manifest["format"], "constraints": saved,
-                                                     "step_index": self.step_index}, indent=2) + "\n")
+                                                     "step_index": self.step_index, "onnx": onnx}, indent=2) + "\n")
         return manifest
 
     def restore(self, folder: str | os.PathLike) -> None:
@@ -114,3 +120,7 @@ class PipelineState:
         self.constraints = [constraint_class(c["name"]).from_state(load_file(str(folder / c["file"])))
                             for c in info["constraints"]]
         self.step_index = info["step_index"]
+        if info.get("onnx"):
+            from deftcompress.export.onnx import OnnxGraph
+
+            self.onnx = OnnxGraph(**{**info["onnx"], "folder": str(self.work_dir / info["onnx"]["folder"])})

@@ -1,0 +1,1 @@
+"""Export for deployment: `onnx` (optimum's exporter, density outputs added to the graph)."""

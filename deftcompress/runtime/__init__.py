@@ -1,0 +1,1 @@
+"""Runtimes other than eager PyTorch: `onnxruntime` (evaluating an exported graph as deployed)."""

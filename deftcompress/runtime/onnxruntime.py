@@ -1,0 +1,128 @@
+"""onnxruntime as a runtime of the pipeline: evaluate an exported graph as it would be deployed.
+
+Density in onnxruntime is the masked density (real tokens); the paper mode, which counts padding,
+is a PyTorch-side measurement.
+
+Classifier graphs run in a plain `onnxruntime.InferenceSession` over the same features and batches
+as the PyTorch evaluation (`deftcompress.data.features`); the score comes from the logits and, when
+the graph has density outputs, the density from its per-layer counts. Text-to-text graphs run
+through optimum's `ORTModelForSeq2SeqLM` (generation); their density is not measured in onnxruntime.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from deftcompress.data.features import encode_inputs, pad_inputs
+from deftcompress.data.metrics import compute_metrics
+from deftcompress.export.onnx import OnnxGraph
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    threads: int = 0  # 0: onnxruntime decides
+    optimization: Literal["disable", "basic", "extended", "all"] = "all"
+
+    def options(self):
+        import onnxruntime as ort
+
+        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        options = ort.SessionOptions()
+        options.graph_optimization_level = levels[self.optimization]
+        options.intra_op_num_threads = self.threads
+        options.log_severity_level = 3
+        return options
+
+
+def session(path: Path, settings: SessionSettings = SessionSettings()):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), settings.options(), providers=["CPUExecutionProvider"])
+
+
+def classifier_outputs(sess, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Run a classifier graph on a padded batch (tensors or arrays); returns every output by name."""
+    names = {i.name for i in sess.get_inputs()}
+    feed = {k: (v.numpy() if hasattr(v, "numpy") else v).astype(np.int64) for k, v in batch.items() if k in names}
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+
+
+def evaluate_onnx(graph: OnnxGraph, tokenizer, task, examples: list[dict], arch, settings, session_settings: SessionSettings,
+                  progress: bool = True, desc: str = "evaluate (onnxruntime)"):
+    """Task score, density (from the graph's density outputs) and latency of an exported model."""
+    from deftcompress.measurement.density import DensityResult, LayerDensity
+    from deftcompress.measurement.evaluation import Evaluation
+
+    if graph.kind != "classifier":
+        return _evaluate_text_to_text(graph, tokenizer, task, examples, arch, settings, session_settings)
+    sess = session(Path(graph.folder) / graph.main_file(), session_settings)
+    padding = "max_length" if settings.density_mode == "paper" else "longest"
+    features = encode_inputs(tokenizer, task, arch, examples, settings.max_seq_length)
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    predictions: list[Any] = [None] * len(examples)
+    nonzero = positions = None
+    start = time.perf_counter()
+    for s in range(0, len(order), settings.batch_size):
+        idx = order[s:s + settings.batch_size]
+        batch = pad_inputs(tokenizer, [features[i] for i in idx], padding, settings.max_seq_length)
+        out = classifier_outputs(sess, batch)
+        logits = out["logits"]
+        preds = logits[:, 0].astype(float).tolist() if task.kind == "regression" else logits.argmax(-1).tolist()
+        for i, p in zip(idx, preds):
+            predictions[i] = p
+        if graph.density_outputs and settings.density_mode == "masked":  # the graph counts real tokens only
+            nz, pos = out["mlp_nonzero"].astype(np.int64), out["mlp_positions"].astype(np.int64)
+            nonzero = nz if nonzero is None else nonzero + nz
+            positions = pos if positions is None else positions + pos
+    seconds = time.perf_counter() - start
+    metrics = compute_metrics(task, predictions, examples)
+    density = None
+    if graph.density_outputs and nonzero is not None:
+        per_layer = [LayerDensity(label.split(".")[0], int(label.split(".")[1]), float(nz) / (int(pos) * w), float("nan"), w)
+                     for label, nz, pos, w in zip(graph.layers, nonzero, positions, graph.widths)]
+        stacks = {}
+        for layer, nz, pos, w in zip(per_layer, nonzero, positions, graph.widths):
+            acc = stacks.setdefault(layer.stack, [0, 0])
+            acc[0] += int(nz)
+            acc[1] += int(pos) * w
+        frac = {k: v[0] / v[1] for k, v in stacks.items() if v[1]}
+        density = DensityResult(encoder=frac.get("encoder"), decoder=frac.get("decoder"), encoder_above_tau=None,
+                                decoder_above_tau=None, per_layer=per_layer, mode=settings.density_mode,
+                                tau=settings.density_tau,
+                                counted_positions={layer.stack: int(pos) for layer, pos in zip(per_layer, positions)})
+    return Evaluation(task_metric=task.metric, task_score=metrics[task.metric], metrics=metrics, density=density,
+                      examples=len(examples), seconds=seconds, predictions=predictions)
+
+
+def _evaluate_text_to_text(graph, tokenizer, task, examples, arch, settings, session_settings):
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM
+
+    from deftcompress.data.text_to_text import max_answer_tokens, parse_t5_prediction
+    from deftcompress.measurement.evaluation import Evaluation
+
+    model = ORTModelForSeq2SeqLM.from_pretrained(graph.folder, session_options=session_settings.options(),
+                                                 provider="CPUExecutionProvider")
+    features = encode_inputs(tokenizer, task, arch, examples, settings.max_seq_length)
+    max_new = max_answer_tokens(tokenizer, task, settings.max_target_length)
+    predictions: list[Any] = [None] * len(examples)
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    start = time.perf_counter()
+    for s in range(0, len(order), settings.batch_size):
+        idx = order[s:s + settings.batch_size]
+        batch = pad_inputs(tokenizer, [features[i] for i in idx], "longest", settings.max_seq_length)
+        generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   max_new_tokens=max_new)
+        for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+            predictions[i] = parse_t5_prediction(task, text)
+    seconds = time.perf_counter() - start
+    metrics = compute_metrics(task, predictions, examples)
+    return Evaluation(task_metric=task.metric, task_score=metrics[task.metric], metrics=metrics, density=None,
+                      examples=len(examples), seconds=seconds, predictions=predictions)

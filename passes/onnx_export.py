@@ -1,0 +1,219 @@
+"""`onnx_export`: the model as an ONNX graph for onnxruntime, checked against PyTorch on the eval rows.
+
+The export goes through optimum's exporter (`deftcompress.export.onnx`): classifiers (BERT, RoBERTa,
+Llama-style) as one `model.onnx`, text-to-text models (T5) as encoder and decoder graphs. Structurally
+pruned blocks are gone from the graph because they are gone from the model. The folder
+(`passes/NN_onnx_export/onnx/`) loads in plain onnxruntime and in optimum's ORTModel classes.
+
+The parity check runs the evaluation rows through PyTorch and onnxruntime: the largest absolute
+logit difference, whether every prediction is the same, and (with density outputs) the per-layer
+density of both; above `check_tolerance` the pass fails. Speed in onnxruntime comes from structure
+(fewer neurons and heads) and int8 (`quantize: {backend: ort_int8}`), never from zeros in a dense
+MatMul: onnxruntime's dense kernels do not skip zero activations.
+
+After this pass the step is measured in onnxruntime (what a deployment runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from deftcompress.core.config import PassConfig, option
+from deftcompress.core.protocol import ADAPTER, ONNX_GRAPH, QUANTIZED, Need, Pass
+from deftcompress.core.registry import register_pass
+from deftcompress.errors import DeftcompressError
+
+
+class ParityError(DeftcompressError):
+    """The exported graph does not compute what the PyTorch model computes."""
+
+
+@dataclass
+class OnnxExportConfig(PassConfig):
+    opset: int = option(18, "ONNX opset (14 to 21); batch and sequence axes are always dynamic")
+    density_outputs: bool = option(False, "also return per-layer MLP activation density over real tokens "
+                                          "(mlp_nonzero, mlp_positions, mlp_density; classifiers)")
+    check: bool = option(True, "parity check on the evaluation rows: logits, predictions, density")
+    check_tolerance: float = option(1.0e-4, "largest absolute logit difference the parity check accepts")
+    check_rows: int | None = option(64, "evaluation rows used by the parity check (null: all)")
+    threads: int = option(0, "onnxruntime intra-op threads for checks and evaluation (0: onnxruntime decides)")
+    optimization: Literal["disable", "basic", "extended", "all"] = option(
+        "all", "onnxruntime graph optimisation level for checks and evaluation")
+
+    def problem(self) -> str | None:
+        if not 14 <= self.opset <= 21:
+            return f"opset must be in [14, 21], got {self.opset}"
+        if not 0 < self.check_tolerance <= 1:
+            return f"check_tolerance must be in (0, 1], got {self.check_tolerance}"
+        if self.check_rows is not None and not 1 <= self.check_rows <= 10**6:
+            return "check_rows must be >= 1 or null"
+        if not 0 <= self.threads <= 1024:
+            return "threads must be in [0, 1024]"
+        return None
+
+
+@register_pass
+class OnnxExport(Pass):
+    name = "onnx_export"
+    Config = OnnxExportConfig
+    summary = "Export to ONNX (optimum) for onnxruntime, with optional density outputs and a parity check against PyTorch."
+
+    @classmethod
+    def leaves(cls, config) -> dict[str, str]:
+        return {ONNX_GRAPH: "an ONNX graph"}
+
+    @classmethod
+    def needs(cls, config) -> list[Need]:
+        return [
+            Need(ADAPTER, False, "{here}: {earlier} leaves {note} on the model; export needs plain weights: set "
+                                 "merge: true there (lora, qlora, ia3)"),
+            Need(QUANTIZED, False, "{here}: cannot export after {earlier} ({note}); export the float model and quantize "
+                                   "the graph with quantize: {{backend: ort_int8}}"),
+            Need(ONNX_GRAPH, False, "{here}: {earlier} already exported the model"),
+        ]
+
+    def eval_settings(self, base):
+        c = self.config
+        return dataclasses.replace(base, runtime="onnxruntime", ort_threads=c.threads, ort_optimization=c.optimization)
+
+    def run(self, state) -> dict[str, Any]:
+        from deftcompress.export.onnx import describe, export_onnx
+        from deftcompress.peft_methods.wrapping import is_wrapped
+
+        c = self.config
+        if is_wrapped(state.model):
+            raise ParityError("onnx_export: the model carries a PEFT adapter; merge it first (merge: true)")
+        t0 = time.perf_counter()
+        graph = export_onnx(state.model, state.tokenizer, state.arch, state.pass_dir(self.name) / "onnx", c.opset,
+                            c.density_outputs)
+        export_seconds = time.perf_counter() - t0
+        graph.folder = str(graph.folder)
+        state.onnx = graph
+        details: dict[str, Any] = {"opset": c.opset, **describe(graph), "density_outputs": c.density_outputs,
+                                   "export_seconds": round(export_seconds, 2),
+                                   "session": {"threads": c.threads, "optimization": c.optimization},
+                                   "speed_note": "onnxruntime's dense kernels do not skip zero activations: speed "
+                                                 "comes from structure (pruned widths) and int8, not from density"}
+        if c.check:
+            details["parity"] = parity_check(state, graph, c)
+        return details
+
+
+def parity_check(state, graph, config) -> dict[str, Any]:
+    """Compare PyTorch and onnxruntime on the evaluation rows; raise ParityError above the tolerance."""
+    import numpy as np
+    import torch
+
+    from deftcompress.data.features import encode_inputs, pad_inputs
+    from deftcompress.runtime.onnxruntime import SessionSettings, classifier_outputs, session
+
+    rows = state.eval_examples()[: config.check_rows] if config.check_rows else state.eval_examples()
+    settings = SessionSettings(config.threads, config.optimization)
+    if graph.kind != "classifier":
+        return _text_to_text_parity(state, graph, rows, settings, config)
+    sess = session(f"{graph.folder}/{graph.main_file()}", settings)
+    features = encode_inputs(state.tokenizer, state.task, state.arch, rows, state.recipe.max_seq_length)
+    model = state.model.eval()
+    worst, same, compared = 0.0, 0, 0
+    nonzero_torch, nonzero_ort = None, None
+    for s in range(0, len(features), 16):
+        batch = pad_inputs(state.tokenizer, features[s:s + 16], "longest", state.recipe.max_seq_length)
+        with torch.no_grad(), _counting(state, graph) as counts:
+            torch_logits = model(**{k: v.to(state.device) for k, v in batch.items()}).logits.float().cpu().numpy()
+            if counts is not None:
+                counts.mask = batch["attention_mask"]
+        out = classifier_outputs(sess, batch)
+        worst = max(worst, float(np.abs(out["logits"] - torch_logits).max()))
+        same += int((out["logits"].argmax(-1) == torch_logits.argmax(-1)).sum())
+        compared += len(torch_logits)
+        if graph.density_outputs:
+            nz = np.array(counts.totals, dtype=np.int64)
+            nonzero_torch = nz if nonzero_torch is None else nonzero_torch + nz
+            nonzero_ort = out["mlp_nonzero"] if nonzero_ort is None else nonzero_ort + out["mlp_nonzero"]
+    result: dict[str, Any] = {"rows": compared, "max_abs_logit_diff": worst, "same_predictions": same,
+                              "tolerance": config.check_tolerance}
+    if graph.density_outputs:
+        result["nonzero_torch"], result["nonzero_onnxruntime"] = nonzero_torch.tolist(), nonzero_ort.tolist()
+    problems = []
+    if worst > config.check_tolerance:
+        problems.append(f"largest logit difference {worst:.3g} > check_tolerance {config.check_tolerance:g}")
+    if same != compared:
+        problems.append(f"{compared - same} of {compared} predictions differ")
+    if graph.density_outputs and nonzero_torch.tolist() != nonzero_ort.tolist():
+        problems.append(f"nonzero activations per layer differ (torch {nonzero_torch.tolist()}, "
+                        f"onnxruntime {nonzero_ort.tolist()})")
+    if problems:
+        raise ParityError(f"onnx_export: the exported graph does not match the PyTorch model on {compared} evaluation "
+                          f"rows: {'; '.join(problems)}")
+    return result
+
+
+class _Counts:
+    def __init__(self, n: int):
+        self.totals = [0] * n
+        self.mask = None
+
+
+def _counting(state, graph):
+    """Hooks counting exact nonzeros over real tokens per MLP layer (the mask is set right after the forward)."""
+    from contextlib import contextmanager
+
+    from deftcompress.architecture import mlp_blocks
+
+    @contextmanager
+    def counting():
+        if not graph.density_outputs:
+            yield None
+            return
+        blocks = mlp_blocks(state.model, state.arch)
+        counts = _Counts(len(blocks))
+        captured = [None] * len(blocks)
+        handles = [b.act.register_forward_hook(lambda m, i, o, k=k: captured.__setitem__(k, o.detach()))
+                   for k, b in enumerate(blocks)]
+        try:
+            yield counts
+        finally:
+            for h in handles:
+                h.remove()
+        mask = counts.mask.to(captured[0].device).bool()
+        for k, act in enumerate(captured):
+            counts.totals[k] = int((act != 0)[mask].sum())
+
+    return counting()
+
+
+def _text_to_text_parity(state, graph, rows, settings, config) -> dict[str, Any]:
+    """Text-to-text: greedy answers of PyTorch and optimum's ORTModelForSeq2SeqLM on the rows, and teacher-forced logits."""
+    import numpy as np
+    import torch
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM
+
+    from deftcompress.data.features import encode_inputs, pad_inputs, target_batch
+
+    ort_model = ORTModelForSeq2SeqLM.from_pretrained(graph.folder, session_options=settings.options(),
+                                                     provider="CPUExecutionProvider", use_cache=False)
+    features = encode_inputs(state.tokenizer, state.task, state.arch, rows, state.recipe.max_seq_length)
+    worst, same, compared = 0.0, 0, 0
+    model = state.model.eval()
+    for s in range(0, len(features), 16):
+        batch = pad_inputs(state.tokenizer, features[s:s + 16], "longest", state.recipe.max_seq_length)
+        labels, _ = target_batch(state.tokenizer, state.task, rows[s:s + 16])
+        decoder_input_ids = model._shift_right(labels.clamp(min=0))
+        with torch.no_grad():
+            torch_logits = model(**batch, decoder_input_ids=decoder_input_ids, use_cache=False).logits.float().numpy()
+        ort_logits = ort_model(**batch, decoder_input_ids=decoder_input_ids).logits.float().numpy()
+        worst = max(worst, float(np.abs(ort_logits - torch_logits).max()))
+        same += int((ort_logits.argmax(-1) == torch_logits.argmax(-1)).all(-1).sum())
+        compared += len(torch_logits)
+    if worst > config.check_tolerance or same != compared:
+        raise ParityError(f"onnx_export: the exported graphs do not match the PyTorch model on {compared} evaluation "
+                          f"rows: largest teacher-forced logit difference {worst:.3g} (tolerance "
+                          f"{config.check_tolerance:g}), {compared - same} rows with other greedy tokens")
+    return {"rows": compared, "max_abs_logit_diff": worst, "same_predictions": same, "tolerance": config.check_tolerance,
+            "compared": "teacher-forced decoder logits on the reference answers"}
+
+
+__all__ = ["OnnxExport", "OnnxExportConfig", "ParityError"]
