@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deftcompress.core.config import PassConfig
-from deftcompress.core.protocol import ADAPTER, QUANTIZED, Need, Pass
+from deftcompress.core.protocol import ADAPTER, QUANTIZED, SCALES_IN_WEIGHTS, Need, Pass
 from deftcompress.core.registry import register_pass
 from deftcompress.training.options import DensityOptions, PeftOptions, TrainingOptions
 
@@ -44,7 +44,10 @@ class Deft(Pass):
 
     @classmethod
     def leaves(cls, config: DeftConfig) -> dict[str, str]:
-        return {} if config.merge else {ADAPTER: f"a {config.method} adapter"}
+        facts = {} if config.merge else {ADAPTER: f"a {config.method} adapter"}
+        if config.uses_activation_scales(config.method) and config.activation_scale_fold == "weights":
+            facts[SCALES_IN_WEIGHTS] = "per-neuron activation scales folded into the weights (up to ~1000x apart)"
+        return facts
 
     @classmethod
     def needs(cls, config: DeftConfig) -> list[Need]:
@@ -101,7 +104,8 @@ class Deft(Pass):
         if scales is not None:
             # Fold exactly into the weights: the model keeps its architecture and saves as a plain checkpoint.
             scale_state = scales.state_for_saving()
-            scale_details = scales.fold_into_weights()
+            scale_details = scales.fold_into_weights(model, separate_inverse=c.activation_scale_fold == "activation")
+            scale_details["fold"] = c.activation_scale_fold
             model._modules.pop("deftcompress_activation_scales", None)
         adapter_dir = self._save_adapter(state, model, trained_biases, scale_state)
         if c.merge:

@@ -22,7 +22,8 @@ def test_cli_commands_that_read_do_not_import_torch(tmp_path, command):
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r\nmodel: minilm\ntask: glue/sst2\npasses:\n  - magnitude_prune: {sparsity: 0.3}\n"
-                      "  - deft: {method: lora, merge: true}\n  - quantize: {backend: torch_int8}\n")
+                      "  - deft: {method: lora, merge: true, activation_scale_fold: activation}\n"
+                      "  - onnx_export: {density_outputs: true}\n  - quantize: {backend: ort_int8}\n")
     run = tmp_path / "run"
     run.mkdir()
     step = StepRecord(index=0, pass_name="baseline", task_metric="accuracy", task_score=0.5, metrics={"accuracy": 0.5},
@@ -111,7 +112,7 @@ DEFT = {"max_steps": 2, "batch_size": 8, "max_train_samples": 16, "learning_rate
 
 CASES = {  # case: (family, expected format, passes)
     "plain": ("bert", "plain", []),
-    "pruned": ("bert", "pruned", [("structured_prune", {"mlp_ratio": 0.5, "head_ratio": 0.5})]),
+    "pruned": ("bert", "restructured", [("structured_prune", {"mlp_ratio": 0.5, "head_ratio": 0.5})]),
     "torch_int8": ("bert", "torch_int8", [("quantize", {"backend": "torch_int8"})]),
     "bnb_4bit": ("bert", "bitsandbytes", [("quantize", {"backend": "bnb_4bit"})]),
     "bnb_8bit": ("bert", "bitsandbytes", [("quantize", {"backend": "bnb_8bit"})]),

@@ -133,6 +133,10 @@ def test_quantize_through_the_pipeline_reports_sizes(tiny_checkpoint, tiny_data,
     ([{"quantize": {"backend": "bnb_4bit"}}, {"deft": {}}], r"passes\[1\]\.deft: cannot train after .*method: qlora"),
     ([{"quantize": {}}, {"magnitude_prune": {}}], r"passes\[1\]\.magnitude_prune: .*must come after every pass"),
     ([{"deft": {"method": "lora"}}, {"quantize": {}}], r"passes\[1\]\.quantize: .*set merge: true"),
+    ([{"deft": {"merge": True}}, {"quantize": {}}], r"passes\[1\]\.quantize: .*activation scales folded into the "
+                                                     r"weights.*activation_scale_fold: activation"),
+    ([{"deft": {"merge": True}}, {"onnx_export": {}}, {"quantize": {"backend": "ort_int8"}}],
+     r"passes\[2\]\.quantize: .*activation_scale_fold: activation"),
     ([{"quantize": {"backend": "int4"}}], r"backend: expected one of"),
     ([{"quantize": {"ignore": ["re:["]}}], r"ignore: bad regular expression"),
 ])
@@ -142,7 +146,9 @@ def test_bad_quantize_plans_are_rejected_before_loading(passes, message):
 
 
 def test_good_quantize_plans_validate():
-    Recipe.build(model="minilm", passes=[{"deft": {"merge": True}}, {"quantize": {}}, {"evaluate": {}}])
+    Recipe.build(model="minilm", passes=[{"deft": {"merge": True, "activation_scale_fold": "activation"}},
+                                         {"quantize": {}}, {"evaluate": {}}])
+    Recipe.build(model="minilm", passes=[{"deft": {"merge": True, "density_weight": 0}}, {"quantize": {}}])  # no scales
     Recipe.build(model="minilm", passes=[{"structured_prune": {}}, {"quantize": {"backend": "bnb_4bit"}}])
 
 

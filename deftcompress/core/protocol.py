@@ -26,12 +26,14 @@ QUANTIZED = "quantized"  # quantized weights (int8 / 4-bit): nothing may train, 
 TORCH_INT8 = "torch_int8"  # torch.ao int8 layers: not exportable to ONNX
 ZERO_MASK = "zero_mask"  # a mask of zeroed weights that later passes keep
 ONNX_GRAPH = "onnx_graph"  # an exported ONNX graph
+SCALES_IN_WEIGHTS = "scales_in_weights"  # DEFT's per-neuron scales folded into the weights (a spread int8 cannot hold)
 FACTS = {
     ADAPTER: "an unmerged PEFT adapter on the model",
     QUANTIZED: "quantized weights",
     TORCH_INT8: "torch.ao int8 layers",
     ZERO_MASK: "a mask of zeroed weights that later passes keep",
     ONNX_GRAPH: "an exported ONNX graph",
+    SCALES_IN_WEIGHTS: "activation scales folded into the weights",
 }
 
 

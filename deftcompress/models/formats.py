@@ -8,7 +8,8 @@ model. Formats (each one's code lives with the library it concerns):
 | format         | when                                   | on disk                                                    |
 |----------------|----------------------------------------|------------------------------------------------------------|
 | `plain`        | a float transformers model             | `save_pretrained` (safetensors)                            |
-| `pruned`       | float, structurally pruned             | the same, plus per-layer widths (`deftcompress_layout`)    |
+| `restructured` | float, with pruned widths or DEFT's    | the same, plus the record in config.json                   |
+|                | 1/s kept after the activation          | (`deftcompress_layout`, `deftcompress_activation_scales`)  |
 | `torch_int8`   | torch.ao dynamic int8 layers           | config.json + model.int8.safetensors (codes and scales)    |
 | `bitsandbytes` | bitsandbytes 4-bit / 8-bit layers      | `save_pretrained` with a `quantization_config`             |
 | `base_adapter` | an unmerged PEFT adapter on the model  | `base/` (any format above) + `adapter/` (library format)   |
@@ -34,7 +35,7 @@ from torch import nn
 from deftcompress.errors import CheckpointError
 
 MANIFEST = "deftcompress_model.json"
-FORMATS = ("plain", "pruned", "torch_int8", "bitsandbytes", "base_adapter")
+FORMATS = ("plain", "restructured", "torch_int8", "bitsandbytes", "base_adapter")
 
 
 def format_of(model: nn.Module) -> str:
@@ -50,8 +51,8 @@ def format_of(model: nn.Module) -> str:
         return "torch_int8"
     if is_quantized(model):
         return "bitsandbytes"
-    if layout_of(model) is not None:
-        return "pruned"
+    if layout_of(model) is not None or getattr(getattr(model, "config", None), "deftcompress_activation_scales", None):
+        return "restructured"
     return "plain"
 
 
@@ -125,7 +126,7 @@ def load_model(folder: str | os.PathLike, task=None, device="cpu", tokenizer_ref
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest["format"] != "base_adapter":
-        # plain, pruned, torch_int8 and bitsandbytes all describe themselves in config.json
+        # plain, restructured, torch_int8 and bitsandbytes all describe themselves in config.json
         return load_model_and_tokenizer(str(folder), task, device, tokenizer_ref=tokenizer_ref)
     from deftcompress.peft_methods.saving import load_adapter_into
 
@@ -142,9 +143,9 @@ def _save_pretrained(model: nn.Module, folder: Path, merge_adapters: bool) -> di
     return {"load": f"transformers.{auto_class_name(model)}.from_pretrained(folder)"}
 
 
-def _save_pruned(model: nn.Module, folder: Path, merge_adapters: bool) -> dict[str, Any]:
-    model.save_pretrained(folder, safe_serialization=True)  # the layout rides in config.json
-    return {"load": "deftcompress.models.formats.load_model(folder) (per-layer widths: stock from_pretrained refuses it)"}
+def _save_restructured(model: nn.Module, folder: Path, merge_adapters: bool) -> dict[str, Any]:
+    model.save_pretrained(folder, safe_serialization=True)  # the record rides in config.json
+    return {"load": "deftcompress.models.formats.load_model(folder) (stock from_pretrained cannot build it)"}
 
 
 def _save_torch_int8(model: nn.Module, folder: Path, merge_adapters: bool) -> dict[str, Any]:
@@ -164,7 +165,7 @@ def _save_bitsandbytes(model: nn.Module, folder: Path, merge_adapters: bool) -> 
         # transformers' bitsandbytes loader cannot build pruned widths: save what the layers compute with
         clone = copy.deepcopy(model)
         dequantize_linear_layers(clone)
-        out = _save_pruned(clone, folder, merge_adapters)
+        out = _save_restructured(clone, folder, merge_adapters)
         out["note"] = ("bitsandbytes layers saved as their float32 values: transformers cannot load pruned widths "
                        "into bitsandbytes layers")
         return out
@@ -201,5 +202,5 @@ def _save_base_adapter(model: nn.Module, folder: Path, merge_adapters: bool) -> 
             "adapter": "adapter", "load": f"deftcompress.models.formats.load_model(folder), or {how}"}
 
 
-_SAVERS = {"plain": _save_pretrained, "pruned": _save_pruned, "torch_int8": _save_torch_int8,
+_SAVERS = {"plain": _save_pretrained, "restructured": _save_restructured, "torch_int8": _save_torch_int8,
            "bitsandbytes": _save_bitsandbytes, "base_adapter": _save_base_adapter}

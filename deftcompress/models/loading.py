@@ -85,7 +85,7 @@ def load_model_and_tokenizer(ref: str, task: TaskSpec | None, device: torch.devi
         kwargs.setdefault("dtype", torch.float32)  # transformers would default bitsandbytes models to float16
     try:
         tokenizer = load_tokenizer(tokenizer_ref or ref)
-        if getattr(config, "deftcompress_layout", None) is not None or _torch_int8_info(config) is not None:
+        if restructured(config):
             model = load_restructured(auto, ref, config, kwargs)
         else:
             model, info = auto.from_pretrained(ref, output_loading_info=True, **kwargs)
@@ -128,6 +128,12 @@ def _check_loading_info(ref: str, arch: ArchSpec, info: dict[str, Any], notes: l
         notes.append(f"initialised anew (not in the checkpoint, or sized for another label count): {', '.join(new_heads)}")
 
 
+def restructured(config) -> bool:
+    """A checkpoint a stock config cannot describe: pruned widths, torch int8 layers, or separate activation scales."""
+    return any(getattr(config, attr, None) is not None for attr in ("deftcompress_layout", "deftcompress_activation_scales")) \
+        or _torch_int8_info(config) is not None
+
+
 def _torch_int8_info(config) -> dict | None:
     """The torch_int8 record of a config (`deftcompress_quantization` also records bitsandbytes, loaded by transformers)."""
     info = getattr(config, "deftcompress_quantization", None)
@@ -135,7 +141,7 @@ def _torch_int8_info(config) -> dict | None:
 
 
 def load_restructured(auto, ref: str, config, kwargs: dict[str, Any]) -> nn.Module:
-    """Load a checkpoint that a stock config cannot describe: pruned widths and/or torch int8 layers.
+    """Load a checkpoint that a stock config cannot describe: pruned widths, torch int8 layers, activation scales.
 
     The config carries per-layer widths (`deftcompress_layout`, see `deftcompress.architecture.layout`) and/or
     the dynamically quantized layers (`deftcompress_quantization`, see `deftcompress.quantization.torch_int8`): build
@@ -165,6 +171,9 @@ def load_restructured(auto, ref: str, config, kwargs: dict[str, Any]) -> nn.Modu
     model = auto.from_config(config)
     if getattr(config, "deftcompress_layout", None) is not None:
         apply_layout(model, config.deftcompress_layout)
+    from deftcompress.training.activation_scale import wrap_recorded_activations
+
+    wrap_recorded_activations(model)  # DEFT's 1/s kept after the activation: buffers loaded below
     quantization = _torch_int8_info(config)
     state: dict[str, torch.Tensor] = {}
     if quantization is not None:

@@ -51,7 +51,6 @@ def _step(state: PipelineState, name: str, evaluation: Evaluation, seconds: floa
     params, nonzero = count_parameters(state.model)
     size = state_dict_bytes(state.model)
     if runtime == "onnxruntime":  # the step measured the graph: its size is the graph's files
-        from deftcompress.export.onnx import folder_bytes
 
         size = sum(Path(state.onnx.folder, f).stat().st_size for f in state.onnx.files)
         details.setdefault("runtime", f"onnxruntime ({'int8' if state.onnx.quantized else 'fp32'} graph; size = .onnx files)")

@@ -33,17 +33,21 @@ QUANT_ATTR = "deftcompress_quantization"
 WEIGHTS_FILE = "model.int8.safetensors"
 
 
-def quantize_dynamic_(model: nn.Module, names: list[str]) -> nn.Module:
-    """Replace the named nn.Linear modules by dynamic int8 ones (weights int8, activations quantized per batch)."""
+def quantize_dynamic_(model: nn.Module, names: list[str], per_channel: bool = False) -> nn.Module:
+    """Replace the named nn.Linear modules by dynamic int8 ones (weights int8, activations quantized per batch).
+
+    `per_channel`: one weight scale per output row instead of one per matrix (rows scaled by DEFT's
+    activation scales, up to ~1000x apart, need it).
+    """
     import warnings
 
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     with warnings.catch_warnings():
         # torch 2.13 flags its quantized-tensor constructors as deprecated on every call; said once in the docstring
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-        return quantize_dynamic(model, qconfig_spec={name: default_dynamic_qconfig for name in names}, dtype=torch.qint8,
-                                inplace=True)
+        return quantize_dynamic(model, qconfig_spec={name: qconfig for name in names}, dtype=torch.qint8, inplace=True)
 
 
 def is_dynamic_int8(module: nn.Module) -> bool:
@@ -126,7 +130,7 @@ def load_int8_weights(model: nn.Module, info: dict[str, Any], tensors: dict[str,
     if info.get("backend") != "torch_int8":
         raise CheckpointError(f"{QUANT_ATTR}: unknown backend {info.get('backend')!r}")
     tensors = dict(tensors)
-    quantize_dynamic_(model, list(info["modules"]))
+    quantize_dynamic_(model, list(info["modules"]), per_channel=bool(info.get("per_channel", False)))
     for name, module in quantized_modules(model):
         try:
             codes = tensors.pop(f"{name}.weight_int8")

@@ -81,13 +81,25 @@ class ActivationScales(nn.Module):
             rho.clamp_(min=self.min_log)
 
     @torch.no_grad()
-    def fold_into_weights(self) -> dict:
-        """Fold s into the up-projection rows (and its LoRA B) and 1/s into the down-projection columns (and LoRA A)."""
+    def fold_into_weights(self, model: nn.Module | None = None, separate_inverse: bool = False) -> dict:
+        """Fold s into the up-projection rows (and its LoRA B), and 1/s into the down-projection columns (and LoRA A).
+
+        `separate_inverse=True` keeps 1/s as a per-neuron multiply after the activation (`ScaledActivation`,
+        recorded in the config so the model reloads): the down-projection keeps its weights and its input
+        keeps its range, which int8 (per-tensor activations) needs. `model` is the model the blocks live in.
+        """
         self.detach_hooks()
         for i, b in enumerate(self.blocks):
             s = self.scale(i)
             _scale_rows(b.up, s, b.names.get("up", "up"))
-            _scale_columns(b.down, 1.0 / s, b.names.get("down", "down"))
+            if separate_inverse:
+                wrap_activation(model, b, 1.0 / s)
+            else:
+                _scale_columns(b.down, 1.0 / s, b.names.get("down", "down"))
+        if separate_inverse:
+            from deftcompress.architecture import model_config
+
+            setattr(model_config(model), SCALED_ACT_ATTR, {"format": 1, "layers": [b.label for b in self.blocks]})
         values = torch.cat([r.detach().exp().cpu() for r in self.rho])
         return {"neurons": int(values.numel()), "median": round(float(values.median()), 3),
                 "max": round(float(values.max()), 3), "fraction_above_10": round(float((values > 10).float().mean()), 4)}
@@ -123,6 +135,52 @@ def _scale_columns(module: nn.Module, inv: torch.Tensor, where: str) -> None:
     base.weight.mul_(inv.to(base.weight.dtype)[None, :])
     for layer in lora_a:
         layer.weight.mul_(inv.to(layer.weight.dtype)[None, :])
+
+
+SCALED_ACT_ATTR = "deftcompress_activation_scales"  # config record: these layers carry a ScaledActivation
+
+
+class ScaledActivation(nn.Module):
+    """act(x) * inverse_scale, per neuron: the activation with DEFT's 1/s kept apart from the down-projection.
+
+    Zeros stay exactly where `act` makes them, so density is unchanged; the density meter and the ONNX
+    export see this module in the activation's place.
+    """
+
+    def __init__(self, act: nn.Module, inverse_scale: torch.Tensor):
+        super().__init__()
+        self.act = act
+        self.register_buffer("inverse_scale", inverse_scale.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x) * self.inverse_scale.to(x.dtype)
+
+
+def wrap_activation(model: nn.Module, block: MLPBlock, inverse_scale: torch.Tensor) -> ScaledActivation:
+    """Put a ScaledActivation in the place of `block`'s activation module (found by its full name in `model`)."""
+    name = block.names["act"]
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    wrapped = ScaledActivation(getattr(parent, child), inverse_scale)
+    setattr(parent, child, wrapped)
+    block.act = wrapped
+    return wrapped
+
+
+def wrap_recorded_activations(model: nn.Module) -> int:
+    """Rebuild the ScaledActivation modules a saved config records (scales 1; loading the weights sets them)."""
+    from deftcompress.architecture import mlp_blocks, model_config
+
+    record = getattr(model_config(model), SCALED_ACT_ATTR, None)
+    if not record:
+        return 0
+    wanted = set(record.get("layers", []))
+    count = 0
+    for block in mlp_blocks(model):
+        if block.label in wanted and not isinstance(block.act, ScaledActivation):
+            wrap_activation(model, block, torch.ones(int(block.down.in_features), device=next(block.down.parameters()).device))
+            count += 1
+    return count
 
 
 class ScaleFloor(Constraint):

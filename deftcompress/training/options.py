@@ -163,6 +163,10 @@ class DensityOptions:
         None, "train a per-neuron scale s >= 1 on each MLP's activation input (undone after the activation, folded "
               "into the weights at the end) so the frozen activation can reach exact zeros; null = on whenever density "
               "pressure is on and the base weights are float (not qlora)")
+    activation_scale_fold: Literal["weights", "activation"] = option(
+        "weights", "where the scales go after training: weights = s into the up-projection rows and 1/s into the "
+                   "down-projection columns (a stock checkpoint); activation = 1/s stays a per-neuron multiply after the "
+                   "activation (for int8: quantized weights and activations cannot hold a 1/s spread of ~1000)")
     activation_scale_lr: float = option(0.15, "learning rate of the scales' logarithms")
     activation_scale_min: float = option(1.0, "lower bound of every scale")
     density_grad: Literal["all", "scale_only"] = option(
