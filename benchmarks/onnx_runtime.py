@@ -5,7 +5,8 @@ keeps 1/s of its activation scales after the activation (as `activation_scale_fo
 does, rebuilt from the scales saved beside the adapter) and compares, in one process:
 
 - PyTorch eager fp32, PyTorch dynamic int8 (per-channel weights);
-- onnxruntime fp32 and onnxruntime dynamic int8 (per-channel) of the exported graph.
+- onnxruntime fp32 and onnxruntime dynamic int8 (per-channel) of the exported graph, with and without
+  the density outputs (which cost extra passes over the activations and keep the activation unfused).
 
 Latency: the same length-sorted batches of the dev rows, at batch 1 and batch 32; each variant runs
 in turn, `--repeats` rounds, and the table gives the median per variant as a ratio to PyTorch fp32
@@ -71,26 +72,32 @@ def main() -> None:
     int8_model = quantize_dynamic_(copy.deepcopy(model), names, per_channel=True)
     tmp = tempfile.TemporaryDirectory()
     graph = export_onnx(model, tokenizer, arch, Path(tmp.name) / "fp32", density_outputs=True)
-    int8_graph = copy.deepcopy(graph)
-    int8_graph.folder = str(Path(tmp.name) / "int8")
-    Path(int8_graph.folder).mkdir()
-    for f in Path(graph.folder).iterdir():
-        if f.suffix != ".onnx":
-            (Path(int8_graph.folder) / f.name).write_bytes(f.read_bytes())
-    quantize_dynamic(f"{graph.folder}/model.onnx", f"{int8_graph.folder}/model.onnx", per_channel=True,
-                     weight_type=QuantType.QInt8)
-    options = SessionSettings(threads=args.threads)
+    plain = export_onnx(model, tokenizer, arch, Path(tmp.name) / "fp32_plain", density_outputs=False)
 
+    def int8_of(source, name):
+        target = copy.deepcopy(source)
+        target.folder = str(Path(tmp.name) / name)
+        Path(target.folder).mkdir()
+        for f in Path(source.folder).iterdir():
+            if f.suffix != ".onnx":
+                (Path(target.folder) / f.name).write_bytes(f.read_bytes())
+        quantize_dynamic(f"{source.folder}/model.onnx", f"{target.folder}/model.onnx", per_channel=True,
+                         weight_type=QuantType.QInt8)
+        return target
+
+    options = SessionSettings(threads=args.threads)
     variants = {"PyTorch fp32": ("torch", model), "PyTorch int8": ("torch", int8_model),
-                "onnxruntime fp32": ("ort", graph), "onnxruntime int8": ("ort", int8_graph)}
-    sizes = {"PyTorch fp32": state_dict_bytes(model), "PyTorch int8": state_dict_bytes(int8_model),
-             "onnxruntime fp32": os.path.getsize(f"{graph.folder}/model.onnx"),
-             "onnxruntime int8": os.path.getsize(f"{int8_graph.folder}/model.onnx")}
+                "onnxruntime fp32": ("ort", graph), "onnxruntime int8": ("ort", int8_of(graph, "int8")),
+                "onnxruntime fp32, no density outputs": ("ort", plain),
+                "onnxruntime int8, no density outputs": ("ort", int8_of(plain, "int8_plain"))}
+    sizes = {name: state_dict_bytes(obj) if kind == "torch" else os.path.getsize(f"{obj.folder}/model.onnx")
+             for name, (kind, obj) in variants.items()}
     quality = {}
     for name, (kind, obj) in variants.items():
         ev = (evaluate(obj, tokenizer, task, rows, arch, EvalSettings(), progress=False) if kind == "torch" else
               evaluate_onnx(obj, tokenizer, task, rows, arch, EvalSettings(), options))
-        quality[name] = {"accuracy": round(ev.task_score, 4), "density": round(ev.density.encoder, 4)}
+        quality[name] = {"accuracy": round(ev.task_score, 4),
+                         "density": round(ev.density.encoder, 4) if ev.density is not None else None}
         print(name, quality[name], flush=True)
 
     features = encode_inputs(tokenizer, task, arch, rows[: args.latency_rows], 128)
@@ -128,7 +135,8 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     for name in variants:
         b1, b32 = latency[1][name], latency[32][name]
-        lines.append(f"| {name} | {quality[name]['accuracy']:.4f} | {quality[name]['density']:.4f} | "
+        density = f"{quality[name]['density']:.4f}" if quality[name]["density"] is not None else "-"
+        lines.append(f"| {name} | {quality[name]['accuracy']:.4f} | {density} | "
                      f"{sizes[name] / 1e6:.1f} | {b1['ms_per_row']} | {b1['ratio']}x | {b32['ms_per_row']} | {b32['ratio']}x |")
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}.md")
