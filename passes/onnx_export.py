@@ -38,6 +38,9 @@ class OnnxExportConfig(PassConfig):
                                           "(mlp_nonzero, mlp_positions, mlp_density; classifiers)")
     check: bool = option(True, "parity check on the evaluation rows: logits, predictions, density")
     check_tolerance: float = option(1.0e-4, "largest absolute logit difference the parity check accepts")
+    density_tolerance: float = option(
+        1.0e-3, "largest per-layer exact-density difference the parity check accepts: torch's and onnxruntime's erf "
+                "round differently within about 0.05 of GELU's zero point, so a few activations there differ")
     check_rows: int | None = option(64, "evaluation rows used by the parity check (null: all)")
     threads: int = option(0, "onnxruntime intra-op threads for checks and evaluation (0: onnxruntime decides)")
     optimization: Literal["disable", "basic", "extended", "all"] = option(
@@ -46,8 +49,8 @@ class OnnxExportConfig(PassConfig):
     def problem(self) -> str | None:
         if not 14 <= self.opset <= 21:
             return f"opset must be in [14, 21], got {self.opset}"
-        if not 0 < self.check_tolerance <= 1:
-            return f"check_tolerance must be in (0, 1], got {self.check_tolerance}"
+        if not 0 < self.check_tolerance <= 1 or not 0 <= self.density_tolerance <= 1:
+            return "check_tolerance must be in (0, 1] and density_tolerance in [0, 1]"
         if self.check_rows is not None and not 1 <= self.check_rows <= 10**6:
             return "check_rows must be >= 1 or null"
         if not 0 <= self.threads <= 1024:
@@ -118,7 +121,7 @@ def parity_check(state, graph, config) -> dict[str, Any]:
     features = encode_inputs(state.tokenizer, state.task, state.arch, rows, state.recipe.max_seq_length)
     model = state.model.eval()
     worst, same, compared = 0.0, 0, 0
-    nonzero_torch, nonzero_ort = None, None
+    nonzero_torch, nonzero_ort, positions = None, None, 0
     for s in range(0, len(features), 16):
         batch = pad_inputs(state.tokenizer, features[s:s + 16], "longest", state.recipe.max_seq_length)
         with torch.no_grad(), _counting(state, graph) as counts:
@@ -133,18 +136,24 @@ def parity_check(state, graph, config) -> dict[str, Any]:
             nz = np.array(counts.totals, dtype=np.int64)
             nonzero_torch = nz if nonzero_torch is None else nonzero_torch + nz
             nonzero_ort = out["mlp_nonzero"] if nonzero_ort is None else nonzero_ort + out["mlp_nonzero"]
+            positions += int(out["mlp_positions"][0])
     result: dict[str, Any] = {"rows": compared, "max_abs_logit_diff": worst, "same_predictions": same,
                               "tolerance": config.check_tolerance}
+    density_gap = 0.0
     if graph.density_outputs:
         result["nonzero_torch"], result["nonzero_onnxruntime"] = nonzero_torch.tolist(), nonzero_ort.tolist()
+        widths = np.array(graph.widths, dtype=np.float64)
+        density_gap = float(np.abs(nonzero_torch - nonzero_ort).max() / (positions * widths).min())
+        result["max_density_diff"] = density_gap
+        result["density_tolerance"] = config.density_tolerance
     problems = []
     if worst > config.check_tolerance:
         problems.append(f"largest logit difference {worst:.3g} > check_tolerance {config.check_tolerance:g}")
     if same != compared:
         problems.append(f"{compared - same} of {compared} predictions differ")
-    if graph.density_outputs and nonzero_torch.tolist() != nonzero_ort.tolist():
-        problems.append(f"nonzero activations per layer differ (torch {nonzero_torch.tolist()}, "
-                        f"onnxruntime {nonzero_ort.tolist()})")
+    if density_gap > config.density_tolerance:
+        problems.append(f"per-layer density differs by {density_gap:.3g} > density_tolerance {config.density_tolerance:g} "
+                        f"(nonzero torch {nonzero_torch.tolist()}, onnxruntime {nonzero_ort.tolist()})")
     if problems:
         raise ParityError(f"onnx_export: the exported graph does not match the PyTorch model on {compared} evaluation "
                           f"rows: {'; '.join(problems)}")

@@ -30,7 +30,7 @@ def test_classifier_round_trip_with_density_outputs(tiny_checkpoint, tiny_data, 
     pruned, exported = report.steps[1], report.steps[2]
     parity = exported.details["parity"]
     assert parity["max_abs_logit_diff"] <= 1e-4 and parity["same_predictions"] == parity["rows"] == 24
-    assert parity["nonzero_torch"] == parity["nonzero_onnxruntime"]
+    assert parity["nonzero_torch"] == parity["nonzero_onnxruntime"] and parity["max_density_diff"] == 0  # random weights
     # the step after the export is measured in onnxruntime: same score, and the graph's density equals the meter's
     assert exported.task_score == pruned.task_score and exported.details["runtime"].startswith("onnxruntime")
     stack = "decoder" if family == "llama" else "encoder"
@@ -144,3 +144,16 @@ def test_the_export_survives_a_resume(pipeline_state, tmp_path):
     assert fresh.onnx == state.onnx and fresh.onnx.density_outputs
     saved = json.loads((tmp_path / "state" / "state.json").read_text())
     assert not saved["onnx"]["folder"].startswith("/")  # relative to the run folder
+
+
+def test_structurally_pruned_neurons_are_gone_from_the_graph(pipeline_state, one_thread):
+    import onnx
+    from onnx import numpy_helper
+
+    state = pipeline_state("bert")
+    _run_pass(state, "structured_prune", mlp_ratio=0.5, round_to=1)
+    _run_pass(state, "onnx_export", density_outputs=True)
+    graph = onnx.load(f"{state.onnx.folder}/model.onnx").graph
+    shapes = sorted(tuple(numpy_helper.to_array(t).shape) for t in graph.initializer if len(t.dims) == 2)
+    assert (32, 32) in shapes and (32, 64) not in shapes and (64, 32) not in shapes  # MLP 64 -> 32 neurons
+    assert state.onnx.widths == [32, 32]
