@@ -86,7 +86,7 @@ def evaluate_onnx(graph: OnnxGraph, tokenizer, task, examples: list[dict], arch,
     metrics = compute_metrics(task, predictions, examples)
     density = None
     if graph.density_outputs and nonzero is not None:
-        per_layer = [LayerDensity(label.split(".")[0], int(label.split(".")[1]), float(nz) / (int(pos) * w), float("nan"), w)
+        per_layer = [LayerDensity(label.split(".")[0], int(label.split(".")[1]), float(nz) / (int(pos) * w), None, w)
                      for label, nz, pos, w in zip(graph.layers, nonzero, positions, graph.widths)]
         stacks = {}
         for layer, nz, pos, w in zip(per_layer, nonzero, positions, graph.widths):
