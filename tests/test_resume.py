@@ -142,6 +142,9 @@ def test_an_error_in_a_pass_keeps_the_earlier_passes(tiny_checkpoint, tiny_data,
         failed = json.loads((out / "report.json").read_text())
         assert failed["status"] == "failed" and "boom" in failed["error"]
         assert [s["pass"] for s in failed["steps"]] == ["baseline", "magnitude_prune"]
+        from deftcompress.reporting.report import Report
+
+        assert Report.load(out).text_table().startswith("status: failed (RuntimeError: boom)")  # what `report` prints
         report = run_recipe(recipe, output_dir=out, quiet=True)
         assert report.resumed_from == 2 and report.status == "finished" and calls == [2, 2]
         assert report.steps[1].details["sparsity_achieved"] == pytest.approx(0.2, abs=1e-4)

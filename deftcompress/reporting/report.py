@@ -137,7 +137,11 @@ class Report:
                 for l in step.density.get("per_layer", [])]
 
     def text_table(self) -> str:
-        lines = [_align([self.headers()] + self.table_rows())]
+        lines = []
+        if self.status != "finished":
+            lines.append(f"status: {self.status}" + (f" ({self.error})" if self.error else "")
+                         + "; finished passes are kept: the same apply command resumes\n")
+        lines.append(_align([self.headers()] + self.table_rows()))
         if self.steps:
             s = self.steps[-1]
             lines.append(f"\nper-layer density after step {s.index} ({s.pass_name}, mode={s.density.get('mode')}):")
