@@ -16,6 +16,7 @@ After this pass the step is measured in onnxruntime (what a deployment runs).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -83,17 +84,16 @@ class OnnxExport(Pass):
         return dataclasses.replace(base, runtime="onnxruntime", ort_threads=c.threads, ort_optimization=c.optimization)
 
     def run(self, state) -> dict[str, Any]:
-        from deftcompress.export.onnx import describe, export_onnx
+        from deftcompress.export.onnx import ExportError, describe, export_onnx
         from deftcompress.peft_methods.wrapping import is_wrapped
 
         c = self.config
-        if is_wrapped(state.model):
-            raise ParityError("onnx_export: the model carries a PEFT adapter; merge it first (merge: true)")
+        if is_wrapped(state.model):  # validation refuses this plan; kept for Python callers that bypass it
+            raise ExportError("onnx_export: the model carries a PEFT adapter; merge it first (merge: true)")
         t0 = time.perf_counter()
         graph = export_onnx(state.model, state.tokenizer, state.arch, state.pass_dir(self.name) / "onnx", c.opset,
                             c.density_outputs)
         export_seconds = time.perf_counter() - t0
-        graph.folder = str(graph.folder)
         state.onnx = graph
         details: dict[str, Any] = {"opset": c.opset, **describe(graph), "density_outputs": c.density_outputs,
                                    "export_seconds": round(export_seconds, 2),
@@ -110,7 +110,9 @@ def parity_check(state, graph, config) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from deftcompress.architecture import mlp_blocks
     from deftcompress.data.features import encode_inputs, pad_inputs
+    from deftcompress.measurement.density import DensityMeter
     from deftcompress.runtime.onnxruntime import SessionSettings, classifier_outputs, session
 
     rows = state.eval_examples()[: config.check_rows] if config.check_rows else state.eval_examples()
@@ -120,32 +122,30 @@ def parity_check(state, graph, config) -> dict[str, Any]:
     sess = session(f"{graph.folder}/{graph.main_file()}", settings)
     features = encode_inputs(state.tokenizer, state.task, state.arch, rows, state.recipe.max_seq_length)
     model = state.model.eval()
-    worst, same, compared = 0.0, 0, 0
-    nonzero_torch, nonzero_ort, positions = None, None, 0
+    # the same meter as every PyTorch measurement, counting over real tokens as the graph's outputs do
+    meter = DensityMeter(mlp_blocks(model, state.arch), "masked") if graph.density_outputs else None
+    worst, same, compared, nonzero_ort = 0.0, 0, 0, 0
     for s in range(0, len(features), 16):
         batch = pad_inputs(state.tokenizer, features[s:s + 16], "longest", state.recipe.max_seq_length)
-        with torch.no_grad(), _counting(state, graph) as counts:
+        with torch.no_grad(), meter or contextlib.nullcontext():
+            if meter is not None:
+                meter.set_token_mask(state.arch.stacks[0].name, batch["attention_mask"].to(state.device))
             torch_logits = model(**{k: v.to(state.device) for k, v in batch.items()}).logits.float().cpu().numpy()
-            if counts is not None:
-                counts.mask = batch["attention_mask"]
         out = classifier_outputs(sess, batch)
         worst = max(worst, float(np.abs(out["logits"] - torch_logits).max()))
         same += int((out["logits"].argmax(-1) == torch_logits.argmax(-1)).sum())
         compared += len(torch_logits)
-        if graph.density_outputs:
-            nz = np.array(counts.totals, dtype=np.int64)
-            nonzero_torch = nz if nonzero_torch is None else nonzero_torch + nz
-            nonzero_ort = out["mlp_nonzero"] if nonzero_ort is None else nonzero_ort + out["mlp_nonzero"]
-            positions += int(out["mlp_positions"][0])
+        if meter is not None:
+            nonzero_ort = nonzero_ort + out["mlp_nonzero"].astype(np.int64)
     result: dict[str, Any] = {"rows": compared, "max_abs_logit_diff": worst, "same_predictions": same,
                               "tolerance": config.check_tolerance}
     density_gap = 0.0
-    if graph.density_outputs:
-        result["nonzero_torch"], result["nonzero_onnxruntime"] = nonzero_torch.tolist(), nonzero_ort.tolist()
-        widths = np.array(graph.widths, dtype=np.float64)
-        density_gap = float(np.abs(nonzero_torch - nonzero_ort).max() / (positions * widths).min())
-        result["max_density_diff"] = density_gap
-        result["density_tolerance"] = config.density_tolerance
+    if meter is not None:
+        counts = meter.counts()  # (nonzero, positions, width) per layer
+        nonzero_torch = [nz for nz, _, _ in counts]
+        density_gap = max(abs(t - int(o)) / (pos * width) for t, o, (_, pos, width) in zip(nonzero_torch, nonzero_ort, counts))
+        result.update(nonzero_torch=nonzero_torch, nonzero_onnxruntime=[int(o) for o in nonzero_ort],
+                      max_density_diff=density_gap, density_tolerance=config.density_tolerance)
     problems = []
     if worst > config.check_tolerance:
         problems.append(f"largest logit difference {worst:.3g} > check_tolerance {config.check_tolerance:g}")
@@ -153,45 +153,11 @@ def parity_check(state, graph, config) -> dict[str, Any]:
         problems.append(f"{compared - same} of {compared} predictions differ")
     if density_gap > config.density_tolerance:
         problems.append(f"per-layer density differs by {density_gap:.3g} > density_tolerance {config.density_tolerance:g} "
-                        f"(nonzero torch {nonzero_torch.tolist()}, onnxruntime {nonzero_ort.tolist()})")
+                        f"(nonzero torch {result['nonzero_torch']}, onnxruntime {result['nonzero_onnxruntime']})")
     if problems:
         raise ParityError(f"onnx_export: the exported graph does not match the PyTorch model on {compared} evaluation "
                           f"rows: {'; '.join(problems)}")
     return result
-
-
-class _Counts:
-    def __init__(self, n: int):
-        self.totals = [0] * n
-        self.mask = None
-
-
-def _counting(state, graph):
-    """Hooks counting exact nonzeros over real tokens per MLP layer (the mask is set right after the forward)."""
-    from contextlib import contextmanager
-
-    from deftcompress.architecture import mlp_blocks
-
-    @contextmanager
-    def counting():
-        if not graph.density_outputs:
-            yield None
-            return
-        blocks = mlp_blocks(state.model, state.arch)
-        counts = _Counts(len(blocks))
-        captured = [None] * len(blocks)
-        handles = [b.act.register_forward_hook(lambda m, i, o, k=k: captured.__setitem__(k, o.detach()))
-                   for k, b in enumerate(blocks)]
-        try:
-            yield counts
-        finally:
-            for h in handles:
-                h.remove()
-        mask = counts.mask.to(captured[0].device).bool()
-        for k, act in enumerate(captured):
-            counts.totals[k] = int((act != 0)[mask].sum())
-
-    return counting()
 
 
 def _text_to_text_parity(state, graph, rows, settings, config) -> dict[str, Any]:

@@ -49,6 +49,13 @@ def encode_inputs(tokenizer, task: TaskSpec, arch: "ArchSpec", examples: list[di
     return [{k: enc[k][i] for k in keys} for i in range(len(examples))]
 
 
+def length_sorted_batches(features: list[dict], batch_size: int):
+    """Batches of example indices, shortest first: little padding, so fast; callers restore the order."""
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
 def pad_inputs(tokenizer, features: list[dict], padding: str = "longest", max_length: int = 128) -> dict[str, torch.Tensor]:
     """Pad features to the longest (`longest`) or to `max_length` (`max_length`, the DEFT paper's padding)."""
     kwargs = {"padding": "max_length", "max_length": max_length} if padding == "max_length" else {"padding": "longest"}

@@ -91,6 +91,11 @@ def data_root(data_dir: str | os.PathLike | None) -> Path | None:
 def load_examples(task: TaskSpec, split: Split, data_dir: str | os.PathLike | None = None,
                   max_samples: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Examples of one split; `max_samples` takes a seeded random subset for train, the first rows for validation."""
+    return take_examples(read_split(task, split, data_dir), split, max_samples, seed)
+
+
+def read_split(task: TaskSpec, split: Split, data_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Every example of one split, read and checked."""
     root = data_root(data_dir)
     if task.kind == "qa":
         examples = _squad_local(root, split) if root else _squad_hub(split)
@@ -98,12 +103,16 @@ def load_examples(task: TaskSpec, split: Split, data_dir: str | os.PathLike | No
         examples = _glue_local(task, root, split) if root else _glue_hub(task, split)
     if not examples:
         raise DataError(f"{task.name} {split}: no examples found")
-    if max_samples is not None and max_samples < len(examples):
-        if split == "train":
-            examples = random.Random(seed).sample(examples, max_samples)
-        else:
-            examples = examples[:max_samples]
     return examples
+
+
+def take_examples(examples: list[dict[str, Any]], split: Split, max_samples: int | None, seed: int) -> list[dict[str, Any]]:
+    """The rows a run uses: a seeded random subset of train, the first rows of validation (all if max_samples is None)."""
+    if max_samples is None or max_samples >= len(examples):
+        return examples
+    if split == "train":
+        return random.Random(seed).sample(examples, max_samples)
+    return examples[:max_samples]
 
 
 def _glue_local(task: TaskSpec, root: Path, split: Split) -> list[dict[str, Any]]:

@@ -49,10 +49,8 @@ class OnnxGraph:
         return CLASSIFIER_FILE if self.kind == "classifier" else "encoder_model.onnx"
 
 
-def _scope(module_name: str, prefix: str = "") -> str:
+def _scope(module_name: str) -> str:
     """The exporter's node-name scope of a module: `bert.encoder.layer.0.x` -> `/bert/encoder/layer.0/x/`."""
-    if prefix and module_name.startswith(prefix):
-        module_name = module_name[len(prefix):]
     parts: list[str] = []
     for part in module_name.split("."):
         if part.isdigit() and parts:

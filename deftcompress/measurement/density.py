@@ -81,7 +81,7 @@ class LayerDensity:
     stack: str
     layer: int
     density: float
-    above_tau: float
+    above_tau: float | None  # None where it is not measured (the onnxruntime graph counts exact zeros only)
     width: int
 
 
@@ -177,30 +177,46 @@ class DensityMeter:
         self._nonzero[i] += nonzero
         self._above[i] += above
 
-    def result(self) -> DensityResult:
-        per_layer: list[LayerDensity] = []
-        sums: dict[str, list[float]] = {}
+    def counts(self) -> list[tuple[int, int, int]]:
+        """Per block (in `blocks` order): exact nonzeros, counted positions and width so far."""
         nonzero = self._nonzero.tolist() if self._nonzero is not None else [0] * len(self.blocks)
+        return [(int(nonzero[i]), self._positions[i], self._width[i]) for i in range(len(self.blocks))]
+
+    def result(self) -> DensityResult:
         above = self._above.tolist() if self._above is not None else [0] * len(self.blocks)
-        positions: dict[str, int] = {}
-        for i, b in enumerate(self.blocks):
-            pos = self._positions[i]
-            total = pos * self._width[i]
-            if total == 0:
-                continue
-            positions[b.stack] = pos
-            per_layer.append(LayerDensity(b.stack, b.index, nonzero[i] / total, above[i] / total, self._width[i]))
-            acc = sums.setdefault(b.stack, [0, 0, 0])
-            acc[0] += nonzero[i]
-            acc[1] += above[i]
-            acc[2] += total
+        return density_from_counts([(b.stack, b.index) for b in self.blocks], self.counts(), above, self.mode, self.tau)
 
-        def frac(stack: str, k: int) -> float | None:
-            acc = sums.get(stack)
-            return acc[k] / acc[2] if acc and acc[2] else None
 
-        return DensityResult(
-            encoder=frac("encoder", 0), decoder=frac("decoder", 0),
-            encoder_above_tau=frac("encoder", 1), decoder_above_tau=frac("decoder", 1),
-            per_layer=per_layer, mode=self.mode, tau=self.tau, counted_positions=positions,
-        )
+def density_from_counts(layers: list[tuple[str, int]], counts: list[tuple[int, int, int]], above: list[int] | None,
+                        mode: str, tau: float) -> DensityResult:
+    """Per-layer and per-stack density from (nonzero, positions, width) per layer and optional |a| > tau counts.
+
+    Shared by the PyTorch meter and the onnxruntime runtime (whose graph returns the same counts);
+    without `above` the above-tau figures are None. Layers that counted nothing are left out.
+    """
+    per_layer: list[LayerDensity] = []
+    sums: dict[str, list[float]] = {}
+    positions: dict[str, int] = {}
+    for i, ((stack, index), (nonzero, pos, width)) in enumerate(zip(layers, counts)):
+        total = pos * width
+        if total == 0:
+            continue
+        positions[stack] = pos
+        above_i = above[i] if above is not None else None
+        per_layer.append(LayerDensity(stack, index, nonzero / total, above_i / total if above_i is not None else None, width))
+        acc = sums.setdefault(stack, [0, 0, 0])
+        acc[0] += nonzero
+        acc[1] += above_i or 0
+        acc[2] += total
+
+    def frac(stack: str, k: int) -> float | None:
+        acc = sums.get(stack)
+        if k == 1 and above is None:
+            return None
+        return acc[k] / acc[2] if acc and acc[2] else None
+
+    return DensityResult(
+        encoder=frac("encoder", 0), decoder=frac("decoder", 0),
+        encoder_above_tau=frac("encoder", 1), decoder_above_tau=frac("decoder", 1),
+        per_layer=per_layer, mode=mode, tau=tau, counted_positions=positions,
+    )

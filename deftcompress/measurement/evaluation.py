@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from deftcompress.architecture import ArchSpec, mlp_blocks
 from deftcompress.measurement.density import DensityMeter, DensityMode, DensityResult
-from deftcompress.data.features import encode_inputs, pad_inputs, target_batch
+from deftcompress.data.features import encode_inputs, length_sorted_batches, pad_inputs, target_batch
 from deftcompress.data.metrics import compute_metrics
 from deftcompress.data.tasks import TaskSpec
 from deftcompress.data.text_to_text import max_answer_tokens, parse_t5_prediction
@@ -54,13 +54,6 @@ class Evaluation:
         return 1000.0 * self.seconds / max(self.examples, 1)
 
 
-def _batches(features: list[dict], batch_size: int):
-    # Length-sorted batches: little padding, so fast; order is restored when scoring.
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
-
-
 def _generate_takes_encoder_outputs(model: nn.Module) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "encoder_outputs" in inspect.signature(base.forward).parameters
@@ -87,7 +80,7 @@ def evaluate(model: nn.Module, tokenizer, task: TaskSpec, examples: list[dict], 
     try:
         if meter:
             meter.__enter__()
-        for idx in _batches(features, settings.batch_size):
+        for idx in length_sorted_batches(features, settings.batch_size):
             padded = pad_inputs(tokenizer, [features[i] for i in idx], padding, settings.max_seq_length)
             batch = {k: v.to(device) for k, v in padded.items()}
             if text_to_text:

@@ -35,9 +35,9 @@ STATE_DIR = "state"
 PROGRESS_FORMAT = 1
 
 
-def recipe_hash(recipe: "Recipe") -> str:
-    """sha256 of what decides a run's numbers: the resolved recipe (not its name or output folder), the data and model paths."""
-    from deftcompress.core.model_refs import resolve_model_ref
+def recipe_hash(recipe: "Recipe", model_ref: str) -> str:
+    """sha256 of what decides a run's numbers: the resolved recipe (not its name or output folder), the data
+    and model paths (`model_ref`: the recipe's model, resolved by `resolve_model_ref`)."""
     from deftcompress.data.tasks import data_root
 
     resolved = recipe.to_dict()
@@ -45,7 +45,7 @@ def recipe_hash(recipe: "Recipe") -> str:
         resolved.pop(key, None)
     root = data_root(recipe.data_dir)
     resolved["data"] = str(root.resolve()) if root is not None else "hub"
-    model = Path(resolve_model_ref(recipe.model, trust_pickle=recipe.trust_pickle)).expanduser()
+    model = Path(model_ref).expanduser()
     resolved["model"] = str(model.resolve()) if model.exists() else recipe.model
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -53,10 +53,11 @@ def recipe_hash(recipe: "Recipe") -> str:
 class RunProgress:
     """Reads and commits `progress.json` of one run folder (only the main process writes)."""
 
-    def __init__(self, folder: Path, data: dict[str, Any], main: bool = True):
+    def __init__(self, folder: Path, data: dict[str, Any], main: bool = True, recipe_yaml: str = ""):
         self.folder = folder
         self.data = data
         self.main = main
+        self.recipe_yaml = recipe_yaml  # written with the marker when a new run's folder is created
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -84,11 +85,7 @@ class RunProgress:
             return cls(folder, _read(path), main)
         data = {"format": PROGRESS_FORMAT, "recipe_hash": digest, "status": "running", "steps": [], "model_state": None,
                 "last_eval_settings": None, "model_changed_since_eval": False}
-        progress = cls(folder, data, main)
-        progress.recipe_yaml = recipe_yaml
-        return progress
-
-    recipe_yaml = ""
+        return cls(folder, data, main, recipe_yaml)
 
     def _ensure_folder(self) -> None:
         if (self.folder / MARKER).is_file():

@@ -7,6 +7,7 @@ any reason resumes after its last finished pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 import shutil
@@ -49,11 +50,11 @@ def _measure(state: PipelineState, settings: EvalSettings, desc: str) -> Evaluat
 def _step(state: PipelineState, name: str, evaluation: Evaluation, seconds: float, details: dict,
           runtime: str = "torch") -> StepRecord:
     params, nonzero = count_parameters(state.model)
-    size = state_dict_bytes(state.model)
     if runtime == "onnxruntime":  # the step measured the graph: its size is the graph's files
-
         size = sum(Path(state.onnx.folder, f).stat().st_size for f in state.onnx.files)
         details.setdefault("runtime", f"onnxruntime ({'int8' if state.onnx.quantized else 'fp32'} graph; size = .onnx files)")
+    else:
+        size = state_dict_bytes(state.model)
     return make_step(state.step_index, name, evaluation, params, nonzero, size, seconds, details)
 
 
@@ -78,10 +79,15 @@ class Pipeline:
         self.final_state: PipelineState | None = None  # kept after run() for callers that reuse the model
         self.reused_finished_run = False
 
+    @functools.cached_property
+    def model_ref(self) -> str:
+        """The recipe's model as a folder (alias resolved, checkpoint checked) or a hub id; resolved once."""
+        return resolve_model_ref(self.recipe.model, trust_pickle=self.recipe.trust_pickle)
+
     def protected_inputs(self) -> dict[str, Path]:
         """Inputs the output folder must never be or contain: the checkpoint and the data folder."""
         protected = {}
-        model = Path(resolve_model_ref(self.recipe.model, trust_pickle=self.recipe.trust_pickle)).expanduser()
+        model = Path(self.model_ref).expanduser()
         if model.exists():
             protected["input checkpoint"] = model
         root = data_root(self.recipe.data_dir)
@@ -89,27 +95,22 @@ class Pipeline:
             protected["data folder"] = root
         return protected
 
-    def recipe_hash(self) -> str:
-        return recipe_hash(self.recipe)
-
     def run(self) -> Report:
         out = self.output_dir
         main = distributed.is_main_process()
         if main:  # refused before any model loads: a user's folder is never touched
             check_output_dir(out, self.protected_inputs())
         self.device = self._device()
-        self.examples = self._read_data()  # bad data fails here, before any model loads or any file is written
+        self.splits = self._read_data()  # bad data fails here, before any model loads or any file is written
         with run_lock(out) if main else nullcontext():
-            progress = RunProgress.open(out, self.recipe_hash(), restart=self.restart, main=main,
+            progress = RunProgress.open(out, recipe_hash(self.recipe, self.model_ref), restart=self.restart, main=main,
                                         recipe_yaml=self.recipe.to_yaml())
             if progress.finished:
                 self.reused_finished_run = True
                 self.log(f"{out}: this recipe already finished there; nothing to do (--restart runs it again)")
                 return Report.load(out)
-            report = None
             try:
-                report = self._run(progress)
-                return report
+                return self._run(progress)
             except BaseException as exc:
                 if main:
                     progress.stopped(exc)
@@ -122,16 +123,15 @@ class Pipeline:
             raise RecipeError(f"{self.recipe.source}: device: {self.recipe.device!r} cannot be used here "
                               f"({str(exc).splitlines()[0][:160]})") from None
 
-    def _read_data(self) -> dict:
-        """The evaluation rows, and the training rows if a pass trains: read (and checked) once, up front."""
-        from deftcompress.data.tasks import load_examples
+    def _read_data(self) -> dict[str, list]:
+        """The evaluation split, and the training split if a pass reads it: read (and checked) once, up front."""
+        from deftcompress.data.tasks import read_split
 
         recipe, task = self.recipe, get_task(self.recipe.task)
-        rows = {("validation", recipe.max_eval_samples):
-                load_examples(task, "validation", recipe.data_dir, recipe.max_eval_samples, recipe.seed)}
+        splits = {"validation": read_split(task, "validation", recipe.data_dir)}
         if any(p.cls.needs_train_data(p.config) for p in recipe.plan):
-            load_examples(task, "train", recipe.data_dir, None, recipe.seed)  # every row parses: no failure an hour in
-        return rows
+            splits["train"] = read_split(task, "train", recipe.data_dir)  # every row parses: no failure an hour in
+        return splits
 
     def _run(self, progress: "RunProgress") -> Report:
         recipe = self.recipe
@@ -140,7 +140,7 @@ class Pipeline:
         device = self.device
         task = get_task(recipe.task)
         torch.manual_seed(recipe.seed)  # the same new head as an uninterrupted run, whenever the source is loaded
-        ref = resolve_model_ref(recipe.model, trust_pickle=recipe.trust_pickle)
+        ref = self.model_ref
         report = Report(name=recipe.name, model=recipe.model, task=task.name, environment=_environment(device),
                         status="running", recipe_hash=progress.recipe_hash)
         report.steps = [StepRecord.from_dict(s) for s in progress.steps]
@@ -154,7 +154,7 @@ class Pipeline:
                                                               trust_pickle=recipe.trust_pickle)
         state = PipelineState(recipe=recipe, task=task, arch=arch, model=model, tokenizer=tokenizer, device=device,
                               work_dir=out, quiet=self.quiet)
-        state.preload_examples(self.examples)
+        state.preload_splits(self.splits)
         if progress.model_state is not None:
             state.restore(out / progress.model_state)
         if report.steps:

@@ -19,7 +19,7 @@ import torch
 from deftcompress.architecture import ArchSpec
 from deftcompress.core.protocol import Constraint
 from deftcompress.core.recipe import Recipe
-from deftcompress.data.tasks import TaskSpec, load_examples
+from deftcompress.data.tasks import TaskSpec, read_split, take_examples
 from deftcompress.measurement.evaluation import EvalSettings
 
 STATE_FILE = "state.json"
@@ -40,6 +40,7 @@ class PipelineState:
     constraints: list[Constraint] = field(default_factory=list)
     step_index: int = 0
     onnx: Any = None  # the exported graph (deftcompress.export.onnx.OnnxGraph) once an export pass ran
+    _splits: dict[str, list] = field(default_factory=dict, repr=False)
     _examples: dict[tuple, list] = field(default_factory=dict, repr=False)
 
     @property
@@ -47,14 +48,17 @@ class PipelineState:
         return self.recipe.seed
 
     def examples(self, split: str, max_samples: int | None = None) -> list[dict]:
+        """Rows of a split: each split is read once, subsets are taken from it (seeded)."""
         key = (split, max_samples)
         if key not in self._examples:
-            self._examples[key] = load_examples(self.task, split, self.recipe.data_dir, max_samples, self.recipe.seed)
+            if split not in self._splits:
+                self._splits[split] = read_split(self.task, split, self.recipe.data_dir)
+            self._examples[key] = take_examples(self._splits[split], split, max_samples, self.recipe.seed)
         return self._examples[key]
 
-    def preload_examples(self, rows: dict[tuple, list]) -> None:
-        """Rows already read (the pipeline reads the evaluation rows before any model loads)."""
-        self._examples.update(rows)
+    def preload_splits(self, splits: dict[str, list]) -> None:
+        """Splits already read (the pipeline reads them before any model loads)."""
+        self._splits.update(splits)
 
     def eval_examples(self) -> list[dict]:
         return self.examples("validation", self.recipe.max_eval_samples)

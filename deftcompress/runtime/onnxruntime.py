@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from deftcompress.data.features import encode_inputs, pad_inputs
+from deftcompress.data.features import encode_inputs, length_sorted_batches, pad_inputs
 from deftcompress.data.metrics import compute_metrics
 from deftcompress.export.onnx import OnnxGraph
 
@@ -58,52 +58,45 @@ def classifier_outputs(sess, batch: dict[str, Any]) -> dict[str, np.ndarray]:
 def evaluate_onnx(graph: OnnxGraph, tokenizer, task, examples: list[dict], arch, settings, session_settings: SessionSettings,
                   progress: bool = True, desc: str = "evaluate (onnxruntime)"):
     """Task score, density (from the graph's density outputs) and latency of an exported model."""
-    from deftcompress.measurement.density import DensityResult, LayerDensity
+    from tqdm.auto import tqdm
+
+    from deftcompress.measurement.density import density_from_counts
     from deftcompress.measurement.evaluation import Evaluation
 
     if graph.kind != "classifier":
-        return _evaluate_text_to_text(graph, tokenizer, task, examples, arch, settings, session_settings)
+        return _evaluate_text_to_text(graph, tokenizer, task, examples, arch, settings, session_settings, progress, desc)
     sess = session(Path(graph.folder) / graph.main_file(), session_settings)
     padding = "max_length" if settings.density_mode == "paper" else "longest"
     features = encode_inputs(tokenizer, task, arch, examples, settings.max_seq_length)
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     predictions: list[Any] = [None] * len(examples)
-    nonzero = positions = None
+    counted = graph.density_outputs and settings.density_mode == "masked"  # the graph counts real tokens only
+    nonzero = positions = 0
     start = time.perf_counter()
-    for s in range(0, len(order), settings.batch_size):
-        idx = order[s:s + settings.batch_size]
-        batch = pad_inputs(tokenizer, [features[i] for i in idx], padding, settings.max_seq_length)
-        out = classifier_outputs(sess, batch)
-        logits = out["logits"]
-        preds = logits[:, 0].astype(float).tolist() if task.kind == "regression" else logits.argmax(-1).tolist()
-        for i, p in zip(idx, preds):
-            predictions[i] = p
-        if graph.density_outputs and settings.density_mode == "masked":  # the graph counts real tokens only
-            nz, pos = out["mlp_nonzero"].astype(np.int64), out["mlp_positions"].astype(np.int64)
-            nonzero = nz if nonzero is None else nonzero + nz
-            positions = pos if positions is None else positions + pos
+    with tqdm(total=len(examples), desc=desc, disable=not progress, leave=False, unit="ex") as bar:
+        for idx in length_sorted_batches(features, settings.batch_size):
+            out = classifier_outputs(sess, pad_inputs(tokenizer, [features[i] for i in idx], padding, settings.max_seq_length))
+            logits = out["logits"]
+            preds = logits[:, 0].astype(float).tolist() if task.kind == "regression" else logits.argmax(-1).tolist()
+            for i, p in zip(idx, preds):
+                predictions[i] = p
+            if counted:
+                nonzero = nonzero + out["mlp_nonzero"].astype(np.int64)
+                positions = positions + out["mlp_positions"].astype(np.int64)
+            bar.update(len(idx))
     seconds = time.perf_counter() - start
     metrics = compute_metrics(task, predictions, examples)
     density = None
-    if graph.density_outputs and nonzero is not None:
-        per_layer = [LayerDensity(label.split(".")[0], int(label.split(".")[1]), float(nz) / (int(pos) * w), None, w)
-                     for label, nz, pos, w in zip(graph.layers, nonzero, positions, graph.widths)]
-        stacks = {}
-        for layer, nz, pos, w in zip(per_layer, nonzero, positions, graph.widths):
-            acc = stacks.setdefault(layer.stack, [0, 0])
-            acc[0] += int(nz)
-            acc[1] += int(pos) * w
-        frac = {k: v[0] / v[1] for k, v in stacks.items() if v[1]}
-        density = DensityResult(encoder=frac.get("encoder"), decoder=frac.get("decoder"), encoder_above_tau=None,
-                                decoder_above_tau=None, per_layer=per_layer, mode=settings.density_mode,
-                                tau=settings.density_tau,
-                                counted_positions={layer.stack: int(pos) for layer, pos in zip(per_layer, positions)})
+    if counted and len(examples):
+        layers = [(label.split(".")[0], int(label.split(".")[1])) for label in graph.layers]
+        counts = [(int(nz), int(pos), w) for nz, pos, w in zip(nonzero, positions, graph.widths)]
+        density = density_from_counts(layers, counts, None, settings.density_mode, settings.density_tau)
     return Evaluation(task_metric=task.metric, task_score=metrics[task.metric], metrics=metrics, density=density,
                       examples=len(examples), seconds=seconds, predictions=predictions)
 
 
-def _evaluate_text_to_text(graph, tokenizer, task, examples, arch, settings, session_settings):
+def _evaluate_text_to_text(graph, tokenizer, task, examples, arch, settings, session_settings, progress, desc):
     from optimum.onnxruntime import ORTModelForSeq2SeqLM
+    from tqdm.auto import tqdm
 
     from deftcompress.data.text_to_text import max_answer_tokens, parse_t5_prediction
     from deftcompress.measurement.evaluation import Evaluation
@@ -113,15 +106,15 @@ def _evaluate_text_to_text(graph, tokenizer, task, examples, arch, settings, ses
     features = encode_inputs(tokenizer, task, arch, examples, settings.max_seq_length)
     max_new = max_answer_tokens(tokenizer, task, settings.max_target_length)
     predictions: list[Any] = [None] * len(examples)
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     start = time.perf_counter()
-    for s in range(0, len(order), settings.batch_size):
-        idx = order[s:s + settings.batch_size]
-        batch = pad_inputs(tokenizer, [features[i] for i in idx], "longest", settings.max_seq_length)
-        generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   max_new_tokens=max_new)
-        for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):
-            predictions[i] = parse_t5_prediction(task, text)
+    with tqdm(total=len(examples), desc=desc, disable=not progress, leave=False, unit="ex") as bar:
+        for idx in length_sorted_batches(features, settings.batch_size):
+            batch = pad_inputs(tokenizer, [features[i] for i in idx], "longest", settings.max_seq_length)
+            generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       max_new_tokens=max_new)
+            for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+                predictions[i] = parse_t5_prediction(task, text)
+            bar.update(len(idx))
     seconds = time.perf_counter() - start
     metrics = compute_metrics(task, predictions, examples)
     return Evaluation(task_metric=task.metric, task_score=metrics[task.metric], metrics=metrics, density=None,
