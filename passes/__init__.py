@@ -1,6 +1,6 @@
 """Built-in passes, one module each. Importing this package registers them."""
 
 from . import evaluate  # noqa: F401
-from . import deft  # noqa: F401
+from . import ada_deft, deft  # noqa: F401
 from . import magnitude_prune, structured_prune, quantize  # noqa: F401
 from . import onnx_export  # noqa: F401

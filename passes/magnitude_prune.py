@@ -200,6 +200,7 @@ class ZeroMaskConstraint(Constraint):
         self.folded_lora_layers: list[str] = []
         self.remasked_after_merge: list[str] = []
         self._bnb_weight_ids: dict[str, int] = {}
+        self.forgotten = 0  # masks of modules a later pass removed (ADA-DEFT's skipped blocks)
 
     def state_tensors(self) -> dict[str, Any]:
         return {name: mask.to("cpu").contiguous() for name, mask in self.masks.items()}
@@ -269,11 +270,20 @@ class ZeroMaskConstraint(Constraint):
                 self._fold_lora(key, module)
         self._mask_weights(model)
 
+    def forget_modules(self, names: list[str]) -> None:
+        # Keys are plain-model names; removed names may carry a wrapper's prefix ("base_model.model.").
+        gone = [k for k in self.masks if any(n == k or n.endswith("." + k) for n in names)]
+        for key in gone:
+            del self.masks[key]
+            self._bnb_weight_ids.pop(key, None)
+        self.forgotten += len(gone)
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "masked_weights": len(self.masks),
                 "masked_entries": sum(_zeros(m) for m in self.masks.values()),
                 "lora_layers_folded_at_release": len(self.folded_lora_layers),
-                "quantized_layers_remasked": len(self.remasked_after_merge)}
+                "quantized_layers_remasked": len(self.remasked_after_merge),
+                "masks_dropped_with_removed_modules": self.forgotten}
 
     # -- masking ----------------------------------------------------------------------------------
 

@@ -8,11 +8,13 @@ model::
     "deftcompress_layout": {
       "format": 1,
       "mlp": {"encoder.0": {"kept": 1072, "of": 1536}, ...},
-      "attention": {"encoder.0": {"heads": [0, 2, 3, ...], "kv_heads": [0, 2, 3, ...], "of": 12}, ...}
+      "attention": {"encoder.0": {"heads": [0, 2, 3, ...], "kv_heads": [0, 2, 3, ...], "of": 12}, ...},
+      "skipped": ["encoder.3"]
     }
 
 Keys are architecture-table block labels (`stack.layer`); `heads` / `kv_heads` are the kept query /
-key-value heads in the original numbering. Loading (`deftcompress.models.loading.load_model_and_tokenizer`)
+key-value heads in the original numbering; `skipped` (optional) lists MLP blocks removed whole by ADA-DEFT
+(`deftcompress.architecture.skip`), which have no `mlp` entry. Loading (`deftcompress.models.loading.load_model_and_tokenizer`)
 builds the model from the stock config, shrinks it with `apply_layout` and then loads the
 safetensors weights. Stock `from_pretrained` refuses such a folder (shape mismatch), by design.
 
@@ -29,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from deftcompress.architecture import ArchSpec, AttentionBlock, MLPBlock, attention_blocks, mlp_blocks, model_config
+from deftcompress.architecture import (ArchSpec, AttentionBlock, MLPBlock, attention_blocks, mlp_blocks, model_config,
+                                       skipped_mlp_labels)
 from deftcompress.errors import ArchitectureError
 
 LAYOUT_ATTR = "deftcompress_layout"
@@ -163,11 +166,16 @@ def original_heads(model: nn.Module, block: AttentionBlock) -> tuple[list[int], 
     return list(range(count)), count
 
 
-def record_layout(model: nn.Module, arch: ArchSpec, heads: dict[str, tuple[list[int], int]],
-                  original_widths: dict[str, int]) -> dict:
-    """Write the current widths into the config (`heads`: block key -> (kept original heads, original count))."""
+def record_layout(model: nn.Module, arch: ArchSpec, heads: dict[str, tuple[list[int], int]] | None = None,
+                  original_widths: dict[str, int] | None = None) -> dict:
+    """Write the current widths and skipped MLP blocks into the config (`heads`: block key -> (kept original heads,
+    original count); `original_widths`: block key -> MLP width before the first pruning)."""
+    heads, original_widths = heads or {}, original_widths or {}
     old = layout_of(model) or {}
     layout: dict[str, Any] = {"format": LAYOUT_FORMAT, "mlp": {}, "attention": {}}
+    skipped = skipped_mlp_labels(model, arch)
+    if skipped:
+        layout["skipped"] = skipped
     for block in mlp_blocks(model, arch):
         key = block_key(block)
         of = old.get("mlp", {}).get(key, {}).get("of", original_widths.get(key, block.up.out_features))
@@ -187,6 +195,13 @@ def apply_layout(model: nn.Module, layout: dict, arch: ArchSpec | None = None) -
     if not isinstance(layout, dict) or layout.get("format") != LAYOUT_FORMAT:
         raise ArchitectureError(f"{LAYOUT_ATTR}: unknown layout format {layout.get('format') if isinstance(layout, dict) else layout!r}")
     mlp, attention = layout.get("mlp", {}), layout.get("attention", {})
+    skipped = layout.get("skipped", [])
+    if not isinstance(skipped, list) or not all(isinstance(label, str) for label in skipped):
+        raise ArchitectureError(f"{LAYOUT_ATTR}: 'skipped' must be a list of block labels, got {skipped!r}")
+    if skipped:
+        from deftcompress.architecture.skip import skip_mlp_blocks
+
+        skip_mlp_blocks(model, skipped, arch)
     for block in mlp_blocks(model, arch):
         entry = mlp.get(block_key(block))
         if entry and entry["kept"] != block.up.out_features:

@@ -95,12 +95,29 @@ def _need(layer_name: str, layer: nn.Module, paths: Paths, role: str) -> tuple[s
     return hit
 
 
+SKIPPED_MARK = "deftcompress_skipped_mlp"  # class attribute of the modules that replace a skipped MLP
+
+
+def _skipped(layer: nn.Module, stack: StackSpec) -> bool:
+    hit = resolve(layer, stack.mlp.block)
+    return hit is not None and getattr(hit[1], SKIPPED_MARK, False)
+
+
+def skipped_mlp_labels(model: nn.Module, spec: ArchSpec | None = None) -> list[str]:
+    """Labels (`stack.index`) of the layers whose MLP block was skipped (removed) by ADA-DEFT."""
+    spec = spec or spec_for(model)
+    return [f"{stack.name}.{index}" for stack in spec.stacks for index, _, layer in _layers(model, stack)
+            if _skipped(layer, stack)]
+
+
 def mlp_blocks(model: nn.Module, spec: ArchSpec | None = None) -> list[MLPBlock]:
-    """Every MLP block of the model, encoder stack first, in layer order."""
+    """Every MLP block of the model, encoder stack first, in layer order (skipped blocks have none)."""
     spec = spec or spec_for(model)
     blocks = []
     for stack in spec.stacks:
         for index, layer_name, layer in _layers(model, stack):
+            if _skipped(layer, stack):
+                continue
             roles = {}
             for role in ("block", "act", "up", "down"):
                 roles[role] = _need(layer_name, layer, getattr(stack.mlp, role), f"MLP {role}")
@@ -115,7 +132,7 @@ def mlp_blocks(model: nn.Module, spec: ArchSpec | None = None) -> list[MLPBlock]
                     gate=gate[1] if gate else None, names=names,
                 )
             )
-    if not blocks:
+    if not blocks and not skipped_mlp_labels(model, spec):
         raise ArchitectureError(f"found no {spec.family} layers in {type(model).__name__}; check the layer patterns in the architecture table")
     return blocks
 

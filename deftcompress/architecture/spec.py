@@ -24,12 +24,30 @@ FAMILY_MODULES = ("bert", "t5", "llama")  # modules of deftcompress.architecture
 
 
 @dataclass(frozen=True)
+class SkipStep:
+    """One module replaced when a whole MLP block is skipped (ADA-DEFT), relative to the layer.
+
+    kind: ``identity`` returns its first input (a pre-norm residual branch, or an activation path);
+    ``zero`` returns a scalar 0 that the family's residual add broadcasts; ``norm_of_residual``
+    returns `norm(residual)` for post-norm blocks computing ``norm(mlp(x) + residual)`` (BERT's
+    output), keeping the original module's `norm` submodule under the same name.
+    """
+
+    path: str
+    kind: Literal["identity", "zero", "norm_of_residual"]
+    norm: str | None = None
+
+
+@dataclass(frozen=True)
 class MLPSpec:
-    block: Paths  # the whole MLP (what ADA-DEFT skips)
+    block: Paths  # the whole MLP: a layer whose block is a skip module has no MLP (see `skip`)
     act: Paths  # activation module: its output is what density counts, its input the pre-activation
     up: Paths  # linear whose output feeds `act`
     down: Paths  # projection after the activation
     gate: Paths = ()  # gated MLPs: the linear multiplied with the activation output
+    # What replaces the MLP when it is skipped, so the layer computes exactly `x` + 0 * MLP(x)
+    # and keeps no MLP weights (empty: the family cannot skip MLP blocks).
+    skip: tuple[SkipStep, ...] = ()
 
 
 @dataclass(frozen=True)

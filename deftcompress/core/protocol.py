@@ -129,6 +129,9 @@ class Constraint:
     def release(self, model) -> None:
         pass
 
+    def forget_modules(self, names: list[str]) -> None:
+        """A pass removed these modules (full names, possibly with a wrapper's prefix) from the model."""
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
 

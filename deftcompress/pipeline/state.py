@@ -86,6 +86,11 @@ class PipelineState:
         for c in self.constraints:
             c.release(model)
 
+    def forget_modules(self, names: list[str]) -> None:
+        """A pass removed these modules (full names): constraints drop what they kept about them."""
+        for c in self.constraints:
+            c.forget_modules(names)
+
     # Saving and restoring: the state after a pass, complete enough to go on from there.
     def save(self, folder: str | os.PathLike) -> dict[str, Any]:
         """Write the model (exact: adapters stay separate), its tokenizer and the constraints to `folder`."""

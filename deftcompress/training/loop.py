@@ -52,7 +52,8 @@ class ExtraLoss(Protocol):
 
     `begin_step` runs before the forward pass (with the masks of the tokens that count, per stack:
     "encoder" / "decoder"), `end_step` after it: it returns the term to add to the task loss
-    (weights applied; None to add nothing) and a raw value for the log.
+    (weights applied; None to add nothing) and a raw value for the log. An optional `postfix()`
+    returns more labelled values for the progress bar.
     """
 
     label: str
@@ -245,6 +246,8 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                 postfix = {"loss": f"{loss_value:.4f}", "task": f"{task_value:.4f}"}
                 if extra_raw is not None:
                     postfix[extra_loss.label] = f"{extra_raw:.4f}"
+                if hasattr(extra_loss, "postfix"):  # several terms: each shown apart
+                    postfix.update(extra_loss.postfix())
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
             epoch_seconds = time.perf_counter() - epoch_start

@@ -1,6 +1,6 @@
 """Option groups that training passes share, and the settings objects they produce (torch-free).
 
-`deft` composes all three groups; a later training pass (ADA-DEFT) composes the same groups instead
+`deft` composes the first three groups; `ada_deft` composes the same three plus `AdaOptions`, instead
 of copying fields. Each group checks its own fields and turns them into the settings of the code it
 configures (`PeftSettings` for `peft_methods.wrapping`, `DensityLossSettings` for
 `training.density_loss`, `TrainSettings` for `training.loop`), so no pass copies options by hand.
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from deftcompress.core.config import option
+from deftcompress.core.protocol import ADAPTER, QUANTIZED, SCALES_IN_WEIGHTS, Need
 from deftcompress.core.selectors import kept_module_patterns, patterns_problem
 
 METHODS: tuple[str, ...] = ("lora", "qlora", "adapter", "prompt", "prefix", "ia3")
@@ -70,6 +71,32 @@ class TrainSettings:
     max_target_length: int = 32
     seed: int = 42
     desc: str = "train"
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """ADA-DEFT's block gates (see `deftcompress.training.block_gates`)."""
+
+    skip_blocks: int | None = None  # budget: this many blocks per stack
+    skip_fraction: float | None = None  # budget: this fraction of each stack's blocks (rounded down)
+    penalty: float | None = None  # no budget: L1 weight on the gates, blocks under `threshold` skipped
+    threshold: float = 0.1
+    ramp_ratio: float = 0.3
+    decision_ratio: float = 0.6
+    controller_rate: float = 1.0
+    lambda_max: float = 100.0
+
+    def budget(self, blocks: int) -> int | None:
+        """Blocks to skip in a stack of `blocks` (None in penalty mode)."""
+        if self.skip_blocks is not None:
+            return self.skip_blocks
+        if self.skip_fraction is not None:
+            return int(self.skip_fraction * blocks + 1e-9)
+        return None
+
+    @property
+    def trains_gates(self) -> bool:
+        return bool(self.skip_blocks or self.skip_fraction or self.penalty)
 
 
 # ---- option groups: what recipes write --------------------------------------------------------
@@ -264,3 +291,78 @@ class TrainingOptions:
                              eval_every_epoch=self.eval_every_epoch, padding=padding,
                              max_seq_length=self.max_seq_length or max_seq_length,
                              max_target_length=max_target_length, seed=seed, desc=desc)
+
+
+@dataclass
+class AdaOptions:
+    """ADA-DEFT: a learned weight per MLP block, a budget that pushes weights to 0, and the skip decision."""
+
+    skip_blocks: int | None = option(
+        None, "budget: MLP blocks to skip per stack (encoder and decoder apart); 0 = keep all (the result equals DEFT)")
+    skip_fraction: float | None = option(None, "budget: fraction of each stack's MLP blocks to skip (rounded down)")
+    gate_penalty: float | None = option(
+        None, "no fixed budget: weight of an L1 penalty on the block weights; blocks under skip_threshold are skipped")
+    skip_threshold: float = option(0.1, "gate_penalty: block weights below this are skipped at the decision step")
+    gate_lr: float = option(0.05, "learning rate of the block weights (each starts at 1, kept in [0, 1])")
+    gate_ramp_ratio: float = option(
+        0.3, "fraction of the steps over which the budget's pressure ramps in (the allowed sum of the weights of a "
+             "stack's k lowest blocks falls from k to 0), or the penalty weight rises from 0")
+    gate_decision_ratio: float = option(
+        0.6, "after this fraction of the steps the skipped blocks are fixed (weight 0) and the rest of training lets "
+             "the task loss recover without them")
+    gate_controller_rate: float = option(1.0, "budget: multiplier step per unit of excess block weight per step")
+    gate_lambda_max: float = option(100.0, "budget: cap of each stack's multiplier")
+    measure_speed: bool = option(
+        True, "measure latency (batch 1 and eval_batch_size) and memory of the model before and after this pass in "
+              "one process, alternating (keeps a copy of the incoming model during the pass)")
+    speed_rows: int = option(64, "measure_speed: evaluation rows in the fixed timing workload")
+    speed_repeats: int = option(5, "measure_speed: repetitions (the median is reported)")
+
+    def ada_problem(self, method: str) -> str | None:
+        budgets = [n for n in ("skip_blocks", "skip_fraction", "gate_penalty") if getattr(self, n) is not None]
+        if len(budgets) != 1:
+            return ("set exactly one of skip_blocks, skip_fraction or gate_penalty" if not budgets else
+                    f"set only one of {', '.join(budgets)}")
+        if self.skip_blocks is not None and self.skip_blocks < 0:
+            return "skip_blocks must be >= 0"
+        if self.skip_fraction is not None and not 0 <= self.skip_fraction < 1:
+            return "skip_fraction must be in [0, 1)"
+        if self.gate_penalty is not None and self.gate_penalty < 0:
+            return "gate_penalty must be >= 0"
+        if not 0 < self.skip_threshold < 1:
+            return "skip_threshold must be in (0, 1)"
+        if self.gate_lr <= 0 or self.gate_controller_rate <= 0 or self.gate_lambda_max <= 0:
+            return "gate_lr, gate_controller_rate and gate_lambda_max must be > 0"
+        if not (0 <= self.gate_ramp_ratio <= self.gate_decision_ratio < 1):
+            return "need 0 <= gate_ramp_ratio <= gate_decision_ratio < 1"
+        if method in ("qlora", "adapter"):
+            why = ("4-bit base weights cannot absorb the learned block weights" if method == "qlora" else
+                   "bottleneck adapters sit inside the MLP output, so a skipped block would drop them")
+            return f"method {method} cannot be used with ADA-DEFT: {why}; use lora, ia3, prompt or prefix"
+        if not 1 <= self.speed_rows <= 100_000 or not 1 <= self.speed_repeats <= 1000:
+            return "speed_rows must be in [1, 100000] and speed_repeats in [1, 1000]"
+        return None
+
+    def gate_settings(self) -> GateSettings:
+        return GateSettings(skip_blocks=self.skip_blocks, skip_fraction=self.skip_fraction, penalty=self.gate_penalty,
+                            threshold=self.skip_threshold, ramp_ratio=self.gate_ramp_ratio,
+                            decision_ratio=self.gate_decision_ratio, controller_rate=self.gate_controller_rate,
+                            lambda_max=self.gate_lambda_max)
+
+
+# ---- plan facts of a DEFT training (shared by `deft` and `ada_deft`) -----------------------------
+
+def deft_leaves(config) -> dict[str, str]:
+    facts = {} if config.merge else {ADAPTER: f"a {config.method} adapter"}
+    if config.uses_activation_scales(config.method) and config.activation_scale_fold == "weights":
+        facts[SCALES_IN_WEIGHTS] = "per-neuron activation scales folded into the weights (up to ~1000x apart)"
+    return facts
+
+
+def deft_needs() -> list[Need]:
+    return [
+        # An unmerged adapter stays on the model: a second PEFT pass cannot wrap it again.
+        Need(ADAPTER, False, "{here}: {earlier} leaves {note} on the model; set merge: true there (lora, qlora, ia3) "
+                             "to train again"),
+        Need(QUANTIZED, False, "{here}: cannot train after {earlier} ({note}); train first, then quantize"),
+    ]

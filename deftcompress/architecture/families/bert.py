@@ -1,12 +1,14 @@
 """BERT and RoBERTa encoders (and XLM-RoBERTa): same layer layout, different heads."""
 
-from deftcompress.architecture.spec import ArchSpec, AttentionSpec, MLPSpec, StackSpec
+from deftcompress.architecture.spec import ArchSpec, AttentionSpec, MLPSpec, SkipStep, StackSpec
 
 ENCODER = StackSpec(
     name="encoder",
     layers=r"(?:.*\.)?encoder\.layer\.(\d+)",
     mlp=MLPSpec(block=("intermediate",), act=("intermediate.intermediate_act_fn",), up=("intermediate.dense",),
-                down=("output.dense",)),
+                down=("output.dense",),
+                # post-norm: output = LayerNorm(dropout(dense(x)) + residual); skipped: LayerNorm(residual)
+                skip=(SkipStep("intermediate", "identity"), SkipStep("output", "norm_of_residual", norm="LayerNorm"))),
     attention=AttentionSpec(
         module=("attention.self",), q=("attention.self.query",), k=("attention.self.key",), v=("attention.self.value",),
         o=("attention.output.dense",), num_heads_attr="num_attention_heads", head_dim_attr="attention_head_size",

@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from deftcompress.architecture.spec import ArchSpec, AttentionSpec, MLPSpec, StackSpec
+from deftcompress.architecture.spec import ArchSpec, AttentionSpec, MLPSpec, SkipStep, StackSpec
 
 
 def _attention(module: str, cross: bool = False) -> AttentionSpec:
@@ -25,7 +25,9 @@ def _stack(name: Literal["encoder", "decoder"]) -> StackSpec:
         layers=rf"(?:.*\.)?{name}\.block\.(\d+)",
         # ReLU T5 has `wi`; gated-GELU (v1.1, flan) has `wi_0` (into the activation) and `wi_1` (the gate).
         mlp=MLPSpec(block=(ff,), act=(f"{dense}.act",), up=(f"{dense}.wi", f"{dense}.wi_0"), down=(f"{dense}.wo",),
-                    gate=(f"{dense}.wi_1",)),
+                    gate=(f"{dense}.wi_1",),
+                    # pre-norm T5LayerFF: h + dropout(DenseReluDense(layer_norm(h))); skipped: h
+                    skip=(SkipStep(ff, "identity"),)),
         attention=_attention("layer.0.SelfAttention"),
         cross_attention=_attention("layer.1.EncDecAttention", cross=True) if name == "decoder" else None,
     )

@@ -1,0 +1,186 @@
+"""Latency and memory of models on one fixed workload, measured side by side in one process.
+
+    result = compare_speed({"before": old, "after": new}, tokenizer, task, arch, rows, batch_sizes=(1, 32))
+
+Timing on a shared machine is only comparable within one process and one stretch of time, so the
+models take turns (the order alternates every repetition) on the same batches (same rows, same
+padding: each batch padded to its longest row), and the median of the repetitions is reported,
+with ratios to the first model. The forward is the one training and evaluation use (labels given,
+teacher-forced decoder for text-to-text models), under `torch.inference_mode`.
+
+Memory, two figures per model:
+- `weight_bytes`: bytes of the parameters and buffers in memory (shared storage counted once);
+- `peak_forward_bytes`: the peak of the bytes held by tensors that one forward of the largest batch
+  allocates. On CUDA this is `torch.cuda.max_memory_allocated` above the level before the forward;
+  on the CPU, where torch keeps no allocator statistics, a dispatch mode adds the bytes of every new
+  storage an operator returns and subtracts them when the storage is freed (views are not counted).
+  `peak_bytes` is their sum: what an evaluation batch needs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from deftcompress.data.features import Batch, collate, encode_examples
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers (and packed int8 weights) held in memory, shared storage once."""
+    from deftcompress.measurement.size import state_dict_bytes
+
+    return state_dict_bytes(model)
+
+
+class _LiveAllocations(TorchDispatchMode):
+    """Tracks the bytes of storages created by operators while active, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def _freed(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {_storage_ptr(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+                continue
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # quantized or opaque tensors: not counted
+                continue
+            key, size = id(storage), storage.nbytes()
+            if size == 0 or key in self._sizes or storage.data_ptr() in inputs:
+                continue  # a view of an input, or already counted
+            self._sizes[key] = size
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, key)  # storages keep their Python object while alive
+        return out
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def peak_forward_bytes(model: nn.Module, batch: Batch) -> int:
+    """Peak bytes of the tensors one forward of `batch` allocates (see the module docstring)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batch = batch.to(device)
+    with torch.inference_mode():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            start = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            model(**batch.inputs)
+            torch.cuda.synchronize(device)
+            return int(torch.cuda.max_memory_allocated(device) - start)
+        with _LiveAllocations() as tracker:
+            out = model(**batch.inputs)
+            del out
+        return int(tracker.peak)
+
+
+@dataclass
+class SpeedResult:
+    """Per model: median seconds per batch at each batch size, memory, and ratios to the first model."""
+
+    batch_sizes: tuple[int, ...]
+    rows: int
+    repeats: int
+    seconds: dict[str, dict[int, float]] = field(default_factory=dict)
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def ratio(self, name: str, batch_size: int, reference: str | None = None) -> float:
+        reference = reference or next(iter(self.seconds))
+        return self.seconds[name][batch_size] / self.seconds[reference][batch_size]
+
+    def memory_ratio(self, name: str, what: str, reference: str | None = None) -> float:
+        reference = reference or next(iter(self.memory))
+        return self.memory[name][what] / max(self.memory[reference][what], 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        names = list(self.seconds)
+        return {
+            "workload": {"rows": self.rows, "batch_sizes": list(self.batch_sizes), "repeats": self.repeats,
+                         "statistic": "median ms per batch; models alternate in one process",
+                         "memory": "weights in memory + peak bytes allocated by one forward of the largest batch"},
+            "models": {n: {**{f"ms_batch_{b}": round(1000 * s, 3) for b, s in self.seconds[n].items()},
+                           **self.memory[n],
+                           **{f"latency_ratio_batch_{b}": round(self.ratio(n, b), 4) for b in self.batch_sizes},
+                           "weight_ratio": round(self.memory_ratio(n, "weight_bytes"), 4),
+                           "peak_ratio": round(self.memory_ratio(n, "peak_bytes"), 4)}
+                       for n in names},
+        }
+
+
+def fixed_batches(tokenizer, task, arch, rows: list[dict], batch_size: int, max_seq_length: int = 128,
+                  max_target_length: int = 32) -> list[Batch]:
+    """The rows in order, `batch_size` at a time, each batch padded to its longest row."""
+    features = encode_examples(tokenizer, task, arch, rows, max_seq_length, max_target_length)
+    return [collate(tokenizer, task, arch, features[i:i + batch_size], "longest", max_seq_length, max_target_length)
+            for i in range(0, len(features), batch_size)]
+
+
+def compare_speed(models: dict[str, nn.Module], tokenizer, task, arch, rows: list[dict],
+                  batch_sizes: tuple[int, ...] = (1, 32), repeats: int = 5, max_seq_length: int = 128,
+                  max_target_length: int = 32, batch_one_rows: int = 16, progress: bool = False) -> SpeedResult:
+    """Median latency per batch of each model at each batch size, and memory; see the module docstring.
+
+    Batch size 1 runs the first `batch_one_rows` rows one at a time (enough for a stable median);
+    larger sizes run all `rows`.
+    """
+    from tqdm.auto import tqdm
+
+    workloads = {b: fixed_batches(tokenizer, task, arch, rows[:batch_one_rows] if b == 1 else rows, b,
+                                  max_seq_length, max_target_length) for b in batch_sizes}
+    names = list(models)
+    result = SpeedResult(batch_sizes=tuple(batch_sizes), rows=len(rows), repeats=repeats)
+    timings: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batch_sizes} for n in names}
+    devices = {n: next((p.device for p in m.parameters()), torch.device("cpu")) for n, m in models.items()}
+    for n in names:
+        models[n].eval()
+        _run(models[n], workloads[batch_sizes[0]][:1], devices[n])  # warm-up: first calls allocate and dispatch
+    bar = tqdm(total=repeats * len(names), desc="latency", disable=not progress, leave=False)
+    for r in range(repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            for b in batch_sizes:
+                timings[n][b].append(_run(models[n], workloads[b], devices[n]) / len(workloads[b]))
+            bar.update(1)
+    bar.close()
+    largest = max(workloads[max(batch_sizes)], key=lambda batch: batch.inputs["input_ids"].numel())
+    for n in names:
+        result.seconds[n] = {b: statistics.median(timings[n][b]) for b in batch_sizes}
+        weights = weight_bytes(models[n])
+        peak = peak_forward_bytes(models[n], largest)
+        result.memory[n] = {"weight_bytes": weights, "peak_forward_bytes": peak, "peak_bytes": weights + peak}
+    return result
+
+
+def _run(model: nn.Module, batches: list[Batch], device: torch.device) -> float:
+    moved = [b.to(device) for b in batches]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for b in moved:
+            model(**b.inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
