@@ -58,7 +58,7 @@ def run_or_reuse(name: str, recipe: dict, runs: Path) -> dict:
 
     out = runs / name
     report = out / "report.json"
-    if report.is_file() and json.loads(report.read_text()).get("status") == "complete":
+    if report.is_file() and json.loads(report.read_text()).get("status") == "finished":
         print(f"{name}: reusing {out}", flush=True)
     else:
         print(f"{name}: training ...", flush=True)

@@ -116,8 +116,10 @@ def validate(recipes: tuple[Path, ...], trust_pickle: bool) -> None:
     failed = 0
     for path in recipes:
         try:
-            r = Recipe.from_file(path, trust_pickle=trust_pickle)
-            click.echo(f"ok: {path} ({len(r.plan)} passes: {', '.join(p.name for p in r.plan)})")
+            expanded = Recipe.all_from_file(path, trust_pickle=trust_pickle)  # a sweep: every point is checked
+            r = expanded[0]
+            grid = f"; a sweep of {len(expanded)} runs: {', '.join(x.name for x in expanded)}" if r.sweep_values else ""
+            click.echo(f"ok: {path} ({len(r.plan)} passes: {', '.join(p.name for p in r.plan)}{grid})")
         except DeftcompressError as exc:
             click.echo(f"error: {exc}", err=True)
             failed += 1
@@ -149,9 +151,61 @@ def list_passes(as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path),
+              help="Folder for compare.{json,md,csv,png} (default runs/compare-<first name>).")
+@click.option("--data-dir", type=click.Path(), help="Local data folder (overrides $DEFTCOMPRESS_DATA_DIR).")
+@click.option("--no-timing", is_flag=True, help="Do not time the models side by side; show each run's own figures.")
+@click.option("--rows", type=click.IntRange(1, 100_000), default=64, show_default=True, help="Evaluation rows timed.")
+@click.option("--repeats", type=click.IntRange(1, 1000), default=5, show_default=True, help="Timing repetitions (median).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="torch threads while timing.")
+@click.option("--trust-pickle", is_flag=True, help="Accept checkpoints that have only pickled weights.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or run log; only the final table.")
+@click.option("--json", "as_json", is_flag=True, help="Print compare.json instead of the table (for scripts).")
+def compare(inputs: tuple[str, ...], output_dir: Path | None, data_dir: str | None, no_timing: bool, rows: int,
+            repeats: int, threads: int | None, trust_pickle: bool, quiet: bool, as_json: bool) -> None:
+    """Compare runs: INPUTS are recipes (a sweep expands into its runs) or finished run folders.
+
+    Each recipe without a finished run is run (a finished run of the same resolved recipe is reused,
+    an unfinished one resumed); every final model is then timed side by side in this process, and
+    compare.json / compare.md / compare.csv / compare.png are written: score, density, size and
+    latency per run, with the Pareto fronts marked.
+    """
+    from deftcompress.pipeline.compare import Workload, compare as run_compare
+    from deftcompress.reporting.compare import text_table
+
+    if data_dir:
+        os.environ["DEFTCOMPRESS_DATA_DIR"] = data_dir
+    log = (lambda text: None) if quiet or as_json else (lambda text: click.echo(text, err=True))
+    command = "deftcompress compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "deftcompress compare"
+    try:
+        with _sigterm_as_interrupt():
+            table_rows, folder = run_compare(list(inputs), output_dir, timing=not no_timing,
+                                             workload=Workload(rows=rows, repeats=repeats, threads=threads),
+                                             quiet=quiet or as_json, trust_pickle=trust_pickle, log=log, command=command)
+    except DeftcompressError as exc:
+        _fail(exc)
+    except OSError as exc:
+        click.echo(f"error: {exc.filename or ''}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt as exc:
+        code = 143 if isinstance(exc, Terminated) else 130
+        click.echo(f"interrupted ({'SIGTERM' if code == 143 else 'Ctrl-C'}); finished runs are kept: run the same "
+                   "command to go on", err=True)
+        sys.exit(code)
+    if as_json:
+        click.echo((folder / "compare.json").read_text())
+        return
+    click.echo(text_table(table_rows))
+    click.echo(f"\noutputs: {folder}/ (compare.md, compare.csv, compare.json, compare.png)")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--markdown", is_flag=True, help="Print report.md instead of the text table.")
-def report(run_dir: Path, markdown: bool) -> None:
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw per-layer density of every step (encoder and decoder panels) to this PNG.")
+def report(run_dir: Path, markdown: bool, plot: Path | None) -> None:
     """Print the table of a finished run."""
     from deftcompress.reporting.report import Report
 
@@ -165,6 +219,11 @@ def report(run_dir: Path, markdown: bool) -> None:
         click.echo(f"error: {path}: not a deftcompress report ({type(exc).__name__}: {exc})", err=True)
         sys.exit(2)
     click.echo((run_dir / "report.md").read_text() if markdown and (run_dir / "report.md").is_file() else rep.text_table())
+    if plot is not None:
+        from deftcompress.reporting.plots import plot_density
+
+        drawn = plot_density(rep, plot)
+        click.echo(f"\n{'wrote ' + str(drawn) if drawn else 'no picture: matplotlib missing or no per-layer density'}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,12 @@ class AdaDeft(Pass):
                "gate_penalty) and removes the skipped blocks; reports latency and memory before and after.")
 
     @classmethod
+    def label(cls, config: AdaDeftConfig) -> str:
+        budget = (f"skip{config.skip_blocks}" if config.skip_blocks is not None else
+                  f"skip{config.skip_fraction:g}" if config.skip_fraction is not None else f"penalty{config.gate_penalty:g}")
+        return f"ada_deft({config.method},{budget})"
+
+    @classmethod
     def leaves(cls, config: AdaDeftConfig) -> dict[str, str]:
         return deft_leaves(config)
 

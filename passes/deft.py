@@ -43,6 +43,10 @@ class Deft(Pass):
                "sparsifies MLP activations (density_weight 0 = plain PEFT).")
 
     @classmethod
+    def label(cls, config: DeftConfig) -> str:
+        return f"{'deft' if config.density_weight else 'peft'}({config.method})"
+
+    @classmethod
     def leaves(cls, config: DeftConfig) -> dict[str, str]:
         return deft_leaves(config)
 

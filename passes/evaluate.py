@@ -58,5 +58,9 @@ class Evaluate(Pass):
         changes.update(runtime=c.runtime, ort_threads=c.threads, ort_optimization=c.optimization)
         return dataclasses.replace(base, **changes)
 
+    @classmethod
+    def label(cls, config) -> str:
+        return "eval" + ("(ort)" if config.runtime == "onnxruntime" else "")
+
     def run(self, state) -> dict:
         return {}

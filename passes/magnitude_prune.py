@@ -75,6 +75,10 @@ class MagnitudePrune(Pass):
                                  "the ones the model computes with; prune before it, or set merge: true there"),
         ]
 
+    @classmethod
+    def label(cls, config) -> str:
+        return f"prune{round(100 * config.sparsity)}"
+
     def run(self, state) -> dict[str, Any]:
         import torch
 

@@ -83,6 +83,10 @@ class OnnxExport(Pass):
         c = self.config
         return dataclasses.replace(base, runtime="onnxruntime", ort_threads=c.threads, ort_optimization=c.optimization)
 
+    @classmethod
+    def label(cls, config) -> str:
+        return "onnx"
+
     def run(self, state) -> dict[str, Any]:
         from deftcompress.export.onnx import ExportError, describe, export_onnx
         from deftcompress.peft_methods.wrapping import is_wrapped

@@ -89,6 +89,10 @@ class Quantize(Pass):
             return dataclasses.replace(base, runtime="onnxruntime")
         return base
 
+    @classmethod
+    def label(cls, config) -> str:
+        return {"torch_int8": "int8", "bnb_8bit": "bnb8", "bnb_4bit": "bnb4", "ort_int8": "ort_int8"}[config.backend]
+
     def run(self, state) -> dict[str, Any]:
         from torch import nn
 

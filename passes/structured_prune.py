@@ -89,6 +89,12 @@ class StructuredPrune(Pass):
                                    "structured_prune before it"),
         ]
 
+    @classmethod
+    def label(cls, config) -> str:
+        parts = [f"mlp{round(100 * config.mlp_ratio)}" if config.mlp_ratio else "",
+                 f"heads{round(100 * config.head_ratio)}" if config.head_ratio else ""]
+        return "structured(" + ",".join(p for p in parts if p) + ")"
+
     def run(self, state) -> dict[str, Any]:
         from deftcompress.architecture import attention_blocks, mlp_blocks
         from deftcompress.peft_methods.wrapping import is_wrapped

@@ -154,6 +154,9 @@ def test_ada_deft_pass_skips_its_budget_and_the_run_reloads(tiny_checkpoint, tin
         assert set(speed) == {"previous step", "ada_deft"}
         assert speed["ada_deft"]["weight_bytes"] < speed["previous step"]["weight_bytes"]
         assert speed["previous step"]["latency_ratio_batch_1"] == 1.0 and speed["ada_deft"]["ms_batch_4"] > 0
+        md = (out / "report.md").read_text()
+        assert f"| {blocks['skipped'][0]} | skipped | - | 0 |" in md
+        assert "Latency and memory of step 1 (ada_deft) against the previous step" in md
 
 
 def test_every_block_kept_equals_the_deft_model(tiny_checkpoint, tiny_data, tmp_path, one_thread):

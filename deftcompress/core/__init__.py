@@ -2,6 +2,7 @@
 
 - `config`: typed option dataclasses checked field by field (`option`, `parse_config`);
 - `recipe`: reading and validating a recipe (YAML or `Recipe.build`);
+- `sweep`: a recipe's `sweep:` grid, expanded into one recipe per point;
 - `protocol`: the `Pass` and `Constraint` base classes and the capabilities a pass declares;
 - `registry`: `@register_pass` and the lookup of passes (built-in and entry points);
 - `plan`: validating a list of passes, including the capability check between them;

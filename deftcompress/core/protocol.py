@@ -85,6 +85,11 @@ class Pass:
         self.config = config
 
     @classmethod
+    def label(cls, config: Any) -> str:
+        """A few characters naming what this pass did, for one-line recipe summaries (`prune30 > deft(lora) > int8`)."""
+        return cls.name
+
+    @classmethod
     def leaves(cls, config: Any) -> dict[str, str]:
         """Facts this pass leaves for later passes, each with a note for error messages."""
         return {}

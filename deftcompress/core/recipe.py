@@ -72,6 +72,10 @@ class RecipeSettings:
     density_tau: float = option(0.01, "also report the fraction of activations with |a| > tau")
     max_seq_length: int = option(128, "tokenizer truncation length (and padding length in paper mode)")
     eval_batch_size: int = option(64, "batch size of evaluation")
+    latency_repeats: int = option(
+        3, "after each step, time the model on a fixed workload (batch 1 on 8 rows, eval_batch_size on one batch, "
+           "each padded to its longest row) this many times and report the median; 0 = off. Compare runs with "
+           "`deftcompress compare`, which times them side by side")
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
 
     def problem(self) -> str | None:
@@ -94,6 +98,8 @@ class RecipeSettings:
             return "eval_batch_size must be >= 1"
         if self.density_tau < 0:
             return "density_tau must be >= 0"
+        if not 0 <= self.latency_repeats <= 100:
+            return "latency_repeats must be in [0, 100]"
         return None
 
 
@@ -103,9 +109,12 @@ class Recipe:
     plan: list[PlannedPass] = field(default_factory=list)
     source: str = "<python>"
     trust_pickle: bool = False  # load a pickle-only checkpoint (`--trust-pickle`); never a recipe field
+    sweep_values: dict[str, Any] = field(default_factory=dict)  # the point of a `sweep:` this recipe is
+    sweep_source: str | None = None  # the file that declared the sweep
+    sweep_name: str | None = None  # the sweep's own name (its runs are named after it and their values)
 
     def __getattr__(self, item: str) -> Any:  # recipe.task, recipe.seed, ... read the settings
-        if item in ("settings", "plan", "source", "trust_pickle"):
+        if item in ("settings", "plan", "source", "trust_pickle", "sweep_values", "sweep_source", "sweep_name"):
             raise AttributeError(item)
         return getattr(self.settings, item)
 
@@ -141,27 +150,38 @@ class Recipe:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, trust_pickle: bool = False) -> "Recipe":
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"{path}: recipe file not found")
-        if path.stat().st_size > MAX_RECIPE_BYTES:
-            raise RecipeError(f"{path}: {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
-        try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)  # noqa: S506 (safe: a SafeLoader)
-        except RecursionError:
-            raise RecipeError(f"{path}: invalid YAML (nested too deeply)") from None
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-            raise RecipeError(f"{where}: invalid YAML ({exc.problem})") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise RecipeError(f"{path}: invalid YAML ({str(exc).splitlines()[0][:200]})") from None
+        """One recipe; a file that declares a `sweep:` is refused (`all_from_file` expands it)."""
+        recipes = cls.all_from_file(path, trust_pickle=trust_pickle)
+        if len(recipes) != 1 or recipes[0].sweep_values:
+            raise RecipeError(f"{path}: declares a sweep of {len(recipes)} runs; run it with `deftcompress compare {path}`")
+        return recipes[0]
+
+    @classmethod
+    def all_from_file(cls, path: str | os.PathLike, trust_pickle: bool = False) -> list["Recipe"]:
+        """The recipe of a file, or every recipe its `sweep:` expands to (each checked before any is returned)."""
+        from deftcompress.core.sweep import expand_sweep
+
+        data = _read_yaml(Path(path))
         if isinstance(data, dict) and "name" not in data:
-            data = {"name": re.sub(r"[^A-Za-z0-9._-]", "_", path.stem).lstrip("._-")[:100] or "run", **data}
+            data = {"name": re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).stem).lstrip("._-")[:100] or "run", **data}
+        if not isinstance(data, dict) or "sweep" not in data:
+            return [cls._from_dict_guarded(data, str(path), trust_pickle)]
+        recipes = []
+        for point in expand_sweep(data, str(path), {f.name for f in dataclasses.fields(RecipeSettings)}):
+            where = f"{path} [{', '.join(f'{k}={v}' for k, v in point.values.items())}]"
+            recipe = cls._from_dict_guarded(point.data, where, trust_pickle)
+            recipe.sweep_values = dict(point.values)
+            recipe.sweep_source = str(path)
+            recipe.sweep_name = str(data["name"])
+            recipes.append(recipe)
+        return recipes
+
+    @classmethod
+    def _from_dict_guarded(cls, data: Any, source: str, trust_pickle: bool) -> "Recipe":
         try:
-            return cls.from_dict(data, source=str(path), trust_pickle=trust_pickle)
+            return cls.from_dict(data, source=source, trust_pickle=trust_pickle)
         except RecursionError:
-            raise RecipeError(f"{path}: a value is nested too deeply") from None
+            raise RecipeError(f"{source}: a value is nested too deeply") from None
 
     @classmethod
     def build(cls, passes: list[Any] | None = None, **settings: Any) -> "Recipe":
@@ -197,6 +217,10 @@ class Recipe:
         out["passes"] = [{p.name: dataclasses.asdict(p.config)} for p in self.plan]
         return out
 
+    def passes_label(self) -> str:
+        """The passes in a few characters each: `prune30 > deft(lora) > int8`."""
+        return " > ".join(p.cls.label(p.config) for p in self.plan)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -206,3 +230,22 @@ class Recipe:
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     return Recipe.from_file(path)
+
+
+def _read_yaml(path: Path) -> Any:
+    """A recipe file's YAML, read safely (size bound, duplicate keys and alias bombs refused)."""
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)  # noqa: S506 (safe: a SafeLoader)
+    except RecursionError:
+        raise RecipeError(f"{path}: invalid YAML (nested too deeply)") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: invalid YAML ({exc.problem})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: invalid YAML ({str(exc).splitlines()[0][:200]})") from None
+    return data

@@ -1,6 +1,10 @@
 """Latency and memory of models on one fixed workload, measured side by side in one process.
 
     result = compare_speed({"before": old, "after": new}, tokenizer, task, arch, rows, batch_sizes=(1, 32))
+    latency = step_latency(model, tokenizer, task, arch, rows, eval_batch_size=64)   # one model, one run's steps
+
+A "model" is a torch module or any callable that runs a `Batch` (e.g. `onnx_forward(...)` for an
+exported graph); memory is measured for torch modules only.
 
 Timing on a shared machine is only comparable within one process and one stretch of time, so the
 models take turns (the order alternates every repetition) on the same batches (same rows, same
@@ -23,7 +27,7 @@ import statistics
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -111,9 +115,10 @@ class SpeedResult:
         reference = reference or next(iter(self.seconds))
         return self.seconds[name][batch_size] / self.seconds[reference][batch_size]
 
-    def memory_ratio(self, name: str, what: str, reference: str | None = None) -> float:
+    def memory_ratio(self, name: str, what: str, reference: str | None = None) -> float | None:
         reference = reference or next(iter(self.memory))
-        return self.memory[name][what] / max(self.memory[reference][what], 1)
+        mine, theirs = self.memory[name][what], self.memory[reference][what]
+        return None if mine is None or theirs is None else mine / max(theirs, 1)
 
     def to_dict(self) -> dict[str, Any]:
         names = list(self.seconds)
@@ -124,10 +129,14 @@ class SpeedResult:
             "models": {n: {**{f"ms_batch_{b}": round(1000 * s, 3) for b, s in self.seconds[n].items()},
                            **self.memory[n],
                            **{f"latency_ratio_batch_{b}": round(self.ratio(n, b), 4) for b in self.batch_sizes},
-                           "weight_ratio": round(self.memory_ratio(n, "weight_bytes"), 4),
-                           "peak_ratio": round(self.memory_ratio(n, "peak_bytes"), 4)}
+                           "weight_ratio": _rounded(self.memory_ratio(n, "weight_bytes")),
+                           "peak_ratio": _rounded(self.memory_ratio(n, "peak_bytes"))}
                        for n in names},
         }
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def fixed_batches(tokenizer, task, arch, rows: list[dict], batch_size: int, max_seq_length: int = 128,
@@ -138,7 +147,45 @@ def fixed_batches(tokenizer, task, arch, rows: list[dict], batch_size: int, max_
             for i in range(0, len(features), batch_size)]
 
 
-def compare_speed(models: dict[str, nn.Module], tokenizer, task, arch, rows: list[dict],
+Forward = Callable[[Batch], Any]
+
+
+def onnx_forward(folder: str, file: str, threads: int = 0, optimization: str = "all") -> Forward:
+    """A callable that runs a classifier graph on a `Batch` through onnxruntime (what `evaluate_onnx` runs)."""
+    from pathlib import Path
+
+    from deftcompress.runtime.onnxruntime import SessionSettings, classifier_outputs, session
+
+    sess = session(Path(folder) / file, SessionSettings(threads, optimization))
+    return lambda batch: classifier_outputs(sess, {k: v for k, v in batch.inputs.items() if k != "labels"})
+
+
+def step_latency(model: nn.Module | Forward, tokenizer, task, arch, rows: list[dict], eval_batch_size: int,
+                 repeats: int = 3, batch_one_rows: int = 8, max_seq_length: int = 128,
+                 max_target_length: int = 32) -> dict[str, Any]:
+    """Median ms per batch at batch 1 (the first `batch_one_rows` rows) and at `eval_batch_size` (the first
+    `eval_batch_size` rows, one batch): the same workload for every step of a run, whatever its density mode."""
+    sizes = (1, eval_batch_size) if eval_batch_size != 1 else (1,)
+    workloads = {b: fixed_batches(tokenizer, task, arch, rows[:batch_one_rows] if b == 1 else rows[:b], b,
+                                  max_seq_length, max_target_length) for b in sizes}
+    device = _device_of(model)
+    if isinstance(model, nn.Module):
+        model.eval()
+    _run(model, workloads[1][:1], device)  # warm-up
+    times = {b: [_run(model, workloads[b], device) / len(workloads[b]) for _ in range(repeats)] for b in sizes}
+    out: dict[str, Any] = {f"ms_batch_{b}": round(1000 * statistics.median(t), 3) for b, t in times.items()}
+    out.update({"rows": {b: sum(x.size for x in workloads[b]) for b in sizes}, "repeats": repeats,
+                "padding": "longest per batch"})
+    return out
+
+
+def _device_of(model) -> torch.device:
+    if isinstance(model, nn.Module):
+        return next((p.device for p in model.parameters()), torch.device("cpu"))
+    return torch.device("cpu")
+
+
+def compare_speed(models: dict[str, nn.Module | Forward], tokenizer, task, arch, rows: list[dict],
                   batch_sizes: tuple[int, ...] = (1, 32), repeats: int = 5, max_seq_length: int = 128,
                   max_target_length: int = 32, batch_one_rows: int = 16, progress: bool = False) -> SpeedResult:
     """Median latency per batch of each model at each batch size, and memory; see the module docstring.
@@ -153,9 +200,10 @@ def compare_speed(models: dict[str, nn.Module], tokenizer, task, arch, rows: lis
     names = list(models)
     result = SpeedResult(batch_sizes=tuple(batch_sizes), rows=len(rows), repeats=repeats)
     timings: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batch_sizes} for n in names}
-    devices = {n: next((p.device for p in m.parameters()), torch.device("cpu")) for n, m in models.items()}
+    devices = {n: _device_of(m) for n, m in models.items()}
     for n in names:
-        models[n].eval()
+        if isinstance(models[n], nn.Module):
+            models[n].eval()
         _run(models[n], workloads[batch_sizes[0]][:1], devices[n])  # warm-up: first calls allocate and dispatch
     bar = tqdm(total=repeats * len(names), desc="latency", disable=not progress, leave=False)
     for r in range(repeats):
@@ -167,20 +215,24 @@ def compare_speed(models: dict[str, nn.Module], tokenizer, task, arch, rows: lis
     largest = max(workloads[max(batch_sizes)], key=lambda batch: batch.inputs["input_ids"].numel())
     for n in names:
         result.seconds[n] = {b: statistics.median(timings[n][b]) for b in batch_sizes}
+        if not isinstance(models[n], nn.Module):
+            result.memory[n] = {"weight_bytes": None, "peak_forward_bytes": None, "peak_bytes": None}
+            continue
         weights = weight_bytes(models[n])
         peak = peak_forward_bytes(models[n], largest)
         result.memory[n] = {"weight_bytes": weights, "peak_forward_bytes": peak, "peak_bytes": weights + peak}
     return result
 
 
-def _run(model: nn.Module, batches: list[Batch], device: torch.device) -> float:
+def _run(model: nn.Module | Forward, batches: list[Batch], device: torch.device) -> float:
     moved = [b.to(device) for b in batches]
+    call = (lambda b: model(**b.inputs)) if isinstance(model, nn.Module) else model
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
         for b in moved:
-            model(**b.inputs)
+            call(b)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start

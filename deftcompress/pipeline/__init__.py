@@ -2,5 +2,7 @@
 
 - `state`: `PipelineState`, what every pass sees and changes;
 - `runner`: `Pipeline` and `run_recipe` (baseline, one measured step per pass, report, save);
-- `run_folder`: output folders that are recognisably ours, and the lock against concurrent runs.
+- `run_folder`: output folders that are recognisably ours, and the lock against concurrent runs;
+- `compare`: `deftcompress compare` (run, reuse or resume recipes; shared leading passes of a sweep);
+- `timing`: the final models of several runs timed side by side.
 """

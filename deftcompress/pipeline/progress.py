@@ -41,7 +41,7 @@ def recipe_hash(recipe: "Recipe", model_ref: str) -> str:
     from deftcompress.data.tasks import data_root
 
     resolved = recipe.to_dict()
-    for key in ("name", "output_dir", "data_dir"):
+    for key in ("name", "output_dir", "data_dir", "latency_repeats"):  # none of these changes a score
         resolved.pop(key, None)
     root = data_root(recipe.data_dir)
     resolved["data"] = str(root.resolve()) if root is not None else "hub"

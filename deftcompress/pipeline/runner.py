@@ -48,14 +48,33 @@ def _measure(state: PipelineState, settings: EvalSettings, desc: str) -> Evaluat
 
 
 def _step(state: PipelineState, name: str, evaluation: Evaluation, seconds: float, details: dict,
-          runtime: str = "torch") -> StepRecord:
+          settings: EvalSettings) -> StepRecord:
     params, nonzero = count_parameters(state.model)
-    if runtime == "onnxruntime":  # the step measured the graph: its size is the graph's files
+    if settings.runtime == "onnxruntime":  # the step measured the graph: its size is the graph's files
         size = sum(Path(state.onnx.folder, f).stat().st_size for f in state.onnx.files)
         details.setdefault("runtime", f"onnxruntime ({'int8' if state.onnx.quantized else 'fp32'} graph; size = .onnx files)")
     else:
         size = state_dict_bytes(state.model)
-    return make_step(state.step_index, name, evaluation, params, nonzero, size, seconds, details)
+    step = make_step(state.step_index, name, evaluation, params, nonzero, size, seconds, details)
+    step.latency = _fixed_latency(state, settings)
+    return step
+
+
+def _fixed_latency(state: PipelineState, settings: EvalSettings) -> dict[str, Any]:
+    """The step's model timed on the same workload as every other step of the run (see measurement.speed)."""
+    from deftcompress.measurement.speed import onnx_forward, step_latency
+
+    repeats = state.recipe.latency_repeats
+    if not repeats:
+        return {}
+    model: Any = state.model
+    if settings.runtime == "onnxruntime":
+        if state.onnx.kind != "classifier":
+            return {"note": "not timed: text-to-text graphs run through generation"}
+        model = onnx_forward(state.onnx.folder, state.onnx.main_file(), settings.ort_threads, settings.ort_optimization)
+    return step_latency(model, state.tokenizer, state.task, state.arch, state.eval_examples(), settings.batch_size,
+                        repeats=repeats, max_seq_length=settings.max_seq_length,
+                        max_target_length=settings.max_target_length)
 
 
 class Pipeline:
@@ -69,7 +88,7 @@ class Pipeline:
     """
 
     def __init__(self, recipe: Recipe, output_dir: str | os.PathLike | None = None, quiet: bool = False,
-                 log=print, restart: bool = False, warn=None):
+                 log=print, restart: bool = False, warn=None, on_commit=None):
         self.recipe = recipe
         self.output_dir = recipe.output_dir(output_dir)
         self.quiet = quiet
@@ -78,6 +97,9 @@ class Pipeline:
         self.warn = warn or (lambda text: print(text, file=sys.stderr))  # warnings show even when quiet
         self.final_state: PipelineState | None = None  # kept after run() for callers that reuse the model
         self.reused_finished_run = False
+        # called after each committed step with (step index, run folder, progress record): `compare` keeps
+        # a snapshot there when later runs share this run's first passes
+        self.on_commit = on_commit
 
     @functools.cached_property
     def model_ref(self) -> str:
@@ -165,9 +187,10 @@ class Pipeline:
         settings = state.eval_settings()
         if not report.steps:
             details = {"eval_settings": dataclasses.asdict(settings), **({"notes": loading_notes} if loading_notes else {})}
-            report.steps.append(_step(state, "baseline", _measure(state, settings, "baseline"), 0.0, details))
+            report.steps.append(_step(state, "baseline", _measure(state, settings, "baseline"), 0.0, details, settings))
             self._log_step(report.steps[-1])
             progress.commit(state, report, model_changed=False, last_eval_settings=settings)
+            self._committed(progress, out)
         last_settings = progress.last_eval_settings(settings)
         model_changed = progress.model_changed_since_eval
 
@@ -185,7 +208,7 @@ class Pipeline:
                 step = _reused_step(report.steps[-1], state, planned.name, seconds, details)
             else:
                 step = _step(state, planned.name, _measure(state, step_settings, planned.name), seconds, details,
-                             step_settings.runtime)
+                             step_settings)
                 last_settings, model_changed = step_settings, False
             report.steps.append(step)
             self._log_step(step)
@@ -193,6 +216,7 @@ class Pipeline:
                 self.warn(f"warning: step {step.index} {planned.name}: {warning}")
             progress.commit(state, report, model_changed=planned.cls.changes_model, last_eval_settings=last_settings,
                             model_changed_since_eval=model_changed)
+            self._committed(progress, out)
 
         if main:
             self._save(state, report, out)
@@ -200,6 +224,10 @@ class Pipeline:
         distributed.barrier()
         self.final_state = state
         return report
+
+    def _committed(self, progress: RunProgress, out: Path) -> None:
+        if self.on_commit is not None and progress.main:
+            self.on_commit(len(progress.steps) - 1, out, progress.data)
 
     def _save(self, state: PipelineState, report: Report, out: Path) -> None:
         model_dir = out / "model"

@@ -37,6 +37,8 @@ class StepRecord:
     eval_seconds: float
     seconds: float  # wall time of the pass itself (0 for the baseline)
     details: dict[str, Any] = field(default_factory=dict)
+    # median ms per batch on a fixed workload (measurement.speed.step_latency): {"ms_batch_1": .., "ms_batch_64": ..}
+    latency: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -111,30 +113,76 @@ class Report:
 
     # -- tables ----------------------------------------------------------------------------------
 
+    def latency_sizes(self) -> list[int]:
+        """Batch sizes of the fixed-workload latency the steps carry (older reports: none)."""
+        sizes: list[int] = []
+        for s in self.steps:
+            for key in s.latency:
+                if key.startswith("ms_batch_") and int(key[9:]) not in sizes:
+                    sizes.append(int(key[9:]))
+        return sorted(sizes)
+
     def table_rows(self) -> list[list[str]]:
         base = self.steps[0] if self.steps else None
+        sizes = self.latency_sizes()
         rows = []
         for s in self.steps:
             d = s.density
+            if sizes:  # fixed workload, median of repeats: comparable between the steps of this run
+                timing = [_fmt(s.latency.get(f"ms_batch_{b}"), 2) for b in sizes]
+                ratios = [s.latency.get(f"ms_batch_{b}") and base.latency.get(f"ms_batch_{b}")
+                          and s.latency[f"ms_batch_{b}"] / base.latency[f"ms_batch_{b}"] for b in sizes]
+                timing.append("/".join(f"{r:.2f}x" if r else "-" for r in ratios))
+            else:
+                timing = [f"{s.latency_ms_per_example:.2f}", f"{s.latency_ms_per_example / base.latency_ms_per_example:.2f}x"
+                          if base and base.latency_ms_per_example else "-"]
             rows.append([
                 str(s.index), s.pass_name, f"{s.task_score:.4f}",
                 _fmt(d.get("encoder")), _fmt(d.get("decoder")), _fmt(d.get("encoder_above_tau") if d.get("encoder") is not None else d.get("decoder_above_tau")),
                 f"{s.params / 1e6:.2f}M", f"{s.nonzero_params / 1e6:.2f}M", f"{s.size_bytes / 1e6:.1f}MB",
-                f"{s.latency_ms_per_example:.2f}", f"{s.latency_ms_per_example / base.latency_ms_per_example:.2f}x" if base and base.latency_ms_per_example else "-",
-                f"{s.seconds:.1f}",
+                *timing, f"{s.seconds:.1f}",
             ])
         return rows
 
     def headers(self) -> list[str]:
         metric = self.steps[0].task_metric if self.steps else "score"
         tau = self.steps[0].density.get("tau") if self.steps else None
+        sizes = self.latency_sizes()
+        timing = [f"ms b{b}" for b in sizes] + ["latency " + "/".join(f"b{b}" for b in sizes)] if sizes else ["ms/ex", "latency"]
         return ["#", "pass", metric, "density enc", "density dec", f"|a|>{tau:g}" if tau is not None else "|a|>tau",
-                "params", "nonzero", "size", "ms/ex", "latency", "pass s"]
+                "params", "nonzero", "size", *timing, "pass s"]
 
     def per_layer_rows(self, step: StepRecord | None = None) -> list[list[str]]:
         step = step or self.steps[-1]
-        return [[f"{l['stack']}.{l['layer']}", _fmt(l["density"]), _fmt(l["above_tau"]), str(l["width"])]
+        rows = [((l["stack"], int(l["layer"])), [f"{l['stack']}.{l['layer']}", _fmt(l["density"]), _fmt(l["above_tau"]),
+                                                 str(l["width"])])
                 for l in step.density.get("per_layer", [])]
+        for label in self.skipped_blocks(step):  # removed by ADA-DEFT: no activations at all
+            stack, _, layer = label.partition(".")
+            rows.append(((stack, int(layer)), [label, "skipped", "-", "0"]))
+        order = {"encoder": 0, "decoder": 1}
+        return [row for _, row in sorted(rows, key=lambda r: (order.get(r[0][0], 2), r[0][1]))]
+
+    def skipped_blocks(self, step: StepRecord) -> list[str]:
+        """MLP blocks removed (ADA-DEFT) by this step or an earlier one."""
+        out: list[str] = []
+        for s in self.steps[:step.index + 1]:
+            out += [b for b in ((s.details or {}).get("blocks") or {}).get("skipped", []) if b not in out]
+        return out
+
+    def speed_rows(self, step: StepRecord) -> list[list[str]]:
+        """A pass's own side-by-side latency and memory (e.g. ADA-DEFT's `speed`), as table rows with a header."""
+        speed = (step.details or {}).get("speed")
+        if not speed:
+            return []
+        sizes = speed["workload"]["batch_sizes"]
+        rows = [["model"] + [f"ms b{b}" for b in sizes] + [f"latency b{b}" for b in sizes]
+                + ["weights", "peak memory", "memory ratio"]]
+        for name, m in speed["models"].items():
+            rows.append([name] + [f"{m[f'ms_batch_{b}']:.2f}" for b in sizes]
+                        + [f"{m[f'latency_ratio_batch_{b}']:.2f}x" for b in sizes]
+                        + [f"{m['weight_bytes'] / 1e6:.1f}MB", f"{m['peak_bytes'] / 1e6:.1f}MB", f"{m['peak_ratio']:.2f}x"])
+        return rows
 
     def text_table(self) -> str:
         lines = []
@@ -146,6 +194,11 @@ class Report:
             s = self.steps[-1]
             lines.append(f"\nper-layer density after step {s.index} ({s.pass_name}, mode={s.density.get('mode')}):")
             lines.append(_align([["layer", "density", "|a|>tau", "width"]] + self.per_layer_rows(s)))
+        for step in self.steps:
+            speed = self.speed_rows(step)
+            if speed:
+                lines.append(f"\nlatency and memory, step {step.index} ({step.pass_name}) against the previous step, one process:")
+                lines.append(_align(speed))
         return "\n".join(lines)
 
     def markdown(self) -> str:
@@ -156,10 +209,21 @@ class Report:
         if self.resumed_from is not None:
             out += [f"Resumed at step {self.resumed_from}: earlier steps were computed by an earlier run.", ""]
         out += [_md([self.headers()] + self.table_rows()), ""]
+        if self.latency_sizes():
+            out += ["Latency: median ms per batch of each step's model on one fixed workload (the same rows, each batch "
+                    "padded to its longest row), ratios to step 0; comparable within this run. To compare runs, use "
+                    "`deftcompress compare`, which times them side by side in one process.", ""]
         if self.steps:
             s = self.steps[-1]
             out += [f"Per-layer density after step {s.index} ({s.pass_name}), mode `{s.density.get('mode')}`:", "",
                     _md([["layer", "density", "|a|>tau", "width"]] + self.per_layer_rows(s)), ""]
+            for step in self.steps:
+                speed = self.speed_rows(step)
+                if speed:
+                    w = step.details["speed"]["workload"]
+                    out += [f"Latency and memory of step {step.index} ({step.pass_name}) against the previous step, "
+                            f"timed in one process (median of {w['repeats']} alternating repetitions, {w['rows']} rows; "
+                            "memory = weights + peak of one forward of the largest batch):", "", _md(speed), ""]
             for step in self.steps:
                 if step.details:
                     out.append(f"- step {step.index} `{step.pass_name}`: " + json.dumps(step.details, default=_json_default)[:2000])
@@ -176,8 +240,8 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fmt(x: Any) -> str:
-    return "-" if x is None else f"{x:.4f}"
+def _fmt(x: Any, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def _align(rows: list[list[str]]) -> str:

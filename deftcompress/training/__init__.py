@@ -2,6 +2,8 @@
 
 - `options`: the option groups a training pass shares (PEFT method, density loss, optimisation),
   torch-free so that recipes validate without torch;
+- `deft_run`: DEFT training as the `deft` and `ada_deft` passes run it (wrap, train, fold, save);
+- `block_gates`: ADA-DEFT's learned weight per MLP block, its budget and the skip decision;
 - `loop`: `train` (AdamW, schedule, constraints after every step, keep-best, accelerate DDP);
 - `density_loss`: the DEFT density loss as an extra loss of the loop;
 - `activation_scale`: per-neuron scales that let DEFT reach exact zeros, folded at the end;

@@ -1,0 +1,265 @@
+"""Comparing finished runs: one row per run, the Pareto fronts, and compare.{json,md,csv,png} (torch-free).
+
+Rows come from each run's `report.json` and `recipe.resolved.yaml`. Latency comes from one
+side-by-side timing of every run's final model in one process (`deftcompress.pipeline.compare`),
+as ratios to the first row; without it (`--no-timing`), each run's own fixed-workload figures are
+shown and marked as not comparable across runs.
+
+A run is on the Pareto front of a cost (density, latency, size) when no other run has a score at
+least as high and a cost at least as low, one of them strictly.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deftcompress.reporting.report import Report, write_atomic
+
+COSTS = {"density": "MLP activation density", "latency": "latency at batch 1 (x first row)",
+         "size": "size on disk (MB)"}
+
+
+@dataclass
+class CompareRow:
+    name: str
+    folder: str
+    passes: str  # `prune30 > deft(lora) > int8`
+    task_metric: str
+    score: float
+    density_encoder: float | None
+    density_decoder: float | None
+    params: int
+    nonzero_params: int
+    size_bytes: int
+    runtime: str  # torch | onnxruntime
+    recipe_hash: str | None = None
+    sweep: dict[str, Any] = field(default_factory=dict)
+    latency_ms: dict[str, float] = field(default_factory=dict)  # "b1" / "b64" -> median ms per batch
+    latency_ratio: dict[str, float] = field(default_factory=dict)  # to the first row, same keys
+    timing: str = "report"  # compare: timed side by side in one process; report: the run's own figures
+    reused: str = ""  # how the run was obtained: ran, resumed, reused, given
+
+    @property
+    def density(self) -> float | None:
+        return self.density_encoder if self.density_encoder is not None else self.density_decoder
+
+    def cost(self, what: str) -> float | None:
+        if what == "density":
+            return self.density
+        if what == "latency":
+            return self.latency_ratio.get("b1")
+        if what == "size":
+            return self.size_bytes / 1e6
+        raise KeyError(what)
+
+
+def passes_label(resolved: dict[str, Any]) -> str:
+    """`prune30 > deft(lora) > int8` from a resolved recipe mapping (each pass's `label`)."""
+    from deftcompress.core.config import parse_config
+    from deftcompress.core.registry import all_passes
+
+    known = all_passes()
+    labels = []
+    for item in resolved.get("passes") or []:
+        (name, config), = item.items() if isinstance(item, dict) else ((item, {}),)
+        cls = known.get(name)
+        try:
+            labels.append(cls.label(parse_config(cls.Config, config, name)) if cls else name)
+        except Exception:  # a config this version cannot read: the name still says what ran
+            labels.append(name)
+    return " > ".join(labels)
+
+
+def row_from_run(folder: str | Path, sweep: dict[str, Any] | None = None, reused: str = "given") -> CompareRow:
+    """The comparison row of a finished run folder."""
+    folder = Path(folder)
+    report = Report.load(folder)
+    resolved_path = folder / "recipe.resolved.yaml"
+    resolved = yaml.safe_load(resolved_path.read_text()) if resolved_path.is_file() else {}
+    last = report.steps[-1]
+    final = report.final or {}
+    on_graph = str(last.details.get("runtime", "")).startswith("onnxruntime")
+    if on_graph and final.get("onnx"):
+        size = int(final["onnx"]["bytes"])
+    else:
+        size = int(final.get("saved_model_bytes") or last.size_bytes)
+    row = CompareRow(name=report.name, folder=str(folder), passes=passes_label(resolved) or "-",
+                     task_metric=last.task_metric, score=float(last.task_score),
+                     density_encoder=last.density.get("encoder"), density_decoder=last.density.get("decoder"),
+                     params=int(last.params), nonzero_params=int(last.nonzero_params), size_bytes=size,
+                     runtime="onnxruntime" if on_graph else "torch", recipe_hash=report.recipe_hash,
+                     sweep=dict(sweep or {}), reused=reused)
+    row.latency_ms = {f"b{k[9:]}": float(v) for k, v in last.latency.items() if k.startswith("ms_batch_") and v}
+    return row
+
+
+def set_report_ratios(rows: list[CompareRow]) -> None:
+    """Ratios of each run's own latency figures to the first row's (not comparable across runs: see the table note)."""
+    first = rows[0].latency_ms if rows else {}
+    for row in rows:
+        row.timing = "report"
+        row.latency_ratio = {k: v / first[k] for k, v in row.latency_ms.items() if first.get(k)}
+
+
+def pareto_front(points: list[tuple[float | None, float | None]]) -> list[int]:
+    """Indices of the points (score, cost) no other point dominates: higher score and lower cost win."""
+    front = []
+    for i, (score, cost) in enumerate(points):
+        if score is None or cost is None or math.isnan(score) or math.isnan(cost):
+            continue
+        dominated = any(s is not None and c is not None and s >= score and c <= cost and (s > score or c < cost)
+                        for j, (s, c) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def fronts(rows: list[CompareRow]) -> dict[str, list[str]]:
+    return {what: [rows[i].name for i in pareto_front([(r.score, r.cost(what)) for r in rows])] for what in COSTS}
+
+
+# ---- tables --------------------------------------------------------------------------------------
+
+def _sweep_keys(rows: list[CompareRow]) -> list[str]:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r.sweep if k not in keys]
+    return keys
+
+
+def table(rows: list[CompareRow]) -> list[list[str]]:
+    """Header and one line per row (the terminal, compare.md)."""
+    keys = _sweep_keys(rows)
+    sizes = sorted({k for r in rows for k in r.latency_ms}, key=lambda k: int(k[1:]))
+    on_front = {what: set(names) for what, names in fronts(rows).items()}
+    metric = rows[0].task_metric if rows else "score"
+    head = ["#", "run", *keys, "passes", metric, "density enc", "density dec", "nonzero", "size",
+            *[f"ms {k}" for k in sizes], *[f"latency {k}" for k in sizes], "runtime", "front"]
+    out = [head]
+    for i, r in enumerate(rows, 1):
+        marks = "".join(m for m, what in (("d", "density"), ("l", "latency"), ("s", "size")) if r.name in on_front[what])
+        out.append([str(i), r.name, *[str(r.sweep.get(k, "-")) for k in keys], r.passes, f"{r.score:.4f}",
+                    _num(r.density_encoder), _num(r.density_decoder), f"{r.nonzero_params / 1e6:.2f}M",
+                    f"{r.size_bytes / 1e6:.1f}MB", *[_num(r.latency_ms.get(k), 2) for k in sizes],
+                    *[(f"{r.latency_ratio[k]:.2f}x" if k in r.latency_ratio else "-") for k in sizes], r.runtime,
+                    marks or "-"])
+    return out
+
+
+def _num(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def text_table(rows: list[CompareRow]) -> str:
+    lines = table(rows)
+    widths = [max(len(r[i]) for r in lines) for i in range(len(lines[0]))]
+    text = "\n".join("  ".join(c.ljust(w) if j in (1, 3) else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
+                     for r in lines)
+    return text + "\n\n" + _legend(rows)
+
+
+def _legend(rows: list[CompareRow]) -> str:
+    timing = ("latency: every run's final model timed side by side in one process (median of repeats), ratios to "
+              "run 1" if rows and rows[0].timing == "compare" else
+              "latency: each run's own fixed-workload figures (timed in separate processes: not comparable across "
+              "runs; run compare without --no-timing to time them side by side)")
+    return (f"{timing}. front: on the Pareto front of score against d = density, l = latency, s = size "
+            "(no other run scores at least as high at a cost at least as low).")
+
+
+def markdown(rows: list[CompareRow], command: str, picture: str | None) -> str:
+    lines = [line + [how] for line, how in zip(table(rows), ["obtained"] + [r.reused for r in rows])]
+    md = ["# Comparison", "", f"Command: `{command}`", "",
+          "| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
+    md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in lines[1:]]
+    md += ["", _legend(rows), ""]
+    if picture:
+        md += [f"![score against density, latency and size]({picture})", ""]
+    return "\n".join(md)
+
+
+def csv_text(rows: list[CompareRow]) -> str:
+    keys = _sweep_keys(rows)
+    sizes = sorted({k for r in rows for k in r.latency_ms}, key=lambda k: int(k[1:]))
+    on_front = fronts(rows)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["run", *keys, "passes", "task_metric", "score", "density_encoder", "density_decoder", "params",
+                     "nonzero_params", "size_bytes", *[f"latency_ms_{k}" for k in sizes],
+                     *[f"latency_ratio_{k}" for k in sizes], "timing", "runtime",
+                     *[f"pareto_{what}" for what in COSTS], "obtained", "folder"])
+    for r in rows:
+        writer.writerow([r.name, *[r.sweep.get(k, "") for k in keys], r.passes, r.task_metric, r.score,
+                         _blank(r.density_encoder), _blank(r.density_decoder), r.params, r.nonzero_params, r.size_bytes,
+                         *[_blank(r.latency_ms.get(k)) for k in sizes], *[_blank(r.latency_ratio.get(k)) for k in sizes],
+                         r.timing, r.runtime, *[int(r.name in on_front[what]) for what in COSTS], r.reused, r.folder])
+    return buffer.getvalue()
+
+
+def _blank(x: Any) -> Any:
+    return "" if x is None else x
+
+
+def write_outputs(rows: list[CompareRow], folder: Path, command: str, timing: dict[str, Any] | None) -> dict[str, Path]:
+    """compare.json, compare.md, compare.csv and compare.png in `folder` (each replaced atomically)."""
+    picture = plot_compare(rows, folder / "compare.png")
+    payload = {"command": command, "timing": timing, "pareto": fronts(rows), "rows": [asdict(r) for r in rows]}
+    write_atomic(folder / "compare.json", json.dumps(payload, indent=2, default=str) + "\n")
+    write_atomic(folder / "compare.md", markdown(rows, command, picture.name if picture else None))
+    write_atomic(folder / "compare.csv", csv_text(rows))
+    out = {"json": folder / "compare.json", "md": folder / "compare.md", "csv": folder / "compare.csv"}
+    if picture:
+        out["png"] = picture
+    return out
+
+
+def load_rows(folder: Path) -> tuple[list[CompareRow], dict[str, Any]]:
+    """Rows and timing of an earlier compare.json (to reuse its timing when the same runs are compared again)."""
+    data = json.loads((folder / "compare.json").read_text())
+    return [CompareRow(**r) for r in data["rows"]], data.get("timing") or {}
+
+
+# ---- picture -------------------------------------------------------------------------------------
+
+def plot_compare(rows: list[CompareRow], path: Path) -> Path | None:
+    """Score against density, latency and size; the Pareto front joined and filled, every point numbered."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = [what for what in COSTS if any(r.cost(what) is not None for r in rows)]
+    if not rows or not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
+    for ax, what in zip(axes[0], panels):
+        points = [(i, r.cost(what), r.score) for i, r in enumerate(rows) if r.cost(what) is not None]
+        front = set(pareto_front([(r.score, r.cost(what)) for r in rows]))
+        for i, x, y in points:
+            on = i in front
+            ax.scatter([x], [y], s=46, color="tab:blue" if on else "white", edgecolors="tab:blue", zorder=3)
+            ax.annotate(str(i + 1), (x, y), textcoords="offset points", xytext=(5, 4 if i % 2 == 0 else -10),
+                        fontsize=8, color="black" if on else "grey")
+        line = sorted((x, y) for i, x, y in points if i in front)
+        if len(line) > 1:
+            ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:blue", lw=1, zorder=2)
+        ax.set_xlabel(COSTS[what] + ("" if what != "latency" or rows[0].timing == "compare" else " (own reports)"))
+        ax.set_ylabel(rows[0].task_metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle("filled: on the Pareto front (higher score, lower cost)", fontsize=9)
+    legend = "\n".join(f"{i}: {r.name} ({r.passes})" for i, r in enumerate(rows, 1))
+    fig.text(0.01, -0.02, legend, fontsize=7, va="top", family="monospace")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,228 @@
+"""`deftcompress compare`: sweeps, reuse of finished runs, shared leading passes, the table, the files, the picture."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from deftcompress.cli import main
+from deftcompress.core.recipe import Recipe, RecipeSettings
+from deftcompress.core.sweep import expand_sweep
+from deftcompress.errors import RecipeError
+from deftcompress.reporting.compare import CompareRow, pareto_front
+
+
+# ---- the Pareto front -------------------------------------------------------------------------
+
+def test_pareto_front_on_hand_made_points():
+    # (score, cost): higher score and lower cost win
+    points = [(0.80, 1.0), (0.79, 0.4), (0.78, 0.5), (0.81, 1.2), (0.70, 0.3), (0.79, 0.4), (None, 0.1)]
+    front = pareto_front(points)
+    # (0.78, 0.5) is dominated by (0.79, 0.4); the two equal points do not dominate each other
+    assert front == [0, 1, 3, 4, 5]
+
+
+# ---- sweeps -------------------------------------------------------------------------------------
+
+SETTINGS = {f.name for f in dataclasses.fields(RecipeSettings)}
+BASE = {"name": "grid", "model": "minilm", "task": "glue/sst2",
+        "passes": [{"magnitude_prune": {"sparsity": 0.3}}, {"deft": {"max_steps": 2}}]}
+
+
+def test_a_sweep_expands_to_the_product_named_after_its_values():
+    data = {**BASE, "sweep": {"deft.density_target": [0.3, 0.4, 0.5], "magnitude_prune.sparsity": [0.3, 0.5],
+                              "seed": [1]}}
+    points = expand_sweep(data, "grid.yaml", SETTINGS)
+    assert [p.name for p in points] == [f"grid-density_target{t}-sparsity{s}-seed1" for t in (0.3, 0.4, 0.5)
+                                        for s in (0.3, 0.5)]
+    third = points[2].data
+    assert third["passes"] == [{"magnitude_prune": {"sparsity": 0.3}}, {"deft": {"max_steps": 2, "density_target": 0.4}}]
+    assert third["seed"] == 1 and "sweep" not in third and BASE["passes"][1] == {"deft": {"max_steps": 2}}
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({"deft.density_targt": [0.3]}, "sweep.deft.density_targt: deft has no field 'density_targt'"),
+    ({"deft.density_target": []}, "sweep.deft.density_target: expected a non-empty list"),
+    ({"quantize.backend": ["torch_int8"]}, "no 'quantize' pass in this recipe"),
+    ({"passes[5].sparsity": [0.1]}, "the recipe has no passes[5]"),
+    ({"nonsense": [1]}, "'nonsense' is neither a recipe field nor <pass>.<field>"),
+    ({"deft.density_target": [0.3, 0.3]}, "repeated values"),
+    ({"deft.density_target": 0.3}, "expected a non-empty list"),
+    ([1, 2], "expected a mapping of fields to lists of values"),
+])
+def test_a_bad_grid_is_a_one_line_error(sweep, message):
+    with pytest.raises(RecipeError) as info:
+        expand_sweep({**BASE, "sweep": sweep}, "grid.yaml", SETTINGS)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_validate_checks_every_point_and_apply_refuses_a_sweep(tmp_path, tiny_data):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "data_dir": str(tiny_data),
+                                    "sweep": {"deft.density_target": [0.3, 1.5]}}))
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2 and "density_target=1.5" in result.output and "density_target must be in [0, 1)" in result.output
+    path.write_text(yaml.safe_dump({**BASE, "data_dir": str(tiny_data), "sweep": {"deft.density_target": [0.3, 0.5]}}))
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 0 and "a sweep of 2 runs: grid-density_target0.3, grid-density_target0.5" in result.output
+    result = CliRunner().invoke(main, ["apply", str(path), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "run it with `deftcompress compare" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+# ---- the table from finished runs (no training) ---------------------------------------------------
+
+def _fake_run(folder: Path, name: str, score: float, density: float, size: int, ms: float, passes: list) -> Path:
+    folder.mkdir(parents=True)
+    (folder / ".deftcompress-run").write_text("{}\n")
+    step = {"pass": "deft", "task_metric": "accuracy", "task_score": score, "metrics": {"accuracy": score},
+            "density": {"encoder": density, "decoder": None, "per_layer": [], "mode": "masked", "tau": 0.01},
+            "params": 1000, "nonzero_params": 900, "size_bytes": size, "latency_ms_per_example": ms, "eval_examples": 8,
+            "eval_seconds": 1.0, "seconds": 2.0, "index": 1, "details": {},
+            "latency": {"ms_batch_1": ms, "ms_batch_64": 10 * ms}}
+    report = {"name": name, "model": "minilm", "task": "glue/sst2", "status": "finished", "recipe_hash": name * 4,
+              "steps": [{**step, "pass": "baseline", "index": 0}, step], "final": {"saved_model_bytes": size}}
+    (folder / "report.json").write_text(json.dumps(report))
+    (folder / "progress.json").write_text(json.dumps({"format": 1, "recipe_hash": name * 4, "status": "finished",
+                                                      "steps": report["steps"], "model_state": None}))
+    (folder / "recipe.resolved.yaml").write_text(yaml.safe_dump({"name": name, "passes": passes}))
+    return folder
+
+
+def test_table_and_files_from_finished_runs(tmp_path):
+    runs = tmp_path / "runs"
+    a = _fake_run(runs / "peft", "peft", 0.81, 0.999, 90_000_000, 12.0, [{"deft": {"density_weight": 0.0}}])
+    b = _fake_run(runs / "deft", "deft", 0.80, 0.36, 90_000_000, 12.5, [{"deft": {}}])
+    c = _fake_run(runs / "pruned", "pruned", 0.78, 0.40, 90_000_000, 12.2,
+                  [{"magnitude_prune": {"sparsity": 0.3}}, {"deft": {}}, {"quantize": {"backend": "torch_int8"}}])
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(main, ["compare", str(a), str(b), str(c), "-o", str(out), "--no-timing"])
+    assert result.exit_code == 0, result.output
+    assert "peft(lora)" in result.output and "prune30 > deft(lora) > int8" in result.output
+    assert "not comparable across runs" in result.output
+    assert {p.name for p in out.iterdir()} >= {"compare.json", "compare.md", "compare.csv", "compare.png"}
+    with open(out / "compare.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["run"] for r in table] == ["peft", "deft", "pruned"]
+    # density front: peft (best score) and deft (lowest density); pruned is dominated by deft
+    assert [r["pareto_density"] for r in table] == ["1", "1", "0"]
+    assert float(table[1]["latency_ratio_b1"]) == pytest.approx(12.5 / 12.0)
+    data = json.loads((out / "compare.json").read_text())
+    assert data["pareto"]["density"] == ["peft", "deft"] and data["timing"] is None
+    md = (out / "compare.md").read_text()
+    assert "| 3 | pruned |" in md and "![score against density" in md
+    # JSON for scripts
+    result = CliRunner().invoke(main, ["compare", str(a), str(b), "-o", str(out), "--no-timing", "--json"])
+    assert json.loads(result.output)["rows"][0]["name"] == "peft"
+
+
+def test_compare_refuses_an_output_folder_it_did_not_make(tmp_path):
+    a = _fake_run(tmp_path / "runs" / "a", "a", 0.8, 0.5, 10, 1.0, [{"deft": {}}])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(main, ["compare", str(a), "-o", str(mine), "--no-timing"])
+    assert result.exit_code != 0 and "not made by deftcompress compare" in result.output
+    assert (mine / "notes.txt").read_text() == "keep me" and not (mine / "compare.json").exists()
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "nope"), "--no-timing"])
+    assert result.exit_code != 0 and "no such recipe file or run folder" in result.output
+
+
+# ---- real tiny runs: reuse, shared passes, timing ---------------------------------------------------
+
+def _grid(tmp_path, tiny_checkpoint, tiny_data, sweep=True) -> Path:
+    recipe = {"name": "g", "model": str(tiny_checkpoint("bert")), "task": "glue/sst2", "data_dir": str(tiny_data),
+              "max_eval_samples": 8, "eval_batch_size": 4,
+              "passes": [{"magnitude_prune": {"sparsity": 0.3}},
+                         {"deft": {"max_steps": 2, "batch_size": 8, "max_train_samples": 16, "r": 2, "merge": True}}]}
+    if sweep:
+        recipe["sweep"] = {"deft.density_target": [0.3, 0.5]}
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_sweep_runs_its_shared_passes_once_and_a_second_compare_reuses_everything(tmp_path, tiny_checkpoint,
+                                                                                 tiny_data, monkeypatch, one_thread):
+    from deftcompress.models.formats import load_model
+
+    monkeypatch.chdir(tmp_path)
+    path = _grid(tmp_path, tiny_checkpoint, tiny_data)
+    result = CliRunner().invoke(main, ["compare", str(path), "--repeats", "1", "--rows", "4", "-q"])
+    assert result.exit_code == 0, result.output
+    first, second = tmp_path / "runs" / "g-density_target0.3", tmp_path / "runs" / "g-density_target0.5"
+    progress = json.loads((second / "progress.json").read_text())
+    assert progress["status"] == "finished" and progress["shared_from"] == {"run": "g-density_target0.3", "steps": 2}
+    report_a, report_b = (json.loads((f / "report.json").read_text()) for f in (first, second))
+    assert report_b["resumed_from"] == 2 and report_a["steps"][1] == report_b["steps"][1]  # the pruning ran once
+    rows = json.loads((tmp_path / "runs" / "compare-g" / "compare.json").read_text())["rows"]
+    assert [r["reused"] for r in rows] == ["ran", "shared 1 pass with g-density_target0.3"]
+    assert [r["sweep"] for r in rows] == [{"deft.density_target": 0.3}, {"deft.density_target": 0.5}]
+    assert all(r["timing"] == "compare" and r["latency_ms"]["b1"] > 0 for r in rows)
+
+    # the shared run equals the same recipe run on its own
+    alone = Recipe.all_from_file(path)[1]
+    from deftcompress import run_recipe
+
+    run_recipe(alone, output_dir=tmp_path / "alone", quiet=True)
+    import torch
+
+    shared_model, _, _ = load_model(second / "model")
+    alone_model, _, _ = load_model(tmp_path / "alone" / "model")
+    for (name, x), (_, y) in zip(shared_model.state_dict().items(), alone_model.state_dict().items()):
+        assert torch.equal(x, y), name
+
+    # again: every run reused, the timing reused, nothing imported from torch
+    before = {f: (f / "report.json").stat().st_mtime_ns for f in (first, second)}
+    code = textwrap.dedent(f"""
+        import sys
+        from click.testing import CliRunner
+        from deftcompress.cli import main
+        result = CliRunner().invoke(main, ["compare", {str(path)!r}, "--repeats", "1", "--rows", "4"])
+        assert result.exit_code == 0, result.output
+        assert "reusing the finished run" in result.output and "timing: reused" in result.output, result.output
+        heavy = sorted(m for m in ("torch", "transformers", "peft") if m in sys.modules)
+        assert not heavy, heavy
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=120)
+    assert before == {f: (f / "report.json").stat().st_mtime_ns for f in (first, second)}
+
+
+def test_a_finished_run_of_the_same_recipe_is_reused_not_rerun(tmp_path, tiny_checkpoint, tiny_data, monkeypatch,
+                                                               one_thread):
+    monkeypatch.chdir(tmp_path)
+    path = _grid(tmp_path, tiny_checkpoint, tiny_data, sweep=False)
+    assert CliRunner().invoke(main, ["apply", str(path), "-o", "runs/elsewhere", "-q"]).exit_code == 0
+    stamp = (tmp_path / "runs" / "elsewhere" / "report.json").stat().st_mtime_ns
+    result = CliRunner().invoke(main, ["compare", str(path), "--no-timing"])
+    assert result.exit_code == 0 and "reusing the finished run in runs/elsewhere" in result.output
+    assert (tmp_path / "runs" / "elsewhere" / "report.json").stat().st_mtime_ns == stamp
+    assert not (tmp_path / "runs" / "g").exists()
+
+
+def test_apply_reports_latency_on_a_fixed_workload(tmp_path, tiny_checkpoint, tiny_data, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    path = _grid(tmp_path, tiny_checkpoint, tiny_data, sweep=False)
+    assert CliRunner().invoke(main, ["apply", str(path), "-q"]).exit_code == 0
+    report = json.loads((tmp_path / "runs" / "g" / "report.json").read_text())
+    for step in report["steps"]:
+        assert step["latency"]["ms_batch_1"] > 0 and step["latency"]["ms_batch_4"] > 0
+        assert step["latency"]["rows"] == {"1": 8, "4": 4} and step["latency"]["repeats"] == 3
+    md = (tmp_path / "runs" / "g" / "report.md").read_text()
+    assert "| ms b1 | ms b4 | latency b1/b4 |" in md and "use `deftcompress compare`" in md
+
+
+def test_compare_row_costs():
+    row = CompareRow(name="x", folder=".", passes="p", task_metric="accuracy", score=0.8, density_encoder=None,
+                     density_decoder=0.3, params=10, nonzero_params=9, size_bytes=2_000_000, runtime="torch",
+                     latency_ratio={"b1": 0.5})
+    assert (row.cost("density"), row.cost("latency"), row.cost("size")) == (0.3, 0.5, 2.0)
