@@ -38,8 +38,19 @@ GATE_FIELDS = ("skip_blocks", "skip_fraction", "gate_penalty", "skip_threshold",
                "speed_repeats")
 
 
-def recipes(base: dict, budgets: list[int], model: str, steps: int | None) -> dict[str, dict]:
-    """DEFT and one ADA-DEFT recipe per budget, identical apart from the block weights."""
+def parse_budget(item: str) -> tuple[str, int, dict]:
+    """'3' or '3:gate_decision_ratio=0.4' -> (run name, blocks to skip, ada_deft overrides)."""
+    k, *settings = item.split(":")
+    overrides = {}
+    for setting in settings:
+        key, value = setting.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    name = f"ada_k{int(k)}" + "".join(f"-{key}{value}" for key, value in overrides.items())
+    return name, int(k), overrides
+
+
+def recipes(base: dict, budgets: list[str], model: str, steps: int | None) -> dict[str, dict]:
+    """DEFT and one ADA-DEFT recipe per budget, identical apart from the block weights (and any overrides)."""
     ada = dict(base["passes"][0]["ada_deft"])
     if steps:
         ada["max_steps"] = steps
@@ -47,9 +58,10 @@ def recipes(base: dict, budgets: list[int], model: str, steps: int | None) -> di
     common = {k: v for k, v in base.items() if k not in ("passes", "name")}
     common["model"] = model
     out = {"deft": {**common, "name": "deft", "passes": [{"deft": deft}]}}
-    for k in budgets:
-        out[f"ada_k{k}"] = {**common, "name": f"ada_k{k}",
-                            "passes": [{"ada_deft": {**ada, "skip_blocks": k, "measure_speed": False}}]}
+    for item in budgets:
+        name, k, overrides = parse_budget(item)
+        out[name] = {**common, "name": name,
+                     "passes": [{"ada_deft": {**ada, "skip_blocks": k, "measure_speed": False, **overrides}}]}
     return out
 
 
@@ -105,7 +117,8 @@ def causal_lm_from(classifier):
 
 def time_decoding(models: dict, tokenizer, rows: list[dict], new_tokens: int, repeats: int) -> dict[str, float]:
     """Median ms per generated token, greedy, batch 1, KV cache on; models alternate."""
-    prompts = [tokenizer(r["text_a"], return_tensors="pt", truncation=True, max_length=32) for r in rows]
+    prompts = [{k: v for k, v in tokenizer(r["text_a"], return_tensors="pt", truncation=True, max_length=32).items()
+                if k in ("input_ids", "attention_mask")} for r in rows]
     names = list(models)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats + 1):
@@ -122,7 +135,8 @@ def time_decoding(models: dict, tokenizer, rows: list[dict], new_tokens: int, re
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", default="1,2,3", help="blocks to skip per run (comma-separated)")
+    parser.add_argument("--budgets", default="1,2,3",
+                        help="blocks to skip per run, comma-separated; '3:gate_decision_ratio=0.4' adds ada_deft overrides")
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "ada_deft_sst2.yaml")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "ada_deft_bench")
     parser.add_argument("--llama", action="store_true", help="the tiny Llama-style decoder instead of MiniLM")
@@ -142,7 +156,7 @@ def main() -> None:
     from deftcompress.measurement.speed import compare_speed
     from deftcompress.models.formats import load_model
 
-    budgets = [int(b) for b in args.budgets.split(",") if b]
+    budgets = [b for b in args.budgets.split(",") if b]
     base = yaml.safe_load(args.recipe.read_text())
     kind = "llama" if args.llama else "minilm"
     runs = args.runs / kind
