@@ -38,29 +38,33 @@ GATE_FIELDS = ("skip_blocks", "skip_fraction", "gate_penalty", "skip_threshold",
                "speed_repeats")
 
 
-def parse_budget(item: str) -> tuple[str, int, dict]:
-    """'3' or '3:gate_decision_ratio=0.4' -> (run name, blocks to skip, ada_deft overrides)."""
+def parse_budget(item: str) -> tuple[str, int, dict, int | None]:
+    """'3', '3:gate_decision_ratio=0.4' or '3:seed=43' -> (run name, blocks to skip, ada_deft overrides, seed)."""
     k, *settings = item.split(":")
     overrides = {}
     for setting in settings:
         key, value = setting.split("=", 1)
         overrides[key] = yaml.safe_load(value)
+    seed = overrides.pop("seed", None)
     name = f"ada_k{int(k)}" + "".join(f"-{key}{value}" for key, value in overrides.items())
-    return name, int(k), overrides
+    return name + (f"-seed{seed}" if seed is not None else ""), int(k), overrides, seed
 
 
-def recipes(base: dict, budgets: list[str], model: str, steps: int | None) -> dict[str, dict]:
-    """DEFT and one ADA-DEFT recipe per budget, identical apart from the block weights (and any overrides)."""
+def recipes(base: dict, budgets: list[str], deft_seeds: list[int], model: str, steps: int | None) -> dict[str, dict]:
+    """DEFT (per seed) and one ADA-DEFT recipe per budget, identical apart from the block weights (and overrides)."""
     ada = dict(base["passes"][0]["ada_deft"])
     if steps:
         ada["max_steps"] = steps
     deft = {k: v for k, v in ada.items() if k not in GATE_FIELDS}
     common = {k: v for k, v in base.items() if k not in ("passes", "name")}
     common["model"] = model
-    out = {"deft": {**common, "name": "deft", "passes": [{"deft": deft}]}}
+    out = {}
+    for seed in deft_seeds:
+        name = "deft" if seed == base["seed"] else f"deft-seed{seed}"
+        out[name] = {**common, "seed": seed, "name": name, "passes": [{"deft": deft}]}
     for item in budgets:
-        name, k, overrides = parse_budget(item)
-        out[name] = {**common, "name": name,
+        name, k, overrides, seed = parse_budget(item)
+        out[name] = {**common, "seed": base["seed"] if seed is None else seed, "name": name,
                      "passes": [{"ada_deft": {**ada, "skip_blocks": k, "measure_speed": False, **overrides}}]}
     return out
 
@@ -137,6 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="1,2,3",
                         help="blocks to skip per run, comma-separated; '3:gate_decision_ratio=0.4' adds ada_deft overrides")
+    parser.add_argument("--deft-seeds", default=None, help="seeds of the DEFT reference runs (default: the recipe's)")
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "ada_deft_sst2.yaml")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "ada_deft_bench")
     parser.add_argument("--llama", action="store_true", help="the tiny Llama-style decoder instead of MiniLM")
@@ -145,7 +150,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch threads while timing (default: torch's)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--render", action="store_true", help="only write the .md again from the committed .json")
     args = parser.parse_args()
+    if args.render:
+        out = args.out or ROOT / "benchmarks" / "results" / ("ada_deft_llama" if args.llama else "ada_deft")
+        out.with_suffix(".md").write_text(markdown(json.loads(out.with_suffix(".json").read_text()), args.llama))
+        return
     warnings.filterwarnings("ignore")
     logging.getLogger().setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
@@ -161,7 +171,11 @@ def main() -> None:
     kind = "llama" if args.llama else "minilm"
     runs = args.runs / kind
     model_ref = tiny_llama_checkpoint(runs / "checkpoint") if args.llama else base["model"]
-    rows = [run_or_reuse(name, recipe, runs) for name, recipe in recipes(base, budgets, model_ref, args.steps).items()]
+    deft_seeds = [int(s) for s in args.deft_seeds.split(",")] if args.deft_seeds else [base["seed"]]
+    planned = recipes(base, budgets, deft_seeds, model_ref, args.steps)
+    rows = [run_or_reuse(name, recipe, runs) for name, recipe in planned.items()]
+    for row in rows:
+        row["seed"] = planned[row["name"]]["seed"]
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,9 +192,11 @@ def main() -> None:
         lms = {n: causal_lm_from(m) for n, m in models.items()}
         decoding = time_decoding(lms, tokenizer, dev[:8], new_tokens=16, repeats=args.repeats)
     reference = rows[0]
+    deft_by_seed = {r["seed"]: r for r in rows if r["name"].startswith("deft")}
     for row in rows:
         m = measured["models"][row["name"]]
-        row.update({"points_vs_deft": round(100 * (row["accuracy"] - reference["accuracy"]), 2),
+        same_seed = deft_by_seed.get(row["seed"], reference)  # accuracy against the DEFT run of the same seed
+        row.update({"points_vs_deft": round(100 * (row["accuracy"] - same_seed["accuracy"]), 2),
                     "latency_b1": m["latency_ratio_batch_1"], "latency_b32": m["latency_ratio_batch_32"],
                     "weight_memory": m["weight_ratio"], "peak_memory": m["peak_ratio"],
                     "ms_b1": m["ms_batch_1"], "ms_b32": m["ms_batch_32"], "weight_mb": round(m["weight_bytes"] / 1e6, 2),
@@ -188,15 +204,35 @@ def main() -> None:
         if decoding:
             row["decode_ms_per_token"] = decoding[row["name"]]
             row["decode_ratio"] = round(decoding[row["name"]] / decoding[reference["name"]], 4)
-        row["target_met"] = (row["name"] != "deft" and row["points_vs_deft"] >= -1.0 and row["latency_b1"] <= 0.85
-                             and row["latency_b32"] <= 0.85 and row["peak_memory"] <= 0.85)
+        row["target_met"] = (not row["name"].startswith("deft") and row["points_vs_deft"] >= -1.0
+                             and row["latency_b1"] <= 0.85 and row["latency_b32"] <= 0.85 and row["peak_memory"] <= 0.85)
     command = "python benchmarks/ada_deft.py " + " ".join(sys.argv[1:])
     out = args.out or ROOT / "benchmarks" / "results" / ("ada_deft_llama" if args.llama else "ada_deft")
     payload = {"command": command, "threads": torch.get_num_threads(), "workload": measured["workload"],
-               "rows": rows, "model": model_ref, "recipe": str(args.recipe.relative_to(ROOT))}
+               "rows": rows, "model": model_ref, "recipe": str(args.recipe.relative_to(ROOT)),
+               "means": seed_means(rows)}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(payload, args.llama))
     print(out.with_suffix(".md").read_text())
+
+
+def seed_means(rows: list[dict]) -> list[dict]:
+    """Configurations run with more than one seed: mean accuracy, points against DEFT, and timing ratios."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["name"].split("-seed")[0], []).append(r)
+    out = []
+    for name, group in groups.items():
+        if len(group) < 2:
+            continue
+        mean = lambda key: round(sum(r[key] for r in group) / len(group), 4)  # noqa: E731
+        out.append({"config": name, "seeds": [r["seed"] for r in group], "accuracy": mean("accuracy"),
+                    "points_vs_deft": round(mean("points_vs_deft"), 2), "latency_b1": mean("latency_b1"),
+                    "latency_b32": mean("latency_b32"), "peak_memory": mean("peak_memory"),
+                    "target_met": (not name.startswith("deft") and mean("points_vs_deft") >= -1.0
+                                   and mean("latency_b1") <= 0.85 and mean("latency_b32") <= 0.85
+                                   and mean("peak_memory") <= 0.85)})
+    return out
 
 
 def markdown(payload: dict, llama: bool) -> str:
@@ -220,8 +256,17 @@ def markdown(payload: dict, llama: bool) -> str:
                 f"({r['ms_b32']:.1f} ms) | {r['weight_memory']:.3f} ({r['weight_mb']:.1f} MB) | {r['peak_memory']:.3f} |")
         if llama:
             line += f" {r['decode_ms_per_token']:.3f} | {r['decode_ratio']:.3f} |"
-        lines.append(line + (" - |" if r["name"] == "deft" else f" {'yes' if r['target_met'] else 'no'} |"))
-    lines += ["", "Target: latency (both batch sizes) and peak memory <= 0.85x DEFT at >= -1.0 point.", ""]
+        lines.append(line + (" - |" if r["name"].startswith("deft") else f" {'yes' if r['target_met'] else 'no'} |"))
+    lines += ["", "Target: latency (both batch sizes) and peak memory <= 0.85x DEFT at >= -1.0 point "
+                  "(points against the DEFT run of the same seed).", ""]
+    if payload.get("means"):
+        lines += ["Mean over seeds:", "", "| configuration | seeds | accuracy | vs DEFT (points) | latency b1 | latency b32 | "
+                  "peak memory | target met |", "|---|---|---|---|---|---|---|---|"]
+        for m in payload["means"]:
+            lines.append(f"| {m['config']} | {', '.join(map(str, m['seeds']))} | {m['accuracy']:.4f} | "
+                         f"{m['points_vs_deft']:+.2f} | {m['latency_b1']:.3f} | {m['latency_b32']:.3f} | "
+                         f"{m['peak_memory']:.3f} | {'-' if m['config'].startswith('deft') else ('yes' if m['target_met'] else 'no')} |")
+        lines.append("")
     learned = [r for r in rows if r["learned_weights"]]
     if learned:
         lines += ["Learned block weights at the end (skipped blocks at 0; kept ones folded into their down-projection):", ""]

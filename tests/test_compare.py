@@ -209,6 +209,24 @@ def test_a_finished_run_of_the_same_recipe_is_reused_not_rerun(tmp_path, tiny_ch
     assert not (tmp_path / "runs" / "g").exists()
 
 
+def test_a_folder_holding_another_recipes_run_is_kept_and_the_run_goes_beside_it(tmp_path, tiny_checkpoint, tiny_data,
+                                                                                monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    path = _grid(tmp_path, tiny_checkpoint, tiny_data, sweep=False)
+    assert CliRunner().invoke(main, ["apply", str(path), "-q"]).exit_code == 0
+    older = json.loads((tmp_path / "runs" / "g" / "progress.json").read_text())
+    recipe = yaml.safe_load(path.read_text())
+    recipe["passes"][0]["magnitude_prune"]["sparsity"] = 0.4  # the recipe changed since that run
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["compare", str(path), "--no-timing"])
+    assert result.exit_code == 0, result.output
+    assert "holds a run of another recipe (kept)" in result.output
+    assert json.loads((tmp_path / "runs" / "g" / "progress.json").read_text()) == older
+    (beside,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("g-")]
+    assert json.loads((beside / "report.json").read_text())["status"] == "finished"
+    assert "prune40" in result.output
+
+
 def test_apply_reports_latency_on_a_fixed_workload(tmp_path, tiny_checkpoint, tiny_data, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
     path = _grid(tmp_path, tiny_checkpoint, tiny_data, sweep=False)

@@ -74,6 +74,13 @@ def _finished(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("status") == "finished" else None
 
 
+def _recipe_hash_in(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / PROGRESS).read_text()).get("recipe_hash")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def resolve_inputs(arguments: list[str], trust_pickle: bool = False) -> list[Entry]:
     """Entries for the arguments, every recipe checked first (nothing runs if one is wrong)."""
     entries: list[Entry] = []
@@ -228,6 +235,10 @@ def compare(arguments: list[str], output_dir: str | Path | None = None, timing: 
                 entry.folder, entry.how = found, "reused"
                 log(f"{prefix}: reusing the finished run in {found}")
                 continue
+            other = _recipe_hash_in(entry.folder)
+            if other is not None and other != entry.digest:  # an older run of another version of this recipe: kept
+                entry.folder = entry.folder.parent / f"{entry.folder.name}-{entry.digest[:8]}"
+                log(f"{prefix}: its output folder holds a run of another recipe (kept); this one goes to {entry.folder}")
             resumed = entry.folder.is_dir() and (entry.folder / PROGRESS).is_file()
             if i in starts and not resumed and shared.seed(starts[i], entry, entries[starts[i][0]].recipe.name):
                 steps = starts[i][1]
@@ -248,7 +259,7 @@ def compare(arguments: list[str], output_dir: str | Path | None = None, timing: 
 def _run(entry: Entry, quiet: bool, on_commit) -> None:
     from deftcompress.pipeline.runner import Pipeline
 
-    Pipeline(entry.recipe, quiet=quiet, on_commit=on_commit).run()
+    Pipeline(entry.recipe, output_dir=entry.folder, quiet=quiet, on_commit=on_commit).run()
 
 
 def _timing(rows: list[CompareRow], entries: list[Entry], out: Path, workload: Workload, timing: bool, quiet: bool,
