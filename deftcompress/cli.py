@@ -156,13 +156,14 @@ def list_passes(as_json: bool) -> None:
               help="Folder for compare.{json,md,csv,png} (default runs/compare-<first name>).")
 @click.option("--data-dir", type=click.Path(), help="Local data folder (overrides $DEFTCOMPRESS_DATA_DIR).")
 @click.option("--no-timing", is_flag=True, help="Do not time the models side by side; show each run's own figures.")
+@click.option("--retime", is_flag=True, help="Time the models again even if compare.json holds a timing of the same runs.")
 @click.option("--rows", type=click.IntRange(1, 100_000), default=64, show_default=True, help="Evaluation rows timed.")
 @click.option("--repeats", type=click.IntRange(1, 1000), default=5, show_default=True, help="Timing repetitions (median).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="torch threads while timing.")
 @click.option("--trust-pickle", is_flag=True, help="Accept checkpoints that have only pickled weights.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or run log; only the final table.")
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json instead of the table (for scripts).")
-def compare(inputs: tuple[str, ...], output_dir: Path | None, data_dir: str | None, no_timing: bool, rows: int,
+def compare(inputs: tuple[str, ...], output_dir: Path | None, data_dir: str | None, no_timing: bool, retime: bool, rows: int,
             repeats: int, threads: int | None, trust_pickle: bool, quiet: bool, as_json: bool) -> None:
     """Compare runs: INPUTS are recipes (a sweep expands into its runs) or finished run folders.
 
@@ -182,7 +183,8 @@ def compare(inputs: tuple[str, ...], output_dir: Path | None, data_dir: str | No
         with _sigterm_as_interrupt():
             table_rows, folder = run_compare(list(inputs), output_dir, timing=not no_timing,
                                              workload=Workload(rows=rows, repeats=repeats, threads=threads),
-                                             quiet=quiet or as_json, trust_pickle=trust_pickle, log=log, command=command)
+                                             quiet=quiet or as_json, trust_pickle=trust_pickle, retime=retime, log=log,
+                                             command=command)
     except DeftcompressError as exc:
         _fail(exc)
     except OSError as exc:

@@ -209,7 +209,7 @@ class SharedStates:
 # ---- the comparison -------------------------------------------------------------------------------
 
 def compare(arguments: list[str], output_dir: str | Path | None = None, timing: bool = True,
-            workload: Workload | None = None, quiet: bool = False, trust_pickle: bool = False,
+            workload: Workload | None = None, quiet: bool = False, trust_pickle: bool = False, retime: bool = False,
             log: Callable[[str], None] = print, command: str = "deftcompress compare") -> tuple[list[CompareRow], Path]:
     """Run or reuse every entry, time the final models side by side, write compare.*; returns (rows, folder)."""
     workload = workload or Workload()
@@ -226,7 +226,7 @@ def compare(arguments: list[str], output_dir: str | Path | None = None, timing: 
     starts = shared.plan(entries)
     try:
         for i, entry in enumerate(entries):
-            prefix = f"[{i + 1}/{len(entries)}] {entry.recipe.name if entry.recipe else entry.folder}"
+            prefix = f"run {i + 1}/{len(entries)} {entry.recipe.name if entry.recipe else entry.folder}"
             if entry.recipe is None:
                 log(f"{prefix}: finished run, as given")
                 continue
@@ -251,7 +251,7 @@ def compare(arguments: list[str], output_dir: str | Path | None = None, timing: 
     finally:
         shutil.rmtree(out / ".shared", ignore_errors=True)
     rows = [row_from_run(e.folder, e.sweep, e.how) for e in entries]
-    timing_record = _timing(rows, entries, out, workload, timing, quiet, log)
+    timing_record = _timing(rows, entries, out, workload, timing, quiet, log, retime)
     write_outputs(rows, out, command, timing_record)
     return rows, out
 
@@ -263,13 +263,13 @@ def _run(entry: Entry, quiet: bool, on_commit) -> None:
 
 
 def _timing(rows: list[CompareRow], entries: list[Entry], out: Path, workload: Workload, timing: bool, quiet: bool,
-            log) -> dict[str, Any] | None:
+            log, retime: bool = False) -> dict[str, Any] | None:
     """Side-by-side latency (reused from an earlier compare.json of the same runs and workload), or the reports' own."""
     if not timing:
         set_report_ratios(rows)
         return None
     runs = [[str(Path(r.folder).resolve()), r.recipe_hash] for r in rows]
-    if (out / "compare.json").is_file():
+    if (out / "compare.json").is_file() and not retime:
         try:
             old_rows, old = load_rows(out)
         except (ValueError, KeyError, TypeError):

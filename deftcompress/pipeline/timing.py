@@ -53,7 +53,7 @@ def time_runs(rows: list[CompareRow], workload, progress: bool = True) -> dict[s
                 notes.append(f"{row.name}: a text-to-text graph; its PyTorch model/ was timed instead")
                 models[row.name] = model
             else:
-                models[row.name] = onnx_forward(str(Path(row.folder) / onnx["folder"]), CLASSIFIER_FILE)
+                models[row.name] = onnx_forward(str(Path(row.folder) / onnx["folder"]), CLASSIFIER_FILE, spinning=False)
         else:
             models[row.name] = model
     batch = int(resolved.get("eval_batch_size") or 64)

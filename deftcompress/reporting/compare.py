@@ -41,6 +41,7 @@ class CompareRow:
     size_bytes: int
     runtime: str  # torch | onnxruntime
     recipe_hash: str | None = None
+    density_mode: str | None = None  # masked (real tokens) | paper: the run's own mode, from its last step in it
     sweep: dict[str, Any] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)  # "b1" / "b64" -> median ms per batch
     latency_ratio: dict[str, float] = field(default_factory=dict)  # to the first row, same keys
@@ -85,15 +86,21 @@ def row_from_run(folder: str | Path, sweep: dict[str, Any] | None = None, reused
     resolved_path = folder / "recipe.resolved.yaml"
     resolved = yaml.safe_load(resolved_path.read_text()) if resolved_path.is_file() else {}
     last = report.steps[-1]
+    # density in the run's own mode (the baseline's): a closing `evaluate: {density_mode: paper}` does not
+    # make one run's figure incomparable with another's
+    mode = report.steps[0].density.get("mode")
+    measured = next((s for s in reversed(report.steps) if s.density.get("mode") == mode), last)
     final = report.final or {}
     on_graph = str(last.details.get("runtime", "")).startswith("onnxruntime")
     if on_graph and final.get("onnx"):
         size = int(final["onnx"]["bytes"])
     else:
         size = int(final.get("saved_model_bytes") or last.size_bytes)
-    row = CompareRow(name=report.name, folder=str(folder), passes=passes_label(resolved) or "-",
+    label = passes_label(resolved) or " > ".join(s.pass_name for s in report.steps[1:])  # older runs: no resolved recipe
+    row = CompareRow(name=report.name, folder=str(folder), passes=label or "-",
                      task_metric=last.task_metric, score=float(last.task_score),
-                     density_encoder=last.density.get("encoder"), density_decoder=last.density.get("decoder"),
+                     density_encoder=measured.density.get("encoder"), density_decoder=measured.density.get("decoder"),
+                     density_mode=mode,
                      params=int(last.params), nonzero_params=int(last.nonzero_params), size_bytes=size,
                      runtime="onnxruntime" if on_graph else "torch", recipe_hash=report.recipe_hash,
                      sweep=dict(sweep or {}), reused=reused)
@@ -171,7 +178,9 @@ def _legend(rows: list[CompareRow]) -> str:
               "run 1" if rows and rows[0].timing == "compare" else
               "latency: each run's own fixed-workload figures (timed in separate processes: not comparable across "
               "runs; run compare without --no-timing to time them side by side)")
-    return (f"{timing}. front: on the Pareto front of score against d = density, l = latency, s = size "
+    modes = sorted({str(r.density_mode) for r in rows if r.density_mode})
+    return (f"{timing}. density: exact nonzero MLP activations, {' / '.join(modes) or 'masked'} mode, from each run's "
+            f"last step measured in its own mode. front: on the Pareto front of score against d = density, l = latency, s = size "
             "(no other run scores at least as high at a cost at least as low).")
 
 

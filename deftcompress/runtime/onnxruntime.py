@@ -27,6 +27,9 @@ from deftcompress.export.onnx import OnnxGraph
 class SessionSettings:
     threads: int = 0  # 0: onnxruntime decides
     optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    # onnxruntime's worker threads spin while waiting for work: right for a server, but in one process
+    # that also runs PyTorch (side-by-side timing) the spinning threads steal the other model's cores
+    spinning: bool = True
 
     def options(self):
         import onnxruntime as ort
@@ -39,6 +42,9 @@ class SessionSettings:
         options.graph_optimization_level = levels[self.optimization]
         options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
+        if not self.spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return options
 
 
