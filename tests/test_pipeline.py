@@ -254,7 +254,7 @@ def test_llama_classifies_glue(tiny_checkpoint, tiny_data, tmp_path):
 def test_roberta_regression(tiny_checkpoint, tiny_data, tmp_path):
     report, out = run(tiny_checkpoint, tiny_data, tmp_path, family="roberta", task="glue/stsb")
     step = report.steps[-1]
-    assert step.task_metric == "pearson" and set(step.metrics) == {"pearson"} and step.eval_examples == 24
+    assert step.task_metric == "pearson" and set(step.metrics) == {"pearson", "spearmanr"} and step.eval_examples == 24
     # the saved model holds the regression head the run initialised (the checkpoint's head has 2 outputs)
     task = get_task("glue/stsb")
     model, tok, arch = load_model_and_tokenizer(str(out / "model"), task)

@@ -65,6 +65,10 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise RecipeError(f"{where}: expected one of {_type_name(tp)}, got {short(value)}")
     if origin in (Union, types.UnionType):
+        if isinstance(value, dict):  # a mapping where a dataclass fits: its own field-by-field errors
+            nested = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+            if len(nested) == 1:
+                return parse_config(nested[0], value, where)
         errors = []
         for arg in typing.get_args(tp):
             try:

@@ -19,6 +19,7 @@ from deftcompress.core.config import option, parse_config, short
 from deftcompress.errors import RecipeError
 from deftcompress.core.plan import plan_passes
 from deftcompress.core.protocol import PlannedPass
+from deftcompress.data.own_data import DataTask
 from deftcompress.data.tasks import data_root, get_task
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -63,7 +64,10 @@ class RecipeSettings:
 
     name: str = option("run", "run name; outputs go to runs/<name> unless -o/output_dir says otherwise")
     model: str = option("minilm", "alias (minilm = embedded all-MiniLM-L6-v2), local checkpoint folder, or hub id")
-    task: str = option("glue/sst2", "glue/<sst2|mrpc|cola|qnli|rte|stsb|mnli> or squad")
+    task: str | DataTask = option(
+        "glue/sst2", "glue/<sst2|mrpc|cola|qnli|rte|stsb|mnli>, squad, or your own data: a mapping {type: classification "
+                     "| regression, train: <file or folder>, validation: ..., text: <column or [two columns]>, label: "
+                     "<column>} (csv, tsv, json, jsonl, parquet; or dataset: <hub id> with split names)")
     seed: int = option(42, "seed for head initialisation, data sampling and training")
     max_eval_samples: int | None = option(None, "evaluate on the first N rows of the validation split (null: all)")
     data_dir: str | None = option(None, "local data folder (GLUE TSV / SQuAD JSON layout); default $DEFTCOMPRESS_DATA_DIR, else the hub")
@@ -194,6 +198,11 @@ class Recipe:
         from deftcompress.core.model_refs import resolve_model_ref
 
         resolve_model_ref(self.settings.model, f"{self.source}: model", trust_pickle=self.trust_pickle)
+        if isinstance(self.settings.task, DataTask):  # its files were read and checked by get_task
+            trainers = [p.where for p in self.plan if p.cls.needs_train_data(p.config)]
+            if trainers and self.settings.task.train is None:
+                raise RecipeError(f"{self.source}: task.train: null, but {trainers[0]} trains")
+            return
         root = data_root(self.settings.data_dir)
         if root is None:
             return

@@ -17,13 +17,38 @@ def compute_metrics(task: TaskSpec, predictions: list[Any], examples: list[dict[
     labels = [ex["label"] for ex in examples]
     if task.kind == "regression":
         preds = [0.0 if (isinstance(p, float) and math.isnan(p)) else float(p) for p in predictions]
-        return {"pearson": pearson(preds, labels)}
+        return {"pearson": pearson(preds, labels), "spearmanr": pearson(_ranks(preds), _ranks(labels))}
     metrics = {"accuracy": sum(int(p == y) for p, y in zip(predictions, labels)) / max(len(labels), 1)}
-    if task.name == "glue/mrpc":
-        metrics["f1"] = binary_f1(predictions, labels)
-    if task.name == "glue/cola":
+    if task.metric == "f1" or task.name == "glue/mrpc":
+        metrics["f1"] = binary_f1(predictions, labels) if task.num_labels == 2 else macro_f1(predictions, labels, task.num_labels)
+    if task.metric == "matthews_correlation" or task.name == "glue/cola":
         metrics["matthews_correlation"] = matthews(predictions, labels)
     return metrics
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Average ranks (ties share their mean rank), for Spearman's correlation."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def macro_f1(preds: list[int], labels: list[int], num_labels: int) -> float:
+    scores = []
+    for c in range(num_labels):
+        tp = sum(1 for p, y in zip(preds, labels) if p == c and y == c)
+        fp = sum(1 for p, y in zip(preds, labels) if p == c and y != c)
+        fn = sum(1 for p, y in zip(preds, labels) if p != c and y == c)
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / num_labels
 
 
 def pearson(x: list[float], y: list[float]) -> float:

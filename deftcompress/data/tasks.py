@@ -17,7 +17,7 @@ import json
 import os
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +42,7 @@ class TaskSpec:
     label_names: tuple[str, ...] = ()  # TSV label strings (MNLI) and T5 target words
     t5_prefix: str = ""
     t5_fields: tuple[str, ...] = ()  # how T5 names the two inputs
+    source: Any = field(default=None, compare=False)  # tasks given by data: own_data.DataSource
 
     @property
     def glue_name(self) -> str:
@@ -74,10 +75,35 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def get_task(name: str, where: str = "task") -> TaskSpec:
+def get_task(name: Any, where: str = "task") -> TaskSpec:
+    """The task a recipe's `task:` names: a GLUE name or squad, or a mapping that gives it by data (`own_data`)."""
+    if not isinstance(name, str):
+        return task_from_data(name, where)
     if name not in TASKS:
-        raise RecipeError(f"{where}: unknown task {name[:60]!r} (known: {', '.join(TASKS)})")
+        raise RecipeError(f"{where}: unknown task {name[:60]!r} (known: {', '.join(TASKS)}), or a mapping "
+                          "{type: classification, train: ..., validation: ..., text: ..., label: ...}")
     return TASKS[name]
+
+
+_DATA_TASKS: dict[str, TaskSpec] = {}
+
+
+def task_from_data(config: Any, where: str = "task") -> TaskSpec:
+    """A TaskSpec for a task given by data (read and checked once per process and configuration)."""
+    import dataclasses
+
+    from deftcompress.core.config import parse_config
+    from deftcompress.data.own_data import METRICS, DataSource, DataTask, describe
+
+    cfg = config if isinstance(config, DataTask) else parse_config(DataTask, config, where)
+    key = repr(dataclasses.asdict(cfg)) + os.getcwd()
+    if key not in _DATA_TASKS:
+        name, num_labels, label_names, ids = describe(cfg, where)
+        columns = tuple(cfg.columns())
+        _DATA_TASKS[key] = TaskSpec(name=name, kind=cfg.type, metric=cfg.metric or METRICS[cfg.type][0],
+                                    num_labels=num_labels, label_names=label_names, t5_prefix=cfg.type,
+                                    t5_fields=columns, source=DataSource(config=cfg, label_ids=ids))
+    return _DATA_TASKS[key]
 
 
 Split = Literal["train", "validation"]
@@ -96,6 +122,13 @@ def load_examples(task: TaskSpec, split: Split, data_dir: str | os.PathLike | No
 
 def read_split(task: TaskSpec, split: Split, data_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Every example of one split, read and checked."""
+    if task.source is not None:  # a task given by data: its own files or hub dataset
+        from deftcompress.data import own_data
+
+        examples = own_data.read_split(task, split)
+        if not examples:
+            raise DataError(f"{task.name} {split}: no examples found")
+        return examples
     root = data_root(data_dir)
     if task.kind == "qa":
         examples = _squad_local(root, split) if root else _squad_hub(split)

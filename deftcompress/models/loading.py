@@ -79,6 +79,9 @@ def load_model_and_tokenizer(ref: str, task: TaskSpec | None, device: torch.devi
         kwargs["ignore_mismatched_sizes"] = True
         if task.kind == "regression":
             kwargs["problem_type"] = "regression"
+        elif len(task.label_names) == task.num_labels:  # pipeline() then answers with the task's label names
+            kwargs["id2label"] = dict(enumerate(task.label_names))
+            kwargs["label2id"] = {name: i for i, name in enumerate(task.label_names)}
     if getattr(config, "quantization_config", None) is not None:
         # a bitsandbytes checkpoint (e.g. from the quantize pass) loads in place: 8-bit models refuse `.to` afterwards
         kwargs.setdefault("device_map", {"": str(torch.device(device))})
@@ -159,7 +162,8 @@ def load_restructured(auto, ref: str, config, kwargs: dict[str, Any]) -> nn.Modu
     folder = Path(ref)
     if not folder.is_dir():
         raise CheckpointError(f"model {ref!r}: checkpoints with pruned widths or int8 layers load from a local folder only")
-    unsupported = set(kwargs) - {"trust_remote_code", "use_safetensors", "num_labels", "ignore_mismatched_sizes", "problem_type"}
+    unsupported = set(kwargs) - {"trust_remote_code", "use_safetensors", "num_labels", "ignore_mismatched_sizes", "problem_type",
+                                 "id2label", "label2id"}
     if unsupported:
         raise CheckpointError(f"model {ref!r}: a checkpoint with pruned widths or int8 layers cannot be loaded with {sorted(unsupported)}")
     config = copy.deepcopy(config)
@@ -168,6 +172,8 @@ def load_restructured(auto, ref: str, config, kwargs: dict[str, Any]) -> nn.Modu
         config.num_labels = kwargs["num_labels"]
     if "problem_type" in kwargs:
         config.problem_type = kwargs["problem_type"]
+    if "id2label" in kwargs:
+        config.id2label, config.label2id = kwargs["id2label"], kwargs["label2id"]
     model = auto.from_config(config)
     if getattr(config, "deftcompress_layout", None) is not None:
         apply_layout(model, config.deftcompress_layout)

@@ -39,7 +39,7 @@ def time_runs(rows: list[CompareRow], workload, progress: bool = True) -> dict[s
         raise DeftcompressError(f"compare times runs of one task and model family side by side; got tasks {sorted(tasks)} "
                                 f"and families {sorted(families)} (use --no-timing to tabulate them anyway)")
     resolved = yaml.safe_load((Path(rows[0].folder) / "recipe.resolved.yaml").read_text()) or {}
-    task = get_task(reports[0].task)
+    task = get_task(resolved.get("task") or reports[0].task)  # own-data tasks are given by their mapping
     examples = load_examples(task, "validation", resolved.get("data_dir"), workload.rows)
     models: dict[str, Any] = {}
     tokenizer = arch = None
