@@ -12,7 +12,7 @@ from deftcompress.errors import DeftcompressError, RecipeError
 from deftcompress.core.recipe import Recipe, load_recipe
 
 __version__ = "0.1.0"
-__all__ = ["Recipe", "load_recipe", "run_recipe", "Pipeline", "Report", "DeftcompressError", "RecipeError", "__version__"]
+__all__ = ["Recipe", "load_recipe", "run_recipe", "load_model", "Pipeline", "Report", "DeftcompressError", "RecipeError", "__version__"]
 
 
 def __getattr__(name):
@@ -21,6 +21,10 @@ def __getattr__(name):
         from deftcompress.pipeline import runner as pipeline
 
         return getattr(pipeline, name)
+    if name == "load_model":  # load_model(folder) -> (model, tokenizer, arch), whatever format the folder holds
+        from deftcompress.models.formats import load_model
+
+        return load_model
     if name == "Report":
         from deftcompress.reporting.report import Report
 

@@ -20,10 +20,24 @@ def _fail(exc: DeftcompressError) -> None:
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+    """Silence library notices a user cannot act on (without importing the libraries: compare may not need them).
 
-    transformers.logging.set_verbosity_error()
+    transformers: tokenizer advice, "newly initialised" heads (our report's notes say which head was new);
+    bitsandbytes: an optional CPU kernel package it cannot find (the generic kernel is used).
+    """
+    import logging
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("transformers", "bitsandbytes", "adapters", "optimum", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings
+
+    # peft: merging LoRA into a 4-bit base "may get different generations"; ours is dequantized exactly first
+    warnings.filterwarnings("ignore", message="Merge lora module to 4-bit linear")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -177,6 +191,7 @@ def compare(inputs: tuple[str, ...], output_dir: Path | None, data_dir: str | No
 
     if data_dir:
         os.environ["DEFTCOMPRESS_DATA_DIR"] = data_dir
+    _quiet_libraries()
     log = (lambda text: None) if quiet or as_json else (lambda text: click.echo(text, err=True))
     command = "deftcompress compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "deftcompress compare"
     try:

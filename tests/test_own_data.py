@@ -122,3 +122,21 @@ def test_evaluation_only_needs_no_train_split_but_training_does(tmp_path, own_da
     Recipe.from_dict({"model": "minilm", "task": task, "passes": [{"evaluate": {}}]})
     with pytest.raises(RecipeError, match="task.train: null, but .*deft trains"):
         Recipe.from_dict({"model": "minilm", "task": task, "passes": [{"deft": {}}]})
+
+
+def test_without_local_data_or_hub_the_run_fails_in_seconds_with_one_line(tmp_path, tiny_checkpoint, monkeypatch):
+    import time
+
+    monkeypatch.delenv("DEFTCOMPRESS_DATA_DIR", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": str(tiny_checkpoint("bert")), "task": "glue/sst2",
+                                    "passes": [{"evaluate": {}}]}))
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["apply", str(path), "-o", str(tmp_path / "out"), "-q"])
+    assert time.perf_counter() - start < 30
+    assert result.exit_code != 0 and "no local data (set DEFTCOMPRESS_DATA_DIR" in result.output
+    assert "cannot be reached" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

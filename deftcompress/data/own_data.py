@@ -99,11 +99,14 @@ def _load(cfg: DataTask, split: str, where: str):
     spec = getattr(cfg, split)
     try:
         if cfg.dataset:
+            from deftcompress.data.hub import check_hub_reachable
+
+            check_hub_reachable(f"{where}.dataset: {cfg.dataset}")
             return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=spec)
         kind, files = _files(spec, f"{where}.{split}")
         kwargs = {"delimiter": "\t"} if files[0].lower().endswith(".tsv") else {}
         return datasets.load_dataset(kind, data_files={"data": files}, split="data", **kwargs)
-    except RecipeError:
+    except (RecipeError, DataError):
         raise
     except Exception as exc:  # parse errors, network: one line
         what = cfg.dataset or spec

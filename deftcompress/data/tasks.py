@@ -202,6 +202,9 @@ def _example(task: TaskSpec, texts: list[str], raw_label: Any, where: str) -> di
 
 
 def _hub_dataset(*args: str, split: str):
+    from deftcompress.data.hub import check_hub_reachable
+
+    check_hub_reachable(f"{'/'.join(args)} [{split}]")
     try:
         import datasets
 

@@ -155,3 +155,16 @@ def _locked(out: Path) -> Iterator[None]:
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def usual_permissions(folder: Path) -> None:
+    """Give what a run wrote the modes the user's umask gives new files (some writers, e.g. safetensors, use 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        try:
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+        except OSError:  # a file another process just replaced: it gets its mode at the next commit
+            pass

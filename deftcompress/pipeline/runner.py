@@ -29,8 +29,9 @@ from deftcompress.measurement.size import count_parameters, directory_bytes, sta
 from deftcompress.models.formats import save_model
 from deftcompress.models.loading import load_model_and_tokenizer
 from deftcompress.pipeline.progress import RunProgress, recipe_hash
-from deftcompress.pipeline.run_folder import check_output_dir, run_lock
+from deftcompress.pipeline.run_folder import check_output_dir, run_lock, usual_permissions
 from deftcompress.pipeline.state import PipelineState
+from deftcompress.reporting.model_card import write_model_card
 from deftcompress.reporting.plots import plot_density
 from deftcompress.reporting.report import Report, StepRecord, make_step
 from deftcompress.training import distributed
@@ -221,11 +222,14 @@ class Pipeline:
         if main:
             self._save(state, report, out)
             progress.finish(report)
+            usual_permissions(out)
         distributed.barrier()
         self.final_state = state
         return report
 
     def _committed(self, progress: RunProgress, out: Path) -> None:
+        if progress.main:
+            usual_permissions(out)
         if self.on_commit is not None and progress.main:
             self.on_commit(len(progress.steps) - 1, out, progress.data)
 
@@ -247,6 +251,7 @@ class Pipeline:
         report.final = final
         report.status = "finished"
         report.write(out)
+        write_model_card(model_dir, report, manifest, self.recipe.passes_label(), self.recipe.to_yaml())
         plot_density(report, out / "density.png")
 
     def _log_step(self, step: StepRecord) -> None:

@@ -250,7 +250,8 @@ def _align(rows: list[list[str]]) -> str:
 
 
 def _md(rows: list[list[str]]) -> str:
-    head, *body = rows
+    """A Markdown table; pipes inside cells (`|a|>0.01`) are escaped so that every row keeps its columns."""
+    head, *body = [[str(c).replace("|", "\\|") for c in row] for row in rows]
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body])
 
 

@@ -200,4 +200,7 @@ class CombinedLoss:
         return total, self._raw[0]
 
     def postfix(self) -> dict[str, str]:
-        return {loss.label: f"{raw:.4f}" for loss, raw in zip(self.losses, self._raw)}
+        out: dict[str, str] = {}
+        for loss, raw in zip(self.losses, self._raw):
+            out.update(loss.postfix() if hasattr(loss, "postfix") else {loss.label: f"{raw:.4f}"})
+        return out

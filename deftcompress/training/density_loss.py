@@ -171,6 +171,7 @@ class DensityLoss:
         self._densities: list[torch.Tensor | None] = [None] * len(blocks)
         self._masks: dict[str, torch.Tensor | None] = {}
         self._weight = settings.weight
+        self._raw_value, self._term_value = float("nan"), 0.0  # last step's raw loss and added term (progress bar)
         # Optional (block, pre-activation) -> pre-activation the terms see, e.g. to route gradients to scales only.
         self.pre_transform: Callable[[MLPBlock, torch.Tensor], torch.Tensor] | None = None
 
@@ -241,9 +242,8 @@ class DensityLoss:
                 pre = self.pre_transform(block, pre)
             per_position = self.term(pre, act, ctx)  # [batch, positions]: mean over features
             self._values[i] = _masked_mean(per_position, mask)
-        if self.settings.target is not None:
-            with torch.no_grad():
-                self._densities[i] = _masked_mean((act != 0).float().mean(-1), mask)
+        with torch.no_grad():  # the controller's input, and the progress bar's batch density
+            self._densities[i] = _masked_mean((act != 0).float().mean(-1), mask)
 
     def end_step(self) -> tuple[torch.Tensor | None, float]:
         """(weighted loss to add to the task loss, or None; raw loss value for the log)."""
@@ -254,13 +254,24 @@ class DensityLoss:
             return None, float("nan")
         raw = sum(self._stack_mean(stack, [1.0] * len(self.blocks)) for stack in self.stacks)
         raw_value = float(raw.detach())
+        self._raw_value, self._term_value = raw_value, 0.0
         if not self._with_grad:
             return None, raw_value
         if s.target is not None:
             self._update_multipliers()
-            weighted = sum(self._stack_mean(stack, self.lambdas.tolist()) for stack in self.stacks)
-            return s.weight * weighted, raw_value
-        return self._weight * raw, raw_value
+            weighted = s.weight * sum(self._stack_mean(stack, self.lambdas.tolist()) for stack in self.stacks)
+        else:
+            weighted = self._weight * raw
+        self._term_value = float(weighted.detach())
+        return weighted, raw_value
+
+    def postfix(self) -> dict[str, str]:
+        """For the progress bar, apart: the batch's exact density, the raw loss, and the term added to the task loss
+        (which grows while the per-layer multipliers push a layer towards its target: not a divergence)."""
+        seen = [float(d) for d in self._densities if d is not None]
+        out = {"density": f"{sum(seen) / len(seen):.3f}"} if seen else {}
+        out.update({"dloss": f"{self._raw_value:.4f}", "dterm": f"{self._term_value:.4f}"})
+        return out
 
     def _stack_mean(self, stack: str, factors: list[float]) -> torch.Tensor:
         total = None

@@ -244,10 +244,10 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                     sums["extra"] += extra_raw
                     sums["extra_n"] += 1
                 postfix = {"loss": f"{loss_value:.4f}", "task": f"{task_value:.4f}"}
-                if extra_raw is not None:
-                    postfix[extra_loss.label] = f"{extra_raw:.4f}"
-                if hasattr(extra_loss, "postfix"):  # several terms: each shown apart
+                if hasattr(extra_loss, "postfix"):  # the loss says what to show (its parts apart)
                     postfix.update(extra_loss.postfix())
+                elif extra_raw is not None:
+                    postfix[extra_loss.label] = f"{extra_raw:.4f}"
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
             epoch_seconds = time.perf_counter() - epoch_start

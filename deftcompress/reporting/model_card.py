@@ -1,0 +1,57 @@
+"""The saved model's card (`model/README.md`, the Hugging Face convention): what it is, what it scores, how to load it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deftcompress.reporting.report import Report, write_atomic
+
+
+def model_card(report: Report, manifest: dict[str, Any], passes: str, recipe_yaml: str) -> str:
+    """Markdown with a YAML header (library, base model, tags) that the hub and `huggingface_hub` read."""
+    last, base = report.steps[-1], report.steps[0]
+    density = last.density
+    stacks = [f"{name} {density[name]:.4f}" for name in ("encoder", "decoder") if density.get(name) is not None]
+    needs_us = manifest.get("format") in ("restructured", "torch_int8")  # layouts stock from_pretrained cannot build
+    load = manifest.get("load", "")
+    lines = [
+        "---",
+        "library_name: transformers" if not needs_us else "library_name: deftcompress",
+        f"base_model: {report.model}",
+        "tags: [deftcompress, activation-sparsity, deft]",
+        "---",
+        "",
+        f"# {report.name}",
+        "",
+        f"`{report.model}` compressed by deftcompress with the recipe below ({passes}), for `{report.task}`.",
+        "",
+        "| | base (step 0) | this model |",
+        "|---|---|---|",
+        f"| {last.task_metric} | {base.task_score:.4f} | {last.task_score:.4f} |",
+        f"| MLP activation density ({density.get('mode')}) | "
+        f"{' / '.join(f'{n} {base.density[n]:.4f}' for n in ('encoder', 'decoder') if base.density.get(n) is not None) or '-'} | "
+        f"{' / '.join(stacks) or '-'} |",
+        f"| parameters (nonzero) | {base.params / 1e6:.2f}M ({base.nonzero_params / 1e6:.2f}M) | "
+        f"{last.params / 1e6:.2f}M ({last.nonzero_params / 1e6:.2f}M) |",
+        f"| size in memory | {base.size_bytes / 1e6:.1f} MB | {last.size_bytes / 1e6:.1f} MB |",
+        "",
+        f"Measured on {last.eval_examples} evaluation rows; density is the fraction of exactly nonzero MLP "
+        "activations (real tokens in `masked` mode). The run's report.md has every step.",
+        "",
+        "## How to load",
+        "",
+        f"Format `{manifest.get('format')}`: {load}",
+        "",
+    ]
+    if needs_us:
+        lines += ["This folder needs deftcompress to load (`pip install deftcompress`, then "
+                  "`deftcompress.load_model(path)`): stock `from_pretrained` cannot build its layout.", ""]
+    lines += ["## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(folder: Path, report: Report, manifest: dict[str, Any], passes: str, recipe_yaml: str) -> Path:
+    path = Path(folder) / "README.md"
+    write_atomic(path, model_card(report, manifest, passes, recipe_yaml))
+    return path

@@ -1,0 +1,62 @@
+"""What a run writes is usable as it is: Markdown that renders as tables, ordinary file modes."""
+
+from __future__ import annotations
+
+import os
+
+from markdown_it import MarkdownIt
+
+from deftcompress import Recipe, run_recipe
+
+
+def _tables(text: str) -> list[list[int]]:
+    """Cells per row of every table a CommonMark + tables parser finds."""
+    tokens = MarkdownIt("commonmark").enable("table").parse(text)
+    tables, cells = [], None
+    for t in tokens:
+        if t.type == "table_open":
+            tables.append([])
+        elif t.type == "tr_open":
+            cells = 0
+        elif t.type in ("th_open", "td_open"):
+            cells += 1
+        elif t.type == "tr_close":
+            tables[-1].append(cells)
+    return tables
+
+
+def test_report_md_renders_as_tables_and_files_get_usual_modes(tmp_path, tiny_checkpoint, tiny_data, one_thread):
+    recipe = Recipe.build(name="md", model=str(tiny_checkpoint("bert")), task="glue/sst2", data_dir=str(tiny_data),
+                          max_eval_samples=8, eval_batch_size=4,
+                          passes=[{"deft": {"max_steps": 2, "batch_size": 8, "r": 2}}, {"evaluate": {}}])
+    out = tmp_path / "run"
+    run_recipe(recipe, output_dir=out, quiet=True)
+    text = (out / "report.md").read_text()
+    tables = _tables(text)
+    separators = sum(1 for line in text.splitlines() if line.startswith("|---"))
+    assert len(tables) == separators >= 2  # every table in the file parses as one (the |a|>0.01 header included)
+    for rows in tables:
+        assert len(set(rows)) == 1, rows  # every row has the header's cells
+    assert "|a|>0.01" in text.replace("\\|", "|")
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [out, *out.rglob("*")]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert path.stat().st_mode & 0o777 == expected, f"{path}: {oct(path.stat().st_mode & 0o777)}"
+
+
+def test_the_saved_model_has_a_card_and_loads_through_one_public_function(tmp_path, tiny_checkpoint, tiny_data,
+                                                                          one_thread):
+    import deftcompress
+
+    recipe = Recipe.build(name="card", model=str(tiny_checkpoint("bert")), task="glue/sst2", data_dir=str(tiny_data),
+                          max_eval_samples=8, eval_batch_size=4,
+                          passes=[{"structured_prune": {"mlp_ratio": 0.5, "round_to": 1}}])
+    out = tmp_path / "run"
+    run_recipe(recipe, output_dir=out, quiet=True)
+    card = (out / "model" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: deftcompress") and "structured(mlp50)" in card
+    assert "| accuracy |" in card and "deftcompress.load_model(path)" in card and "name: card" in card
+    model, tokenizer, arch = deftcompress.load_model(out / "model")
+    assert arch.family == "bert" and model.config.deftcompress_layout["mlp"]["encoder.0"]["kept"] == 32
