@@ -140,3 +140,32 @@ def test_without_local_data_or_hub_the_run_fails_in_seconds_with_one_line(tmp_pa
     assert result.exit_code != 0 and "no local data (set DEFTCOMPRESS_DATA_DIR" in result.output
     assert "cannot be reached" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_language_modelling_task_on_a_text_file_with_a_decoder(tmp_path, tiny_checkpoint, one_thread):
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from deftcompress import run_recipe
+
+    rng = random.Random(0)
+    words = ["the", "film", "was", "good", "bad", "a", "story", "of", "long", "days"]
+    for name, n in (("train.jsonl", 40), ("dev.jsonl", 10)):
+        (tmp_path / name).write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(12))}) + "\n"
+                                             for _ in range(n)))
+    task = {"type": "language_modeling", "train": str(tmp_path / "train.jsonl"),
+            "validation": str(tmp_path / "dev.jsonl"), "text": "text"}
+    recipe = Recipe.from_dict(_recipe(tmp_path, tiny_checkpoint("llama"), task,
+                                      [{"deft": {"max_steps": 3, "batch_size": 8, "r": 2, "merge": True,
+                                                 "learning_rate": 1e-2}}]))
+    report = run_recipe(recipe, output_dir=tmp_path / "lm", quiet=True)
+    base, trained = report.steps[0], report.steps[-1]
+    assert base.task_metric == "perplexity" and math.isfinite(base.task_score) and base.task_score > 1
+    assert trained.task_score < base.task_score  # the causal LM loss trained
+    assert trained.density["decoder"] is not None and trained.metrics["tokens"] > 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "lm" / "model")  # plain transformers loads it
+    assert type(model).__name__ == "LlamaForCausalLM"
+    with pytest.raises(RecipeError, match="language modelling needs a decoder-only model"):
+        run_recipe(Recipe.from_dict(_recipe(tmp_path, tiny_checkpoint("bert"), task, [{"evaluate": {}}])),
+                   output_dir=tmp_path / "bert_lm", quiet=True)

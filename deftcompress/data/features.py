@@ -77,6 +77,8 @@ def encode_examples(tokenizer, task: TaskSpec, arch: "ArchSpec", examples: list[
     if not examples:
         raise DataError(f"{task.name}: no training examples")
     inputs = encode_inputs(tokenizer, task, arch, examples, max_seq_length)
+    if task.kind == "language_modeling":  # labels are the inputs (the model shifts them); built at collate time
+        return [{**f, "labels": None} for f in inputs]
     if arch.text_to_text:
         targets = tokenizer([t5_target(task, ex) for ex in examples], truncation=True, max_length=max_target_length)
         return [{**f, "labels": targets["input_ids"][i]} for i, f in enumerate(inputs)]
@@ -99,6 +101,9 @@ def collate(tokenizer, task: TaskSpec, arch: "ArchSpec", features: list[dict], p
         batch["labels"] = labels.masked_fill(decoder_mask == 0, -100)  # padding does not count in the loss
         batch["decoder_attention_mask"] = decoder_mask
         masks = {"encoder": batch["attention_mask"], "decoder": decoder_mask}
+    elif task.kind == "language_modeling":
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # padding predicts nothing
+        masks = {arch.stacks[0].name: batch["attention_mask"]}
     else:
         dtype = torch.float32 if task.kind == "regression" else torch.long
         batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=dtype)

@@ -25,14 +25,17 @@ from deftcompress.core.config import option
 from deftcompress.errors import DataError, RecipeError
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-METRICS = {"classification": ("accuracy", "f1", "matthews_correlation"), "regression": ("pearson", "spearmanr")}
+METRICS = {"classification": ("accuracy", "f1", "matthews_correlation"), "regression": ("pearson", "spearmanr"),
+           "language_modeling": ("perplexity",)}
 
 
 @dataclass
 class DataTask:
     """A task given by data (see the module docstring)."""
 
-    type: Literal["classification", "regression"] = option("classification", "classification | regression")
+    type: Literal["classification", "regression", "language_modeling"] = option(
+        "classification", "classification | regression | language_modeling (decoder-only models: causal LM loss, "
+                          "perplexity and density over real tokens)")
     train: str | None = option(None, "training data: a file or folder (csv, tsv, json, jsonl, parquet), or a split "
                                      "name of `dataset`; null = no training split (evaluation only)")
     validation: str = option("", "evaluation data, as `train`")
@@ -49,7 +52,9 @@ class DataTask:
         columns = self.columns()
         if not 1 <= len(columns) <= 2 or not all(isinstance(c, str) and c for c in columns):
             return "text must name one or two columns"
-        if self.label in columns:
+        if self.type == "language_modeling" and len(columns) != 1:
+            return "language_modeling reads one text column"
+        if self.label in columns and self.type != "language_modeling":
             return f"label column {self.label!r} is also a text column"
         if not self.validation:
             return "validation is required (a file, folder or split name)"
@@ -115,7 +120,7 @@ def _load(cfg: DataTask, split: str, where: str):
 
 
 def _check_columns(ds, cfg: DataTask, where: str) -> None:
-    wanted = cfg.columns() + [cfg.label]
+    wanted = cfg.columns() + ([] if cfg.type == "language_modeling" else [cfg.label])
     missing = [c for c in wanted if c not in ds.column_names]
     if missing:
         raise RecipeError(f"{where}: no column {', '.join(map(repr, missing))} (columns: {', '.join(ds.column_names)})")
@@ -131,8 +136,11 @@ def describe(cfg: DataTask, where: str) -> tuple[str, int, tuple[str, ...], dict
         if len(ds) == 0:
             raise RecipeError(f"{where}.{split}: no rows")
         _check_columns(ds, cfg, f"{where}.{split}")
-        labels_seen += ds[cfg.label]
+        if cfg.type != "language_modeling":
+            labels_seen += ds[cfg.label]
     name = cfg.name or ("data:" + (cfg.dataset or Path(cfg.validation).name))
+    if cfg.type == "language_modeling":
+        return name, 0, (), {}
     if cfg.type == "regression":
         for value in labels_seen:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -169,6 +177,11 @@ def read_split(task, split: str) -> list[dict[str, Any]]:
     columns = cfg.columns()
     out = []
     for n, row in enumerate(ds):
+        if cfg.type == "language_modeling":
+            text = "" if row[columns[0]] is None else str(row[columns[0]])
+            if text.strip():  # blank lines carry no tokens to predict
+                out.append({"text_a": text, "text_b": None, "label": None})
+            continue
         raw = row[cfg.label]
         if cfg.type == "regression":
             label: Any = float(raw)

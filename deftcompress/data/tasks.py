@@ -29,7 +29,7 @@ csv.field_size_limit(sys.maxsize)
 @dataclass(frozen=True)
 class TaskSpec:
     name: str  # recipe value, e.g. "glue/sst2"
-    kind: Literal["classification", "regression", "qa"]
+    kind: Literal["classification", "regression", "qa", "language_modeling"]
     metric: str  # the headline metric
     num_labels: int
     tsv_fields: tuple[str, ...] = ()  # header names of text_a, text_b in the GLUE TSV
@@ -43,6 +43,10 @@ class TaskSpec:
     t5_prefix: str = ""
     t5_fields: tuple[str, ...] = ()  # how T5 names the two inputs
     source: Any = field(default=None, compare=False)  # tasks given by data: own_data.DataSource
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric != "perplexity"
 
     @property
     def glue_name(self) -> str:

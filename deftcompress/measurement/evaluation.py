@@ -9,6 +9,7 @@ density) and generation (the score; the meter is paused so generated steps are n
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ def evaluate(model: nn.Module, tokenizer, task: TaskSpec, examples: list[dict], 
     features = encode_inputs(tokenizer, task, arch, examples, settings.max_seq_length)
     meter = DensityMeter(mlp_blocks(model, arch), settings.density_mode, settings.density_tau) if settings.measure_density else None
     predictions: list[Any] = [None] * len(examples)
+    nll, tokens = 0.0, 0  # language modelling: summed next-token loss over real tokens
     start = time.perf_counter()
     bar = tqdm(total=len(examples), desc=desc, disable=not progress, leave=False, unit="ex")
     try:
@@ -85,6 +87,12 @@ def evaluate(model: nn.Module, tokenizer, task: TaskSpec, examples: list[dict], 
             batch = {k: v.to(device) for k, v in padded.items()}
             if text_to_text:
                 preds = _text_to_text_batch(model, tokenizer, task, [examples[i] for i in idx], batch, meter, settings)
+            elif task.kind == "language_modeling":
+                if meter:
+                    meter.set_token_mask(arch.stacks[0].name, batch["attention_mask"])
+                batch_nll, batch_tokens = _next_token_loss(model(**batch).logits, batch["input_ids"], batch["attention_mask"])
+                nll, tokens = nll + batch_nll, tokens + batch_tokens
+                preds = [None] * len(idx)
             else:
                 if meter:
                     meter.set_token_mask(arch.stacks[0].name, batch["attention_mask"])
@@ -99,10 +107,22 @@ def evaluate(model: nn.Module, tokenizer, task: TaskSpec, examples: list[dict], 
             meter.__exit__(None, None, None)
         model.train(was_training)
     seconds = time.perf_counter() - start
-    metrics = compute_metrics(task, predictions, examples)
+    if task.kind == "language_modeling":
+        mean = nll / max(tokens, 1)
+        metrics = {"perplexity": math.exp(min(mean, 700.0)), "loss": mean, "tokens": float(tokens)}
+    else:
+        metrics = compute_metrics(task, predictions, examples)
     return Evaluation(task_metric=task.metric, task_score=metrics[task.metric], metrics=metrics,
                       density=meter.result() if meter else None, examples=len(examples), seconds=seconds,
                       predictions=predictions)
+
+
+def _next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """(summed cross-entropy of predicting each real token from the ones before it, number of such tokens)."""
+    targets = input_ids[:, 1:]
+    counted = mask[:, 1:].bool() & mask[:, :-1].bool()
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+    return float(losses[counted].sum()), int(counted.sum())
 
 
 def _text_to_text_batch(model, tokenizer, task: TaskSpec, examples: list[dict], batch: dict, meter: DensityMeter | None,

@@ -66,7 +66,10 @@ def quantized_on_purpose(model: nn.Module) -> bool:
 def auto_class_name(model: nn.Module) -> str:
     from deftcompress.architecture import spec_for
 
-    return "AutoModelForSeq2SeqLM" if spec_for(model).text_to_text else "AutoModelForSequenceClassification"
+    if spec_for(model).text_to_text:
+        return "AutoModelForSeq2SeqLM"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "AutoModelForCausalLM" if type(base).__name__.endswith("ForCausalLM") else "AutoModelForSequenceClassification"
 
 
 def save_model(model: nn.Module, folder: str | os.PathLike, merge_adapters: bool = True, tokenizer: Any = None) -> dict[str, Any]:

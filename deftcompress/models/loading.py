@@ -48,11 +48,22 @@ def load_tokenizer(ref: str):
     return AutoTokenizer.from_pretrained(ref, **kwargs)
 
 
-def auto_class_for(arch: ArchSpec, task: TaskSpec | None):
+def _saved_as_causal_lm(config) -> bool:
+    return any(str(a).endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+
+
+def auto_class_for(arch: ArchSpec, task: TaskSpec | None, config=None):
     import transformers
 
+    if task is not None and task.kind == "language_modeling":
+        if arch.kind != "decoder":
+            raise RecipeError(f"task {task.name}: language modelling needs a decoder-only model; {arch.family} is "
+                              f"{arch.kind.replace('_', '-')}")
+        return transformers.AutoModelForCausalLM
     if arch.text_to_text:
         return transformers.AutoModelForSeq2SeqLM
+    if task is None and arch.kind == "decoder" and _saved_as_causal_lm(config):
+        return transformers.AutoModelForCausalLM
     if task is not None and task.kind == "qa":
         raise RecipeError(f"task {task.name}: generative QA needs a text-to-text model; {arch.family} is not one")
     return transformers.AutoModelForSequenceClassification
@@ -71,7 +82,7 @@ def load_model_and_tokenizer(ref: str, task: TaskSpec | None, device: torch.devi
     """
     config = load_config(ref)
     arch = spec_for_model_type(config.model_type)
-    auto = auto_class_for(arch, task)
+    auto = auto_class_for(arch, task, config)
     kwargs: dict[str, Any] = dict(trust_remote_code=False, use_safetensors=not trust_pickle, **model_kwargs)
     if auto.__name__ == "AutoModelForSequenceClassification" and task is not None:
         kwargs["num_labels"] = task.num_labels

@@ -66,9 +66,11 @@ def base_transformers_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if is_peft_model(model) else model
 
 
-def _peft_task_type(arch: ArchSpec):
+def _peft_task_type(arch: ArchSpec, task: TaskSpec):
     from peft import TaskType
 
+    if task.kind == "language_modeling":
+        return TaskType.CAUSAL_LM
     return TaskType.SEQ_2_SEQ_LM if arch.text_to_text else TaskType.SEQ_CLS
 
 
@@ -95,7 +97,7 @@ def wrap_model(model: nn.Module, arch: ArchSpec, task: TaskSpec, settings: PeftS
 def _wrap_peft(model: nn.Module, arch: ArchSpec, task: TaskSpec, settings: PeftSettings, name: str) -> WrappedModel:
     import peft
 
-    task_type = _peft_task_type(arch)
+    task_type = _peft_task_type(arch, task)
     method = settings.method
     targets = list(settings.target_modules) if settings.target_modules else None
     quantization = None

@@ -129,8 +129,12 @@ def pareto_front(points: list[tuple[float | None, float | None]]) -> list[int]:
     return front
 
 
+def _better(row: CompareRow) -> float:
+    return -row.score if row.task_metric == "perplexity" else row.score  # the front wants higher = better
+
+
 def fronts(rows: list[CompareRow]) -> dict[str, list[str]]:
-    return {what: [rows[i].name for i in pareto_front([(r.score, r.cost(what)) for r in rows])] for what in COSTS}
+    return {what: [rows[i].name for i in pareto_front([(_better(r), r.cost(what)) for r in rows])] for what in COSTS}
 
 
 # ---- tables --------------------------------------------------------------------------------------
@@ -253,7 +257,7 @@ def plot_compare(rows: list[CompareRow], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
     for ax, what in zip(axes[0], panels):
         points = [(i, r.cost(what), r.score) for i, r in enumerate(rows) if r.cost(what) is not None]
-        front = set(pareto_front([(r.score, r.cost(what)) for r in rows]))
+        front = set(pareto_front([(_better(r), r.cost(what)) for r in rows]))
         for i, x, y in points:
             on = i in front
             ax.scatter([x], [y], s=46, color="tab:blue" if on else "white", edgecolors="tab:blue", zorder=3)

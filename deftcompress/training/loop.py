@@ -265,8 +265,9 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                     ddp_model.train()
                 broadcast_object_list(verdict, from_process=0)
                 log.eval_score, log.eval_density = verdict[0]
-                if log.eval_score > best_score:  # ties keep the earlier epoch
-                    best_score, best_epoch = log.eval_score, epoch + 1
+                sign = 1.0 if state.task.higher_is_better else -1.0  # perplexity: lower is better
+                if sign * log.eval_score > best_score:  # ties keep the earlier epoch
+                    best_score, best_epoch = sign * log.eval_score, epoch + 1
                     best_weights = _snapshot(params) if epoch + 1 < epochs_to_run else None
             epochs.append(log)
             if step >= total_steps:
