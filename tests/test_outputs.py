@@ -60,3 +60,35 @@ def test_the_saved_model_has_a_card_and_loads_through_one_public_function(tmp_pa
     assert "| accuracy |" in card and "deftcompress.load_model(path)" in card and "name: card" in card
     model, tokenizer, arch = deftcompress.load_model(out / "model")
     assert arch.family == "bert" and model.config.deftcompress_layout["mlp"]["encoder.0"]["kept"] == 32
+
+
+def test_an_adapter_that_cannot_be_merged_says_why(tmp_path, tiny_checkpoint, tiny_data, one_thread):
+    import json
+
+    recipe = Recipe.build(name="prompt", model=str(tiny_checkpoint("bert")), task="glue/sst2", data_dir=str(tiny_data),
+                          max_eval_samples=8, eval_batch_size=4,
+                          passes=[{"deft": {"method": "prompt", "num_virtual_tokens": 3, "max_steps": 2, "batch_size": 8}}])
+    out = tmp_path / "run"
+    run_recipe(recipe, output_dir=out, quiet=True)
+    manifest = json.loads((out / "model" / "deftcompress_model.json").read_text())
+    assert manifest["format"] == "base_adapter" and "virtual tokens" in manifest["not_merged_because"]
+    assert "kept apart from the base model" in (out / "model" / "README.md").read_text()
+
+
+def test_library_notices_a_user_cannot_act_on_are_silenced(tmp_path, tiny_checkpoint, tiny_data):
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "quiet", "model": str(tiny_checkpoint("bert")), "task": "glue/sst2",
+                                    "data_dir": str(tiny_data), "max_eval_samples": 8, "eval_batch_size": 4,
+                                    "passes": [{"deft": {"max_steps": 2, "batch_size": 8, "r": 2}}]}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "deftcompress.cli", "apply", str(path), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for notice in ("You're using a", "Some weights of", "newly initialized", "kernels-community", "none are activated"):
+        assert notice not in done.stderr, notice
+    assert "step 1 deft" in done.stderr  # our own progress lines are still there

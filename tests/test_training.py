@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -126,3 +128,62 @@ def test_a_model_with_nothing_to_train_is_a_clear_error(pipeline_state):
     state.model.requires_grad_(False)
     with pytest.raises(TrainingError, match="no trainable parameters"):
         train(state, state.model, state.examples("train", 8), TrainSettings(max_steps=1, batch_size=4))
+
+
+# ---- training options users of Hugging Face tooling expect (issue 12) ---------------------------------
+
+def _options_run(tiny_checkpoint, tiny_data, tmp_path, name, **deft):
+    from deftcompress import Recipe, run_recipe
+
+    deft = {"max_steps": 4, "batch_size": 4, "max_train_samples": 32, "r": 2, "learning_rate": 1e-2, **deft}
+    recipe = Recipe.build(name=name, model=str(tiny_checkpoint("bert")), task="glue/sst2", data_dir=str(tiny_data),
+                          max_eval_samples=8, eval_batch_size=4, passes=[{"deft": deft}])
+    out = tmp_path / name
+    report = run_recipe(recipe, output_dir=out, quiet=True)
+    return report.steps[1].details, out
+
+
+def test_gradient_accumulation_runs_micro_batches_per_optimizer_step(tiny_checkpoint, tiny_data, tmp_path, monkeypatch,
+                                                                     one_thread):
+    from deftcompress.training import loop
+
+    calls = []
+    original = loop._forward_loss
+    monkeypatch.setattr(loop, "_forward_loss", lambda model, batch: calls.append(batch.size) or original(model, batch))
+    details, _ = _options_run(tiny_checkpoint, tiny_data, tmp_path, "accum", gradient_accumulation_steps=3)
+    assert details["steps"] == 4 and details["gradient_accumulation_steps"] == 3
+    assert calls == [4] * 12  # 3 micro-batches of 4 rows for each of the 4 optimizer steps
+
+
+def test_bf16_autocast_trains_on_cpu_and_fp16_is_refused_there(tiny_checkpoint, tiny_data, tmp_path, one_thread):
+    from deftcompress.training.loop import TrainingError
+
+    details, _ = _options_run(tiny_checkpoint, tiny_data, tmp_path, "bf16", mixed_precision="bf16")
+    assert details["mixed_precision"] == "bf16" and math.isfinite(details["epochs"][0]["task_loss"])
+    with pytest.raises(TrainingError, match="fp16 needs a GPU"):
+        _options_run(tiny_checkpoint, tiny_data, tmp_path, "fp16", mixed_precision="fp16")
+
+
+def test_eval_steps_choose_on_held_out_training_rows_and_tensorboard_gets_the_losses(tiny_checkpoint, tiny_data,
+                                                                                    tmp_path, one_thread):
+    details, out = _options_run(tiny_checkpoint, tiny_data, tmp_path, "evals", validation_fraction=0.25, eval_steps=2,
+                                report_to=["tensorboard"])
+    assert details["held_out_rows"] == 8 and details["train_rows"] == 24
+    assert [e["step"] for e in details["step_evals"]] == [2, 4] and details["chosen_step"] in (2, 4)
+    assert any("held-out training rows" in n for n in details["notes"])
+    events = list((out / "passes" / "01_deft" / "logs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("deft, message", [
+    ({"eval_steps": 2}, "eval_steps needs validation_fraction"),
+    ({"report_to": ["tensorbored"]}, "report_to: unknown tracker 'tensorbored'"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be in [1, 4096]"),
+    ({"mixed_precision": "fp8"}, "expected one of 'no' | 'bf16' | 'fp16'"),
+])
+def test_bad_training_options_are_one_line_errors(tiny_data, deft, message):
+    from deftcompress import Recipe, RecipeError
+
+    with pytest.raises(RecipeError) as info:
+        Recipe.build(model="minilm", task="glue/sst2", data_dir=str(tiny_data), passes=[{"deft": deft}])
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -201,8 +201,20 @@ def _save_base_adapter(model: nn.Module, folder: Path, merge_adapters: bool) -> 
            if library == "peft" else
            f"m = transformers.{auto}.from_pretrained(folder/'base'); adapters.init(m); "
            "m.load_adapter(folder/'adapter', set_active=True, use_safetensors=True)")
-    return {"library": library, "adapter_name": name, "base": "base", "base_format": base_manifest["format"],
-            "adapter": "adapter", "load": f"deftcompress.models.formats.load_model(folder), or {how}"}
+    out = {"library": library, "adapter_name": name, "base": "base", "base_format": base_manifest["format"],
+           "adapter": "adapter", "load": f"deftcompress.models.formats.load_model(folder), or {how}"}
+    if merge_adapters:  # a final model/ that could not be merged: say why
+        out["not_merged_because"] = _why_not_merged(model, library)
+    return out
+
+
+def _why_not_merged(model: nn.Module, library: str) -> str:
+    if library == "adapters":
+        return ("a bottleneck adapter is a small network of its own (down-projection, activation, up-projection) "
+                "inserted after each layer: it has no weights to fold into")
+    kind = str(model.active_peft_config.peft_type.value).lower()
+    return (f"{kind} tuning adds trained virtual tokens at the input (or key/value prefixes): they are not a change "
+            "of any weight, so nothing can be folded; load base/ and adapter/ with peft")
 
 
 _SAVERS = {"plain": _save_pretrained, "restructured": _save_restructured, "torch_int8": _save_torch_int8,

@@ -44,6 +44,8 @@ def model_card(report: Report, manifest: dict[str, Any], passes: str, recipe_yam
         f"Format `{manifest.get('format')}`: {load}",
         "",
     ]
+    if manifest.get("not_merged_because"):
+        lines += [f"The adapter is kept apart from the base model: {manifest['not_merged_because']}.", ""]
     if needs_us:
         lines += ["This folder needs deftcompress to load (`pip install deftcompress`, then "
                   "`deftcompress.load_model(path)`): stock `from_pretrained` cannot build its layout.", ""]

@@ -51,6 +51,9 @@ def run_deft(state, c, pass_name: str, gate_settings: GateSettings | None = None
     state.bind_constraints(model)
 
     train_rows = state.examples("train", c.max_train_samples)
+    held_out = None
+    if c.validation_fraction:  # rows that choose weights during training come from the training split, never dev
+        train_rows, held_out = hold_out(train_rows, c.validation_fraction, state.seed)
     settings = c.train_settings(padding="max_length" if density_mode == "paper" else "longest",
                                 max_seq_length=state.recipe.max_seq_length,
                                 max_target_length=state.eval_settings().max_target_length, seed=state.seed,
@@ -65,7 +68,9 @@ def run_deft(state, c, pass_name: str, gate_settings: GateSettings | None = None
         extra = CombinedLoss(density, budget)
     try:
         with density:
-            result = train(state, model, train_rows, settings, extra_loss=extra, parameter_groups=groups)
+            result = train(state, model, train_rows, settings, extra_loss=extra, parameter_groups=groups,
+                           validation=held_out,
+                           logging_dir=str(state.pass_dir(pass_name) / "logs") if c.report_to else None)
     finally:
         for constraint in temporary:  # the scales and gates are folded below: their ranges bind nothing after this
             state.constraints.remove(constraint)
@@ -100,6 +105,9 @@ def run_deft(state, c, pass_name: str, gate_settings: GateSettings | None = None
         "activation_scales": scale_details or False,
         **{k: v for k, v in result.to_dict().items() if k not in ("trainable_params", "notes")},
         "train_rows": len(train_rows),
+        "held_out_rows": len(held_out) if held_out else 0,
+        "gradient_accumulation_steps": c.gradient_accumulation_steps,
+        "mixed_precision": c.mixed_precision,
         "batch_size": c.batch_size,
         "adapter_dir": str(adapter_dir.relative_to(state.work_dir)),
         "merged": c.merge,
@@ -113,6 +121,17 @@ def run_deft(state, c, pass_name: str, gate_settings: GateSettings | None = None
     if wrapped.quantization:
         details["quantization"] = wrapped.quantization
     return details
+
+
+def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows): a seeded split of the training split, at least one row on each side."""
+    import random
+
+    order = list(range(len(rows)))
+    random.Random(seed + 7).shuffle(order)
+    n = min(max(1, round(fraction * len(rows))), len(rows) - 1)
+    held = set(order[:n])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
 def _attach_scales(state, model, min_scale: float):

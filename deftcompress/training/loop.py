@@ -14,8 +14,12 @@ What it does:
 - calls `state.enforce_constraints(model)` after every optimizer step (binding and releasing
   constraints is the calling pass's job: it knows when the model is built and handed on);
 - an optional extra loss (`ExtraLoss`), shown in the progress bar beside the task loss;
-- evaluation after each epoch when more than one epoch runs, keeping the best epoch's trainable
-  weights (the score is the task metric on the recipe's evaluation rows);
+- gradient accumulation (`gradient_accumulation_steps` micro-batches per optimizer step) and
+  mixed precision (bf16 / fp16 autocast) through accelerate;
+- evaluation after each epoch when more than one epoch runs, or every `eval_steps` optimizer steps,
+  keeping the best trainable weights; the score is the task metric on held-out training rows
+  (`validation`), or for epochs without them on the recipe's evaluation rows;
+- experiment trackers through accelerate (`report_to`: losses and evaluations per step);
 - several processes through `accelerate.Accelerator` (DDP; gloo on CPU), so the same code runs under
   ``torchrun --nproc_per_node N -m deftcompress.cli apply ...`` and ``accelerate launch``.
   `batch_size` is the global batch: each step every process takes its share of the same batch.
@@ -27,6 +31,7 @@ The loop writes no files.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -88,6 +93,8 @@ class TrainResult:
     trainable_params: int
     extra_label: str | None = None
     notes: list[str] = field(default_factory=list)
+    step_evals: list[dict[str, Any]] = field(default_factory=list)  # eval_steps: {step, score, density}
+    chosen_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         label = self.extra_label or "extra"
@@ -99,7 +106,8 @@ class TrainResult:
         return {"epochs": epochs, "chosen_epoch": self.chosen_epoch, "steps": self.steps,
                 "train_seconds": round(self.train_seconds, 2), "seconds_per_step": round(self.seconds_per_step, 4),
                 "median_seconds_per_step": round(self.median_seconds_per_step, 4),
-                "world_size": self.world_size, "trainable_params": self.trainable_params, "notes": self.notes}
+                "world_size": self.world_size, "trainable_params": self.trainable_params, "notes": self.notes,
+                **({"step_evals": self.step_evals, "chosen_step": self.chosen_step} if self.step_evals else {})}
 
 
 def _epoch_batches(n: int, batch_size: int, world: int, seed: int, epoch: int) -> list[list[int]]:
@@ -164,8 +172,15 @@ def _forward_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def train(state: "PipelineState", model: nn.Module, examples: list[dict], settings: TrainSettings,
-          extra_loss: ExtraLoss | None = None, parameter_groups: list[dict[str, Any]] | None = None) -> TrainResult:
-    """Train `model`'s trainable parameters on `examples` for `state.task`; see the module docstring."""
+          extra_loss: ExtraLoss | None = None, parameter_groups: list[dict[str, Any]] | None = None,
+          validation: list[dict] | None = None, logging_dir: str | None = None) -> TrainResult:
+    """Train `model`'s trainable parameters on `examples` for `state.task`; see the module docstring.
+
+    `validation`: held-out training rows for the evaluations that choose weights (`eval_steps`, the
+    best epoch); without them the best epoch is chosen on the recipe's evaluation rows.
+    """
+    from contextlib import nullcontext
+
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
     from tqdm.auto import tqdm
@@ -173,7 +188,19 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
 
     from deftcompress.measurement.evaluation import evaluate
 
-    accelerator = Accelerator(cpu=state.device.type == "cpu")
+    if settings.mixed_precision == "fp16" and state.device.type != "cuda":
+        raise TrainingError(f"mixed_precision: fp16 needs a GPU (this run is on {state.device.type}); use bf16")
+    if settings.eval_steps and not validation:
+        raise TrainingError("eval_steps needs held-out training rows (validation_fraction)")
+    trackers = list(settings.report_to)
+    _check_trackers(trackers)
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one state per process; a later pass (or run) may ask for another precision.
+    # The process group (PartialState) stays, so this is safe under torchrun as well.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(cpu=state.device.type == "cpu", mixed_precision=settings.mixed_precision,
+                              log_with=trackers or None, project_dir=logging_dir)
     world, main = accelerator.num_processes, accelerator.is_main_process
     if settings.batch_size % world:
         raise TrainingError(f"batch_size {settings.batch_size} does not split over {world} processes; use a multiple of {world}")
@@ -184,13 +211,16 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
 
     features = encode_examples(state.tokenizer, state.task, state.arch, examples, settings.max_seq_length,
                                settings.max_target_length)
-    steps_per_epoch = len(_epoch_batches(len(features), settings.batch_size, world, settings.seed, 0))
+    micro = settings.gradient_accumulation_steps
+    steps_per_epoch = len(_epoch_batches(len(features), settings.batch_size, world, settings.seed, 0)) // micro
     if steps_per_epoch == 0:
-        raise TrainingError(f"{len(features)} training examples cannot fill one batch over {world} processes")
+        raise TrainingError(f"{len(features)} training examples cannot fill one optimizer step ({micro} x "
+                            f"{settings.batch_size} rows) over {world} processes")
     # As in transformers' Trainer, max_steps (when set) decides the length, however many epochs that takes.
     total_steps = settings.max_steps if settings.max_steps is not None else settings.epochs * steps_per_epoch
     epochs_to_run = math.ceil(total_steps / steps_per_epoch)
     evaluate_epochs = settings.eval_every_epoch and epochs_to_run > 1
+    selection_rows = validation or state.eval_examples()
 
     optimizer = torch.optim.AdamW(parameter_groups or default_parameter_groups(model, settings.weight_decay),
                                   lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -198,9 +228,26 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(settings.warmup_ratio * total_steps), total_steps)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
+    if trackers:
+        accelerator.init_trackers(re.sub(r"[^A-Za-z0-9_.-]+", "_", settings.desc) or "train",
+                                  config={k: v for k, v in asdict(settings).items() if isinstance(v, (int, float, str, bool))})
+    sign = 1.0 if state.task.higher_is_better else -1.0  # perplexity: lower is better
+
+    def held_out_score(desc: str):
+        """(score, density) on the selection rows, computed on rank 0 and shared with every rank."""
+        verdict = [None]
+        if main:
+            ev = evaluate(accelerator.unwrap_model(ddp_model), state.tokenizer, state.task, selection_rows, state.arch,
+                          state.eval_settings(), progress=not state.quiet, desc=desc)
+            verdict = [(ev.task_score, ev.density.overall() if ev.density else None)]
+            ddp_model.train()
+        broadcast_object_list(verdict, from_process=0)
+        return verdict[0]
 
     epochs: list[EpochLog] = []
+    step_evals: list[dict[str, Any]] = []
     best_score, best_epoch, best_weights = -math.inf, 0, None
+    best_step, best_step_score, best_step_weights = 0, -math.inf, None
     step, train_seconds, step_seconds = 0, 0.0, []
     bar = tqdm(total=total_steps, desc=settings.desc, disable=state.quiet or not main, leave=False, unit="step")
     ddp_model.train()
@@ -208,26 +255,39 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
         for epoch in range(epochs_to_run):
             sums = {"loss": 0.0, "task": 0.0, "extra": 0.0, "extra_n": 0, "n": 0}
             epoch_start = time.perf_counter()
-            for global_batch in _epoch_batches(len(features), settings.batch_size, world, settings.seed, epoch):
+            batches = _epoch_batches(len(features), settings.batch_size, world, settings.seed, epoch)
+            batches = batches[:len(batches) // micro * micro]  # whole optimizer steps only
+            step_start = time.perf_counter()
+            for b, global_batch in enumerate(batches):
                 if step >= total_steps:
                     break
-                step_start = time.perf_counter()
                 mine = global_batch[accelerator.process_index::world]
                 batch = collate(state.tokenizer, state.task, state.arch, [features[i] for i in mine], settings.padding,
                                 settings.max_seq_length, settings.max_target_length).to(device)
                 if extra_loss is not None:
                     extra_loss.begin_step(batch.token_masks, step, total_steps)
-                task_loss = _forward_loss(ddp_model, batch)
-                loss, extra_raw = task_loss, None
-                if extra_loss is not None:
-                    extra_term, extra_raw = extra_loss.end_step()
-                    if extra_term is not None:
-                        loss = task_loss + extra_term
-                if not torch.isfinite(loss.detach()):  # stop before a NaN or infinite loss reaches the weights
-                    raise TrainingError(f"training step {step + 1}: the loss is {float(loss.detach())} (task loss "
-                                        f"{float(task_loss.detach())}); stopped, nothing saved from this pass: "
-                                        "lower learning_rate or check the data")
-                accelerator.backward(loss)
+                last_micro = (b + 1) % micro == 0
+                # DDP: gradients are all-reduced only on the micro-batch that ends an optimizer step
+                with nullcontext() if last_micro or world == 1 else accelerator.no_sync(ddp_model):
+                    task_loss = _forward_loss(ddp_model, batch)
+                    loss, extra_raw = task_loss, None
+                    if extra_loss is not None:
+                        extra_term, extra_raw = extra_loss.end_step()
+                        if extra_term is not None:
+                            loss = task_loss + extra_term
+                    if not torch.isfinite(loss.detach()):  # stop before a NaN or infinite loss reaches the weights
+                        raise TrainingError(f"training step {step + 1}: the loss is {float(loss.detach())} (task loss "
+                                            f"{float(task_loss.detach())}); stopped, nothing saved from this pass: "
+                                            "lower learning_rate or check the data")
+                    accelerator.backward(loss / micro)
+                loss_value, task_value = float(loss.detach()), float(task_loss.detach())
+                sums["loss"] += loss_value / micro
+                sums["task"] += task_value / micro
+                if extra_raw is not None and not math.isnan(extra_raw):
+                    sums["extra"] += extra_raw
+                    sums["extra_n"] += 1
+                if not last_micro:
+                    continue
                 if settings.max_grad_norm:
                     accelerator.clip_grad_norm_([p for _, p in params], settings.max_grad_norm)
                 optimizer.step()
@@ -235,14 +295,9 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                 optimizer.zero_grad(set_to_none=True)
                 state.enforce_constraints(model)
                 step += 1
-                step_seconds.append(time.perf_counter() - step_start)
-                loss_value, task_value = float(loss.detach()), float(task_loss.detach())
-                sums["loss"] += loss_value
-                sums["task"] += task_value
                 sums["n"] += 1
-                if extra_raw is not None and not math.isnan(extra_raw):
-                    sums["extra"] += extra_raw
-                    sums["extra_n"] += 1
+                step_seconds.append(time.perf_counter() - step_start)
+                step_start = time.perf_counter()
                 postfix = {"loss": f"{loss_value:.4f}", "task": f"{task_value:.4f}"}
                 if hasattr(extra_loss, "postfix"):  # the loss says what to show (its parts apart)
                     postfix.update(extra_loss.postfix())
@@ -250,22 +305,26 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                     postfix[extra_loss.label] = f"{extra_raw:.4f}"
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
+                if trackers:
+                    logged = {"loss": loss_value, "task_loss": task_value, "learning_rate": scheduler.get_last_lr()[0]}
+                    logged.update({k: float(v) for k, v in postfix.items() if k not in ("loss", "task") and _is_number(v)})
+                    accelerator.log(logged, step=step)
+                if settings.eval_steps and step % settings.eval_steps == 0:
+                    score, density = held_out_score(f"eval step {step}")
+                    step_evals.append({"step": step, "score": score, "density": density})
+                    if trackers:
+                        accelerator.log({"held_out_score": score, **({"held_out_density": density} if density is not None else {})},
+                                        step=step)
+                    if sign * score > best_step_score:  # ties keep the earlier step
+                        best_step, best_step_score = step, sign * score
+                        best_step_weights = _snapshot(params)
             epoch_seconds = time.perf_counter() - epoch_start
             train_seconds += epoch_seconds
             log = EpochLog(epoch=epoch + 1, steps=sums["n"], train_loss=sums["loss"] / max(sums["n"], 1),
                            task_loss=sums["task"] / max(sums["n"], 1),
                            extra_loss=sums["extra"] / sums["extra_n"] if sums["extra_n"] else None, seconds=epoch_seconds)
-            if evaluate_epochs:
-                verdict = [None]
-                if main:
-                    unwrapped = accelerator.unwrap_model(ddp_model)
-                    ev = evaluate(unwrapped, state.tokenizer, state.task, state.eval_examples(), state.arch,
-                                  state.eval_settings(), progress=not state.quiet, desc=f"eval epoch {epoch + 1}")
-                    verdict = [(ev.task_score, ev.density.overall() if ev.density else None)]
-                    ddp_model.train()
-                broadcast_object_list(verdict, from_process=0)
-                log.eval_score, log.eval_density = verdict[0]
-                sign = 1.0 if state.task.higher_is_better else -1.0  # perplexity: lower is better
+            if evaluate_epochs and not settings.eval_steps:
+                log.eval_score, log.eval_density = held_out_score(f"eval epoch {epoch + 1}")
                 if sign * log.eval_score > best_score:  # ties keep the earlier epoch
                     best_score, best_epoch = sign * log.eval_score, epoch + 1
                     best_weights = _snapshot(params) if epoch + 1 < epochs_to_run else None
@@ -274,14 +333,23 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                 break
     finally:
         bar.close()
+        if trackers:
+            accelerator.end_training()
     notes = []
     chosen = epochs[-1].epoch
-    if evaluate_epochs:
+    where = "held-out training rows" if validation else "the evaluation rows"
+    if evaluate_epochs and not settings.eval_steps:
         chosen = best_epoch or chosen  # 0 only if every score was NaN: keep the last epoch
         if best_weights is not None:
             _restore(params, best_weights)
             state.enforce_constraints(model)
-            notes.append(f"restored epoch {best_epoch} (best {state.task.metric} on the evaluation rows)")
+            notes.append(f"restored epoch {best_epoch} (best {state.task.metric} on {where})")
+    if step_evals:
+        if best_step_weights is not None and best_step != step:
+            _restore(params, best_step_weights)
+            state.enforce_constraints(model)
+        notes.append(f"kept step {best_step} of {step} (best {state.task.metric} on {where}, every "
+                     f"{settings.eval_steps} steps)")
     model = accelerator.unwrap_model(ddp_model)
     model.eval()
     accelerator.free_memory()
@@ -289,4 +357,25 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                        seconds_per_step=train_seconds / max(step, 1),
                        median_seconds_per_step=statistics.median(step_seconds) if step_seconds else 0.0,
                        world_size=world, trainable_params=trainable,
-                       extra_label=extra_loss.label if extra_loss is not None else None, notes=notes)
+                       extra_label=extra_loss.label if extra_loss is not None else None, notes=notes,
+                       step_evals=step_evals, chosen_step=best_step if step_evals else None)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _check_trackers(trackers: list[str]) -> None:
+    """One line naming the package a tracker needs, before anything trains."""
+    import importlib.util
+
+    packages = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
+    for tracker in trackers:
+        package = packages.get(tracker, tracker)
+        if importlib.util.find_spec(package) is None:
+            raise TrainingError(f"report_to: {tracker} needs the {package} package (pip install {package})")

@@ -71,6 +71,10 @@ class TrainSettings:
     max_target_length: int = 32
     seed: int = 42
     desc: str = "train"
+    gradient_accumulation_steps: int = 1  # micro-batches of batch_size per optimizer step
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast through accelerate
+    eval_steps: int | None = None  # evaluate on the held-out rows every N optimizer steps, keep the best
+    report_to: tuple[str, ...] = ()  # accelerate trackers (tensorboard, wandb, ...)
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,18 @@ class TrainingOptions:
     eval_every_epoch: bool = option(True, "with more than one epoch: evaluate after each and keep the best epoch "
                                           "(the paper's code keeps the last)")
     max_seq_length: int | None = option(None, "truncation (and paper-mode padding) length; null = the recipe's")
+    gradient_accumulation_steps: int = option(
+        1, "micro-batches of batch_size per optimizer step (effective batch = batch_size x this)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+        "no", "autocast through accelerate: bf16 (CPUs and recent GPUs) or fp16 (GPUs only)")
+    validation_fraction: float | None = option(
+        None, "hold out this fraction of the training rows (seeded) for the evaluations that choose anything during "
+              "training (eval_steps, the best epoch); null = the best epoch is chosen on the recipe's evaluation rows")
+    eval_steps: int | None = option(
+        None, "evaluate on the held-out rows every N optimizer steps and keep the best weights (needs "
+              "validation_fraction)")
+    report_to: list[str] = option([], "experiment trackers through accelerate (tensorboard, wandb, mlflow, ...): "
+                                      "losses every step, evaluations; logs under the pass's folder")
 
     def training_problem(self) -> str | None:
         for name, top in (("epochs", 10_000), ("batch_size", 65_536)):
@@ -282,6 +298,16 @@ class TrainingOptions:
             return "weight_decay must be >= 0"
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             return "max_grad_norm must be > 0 or null"
+        if not 1 <= self.gradient_accumulation_steps <= 4096:
+            return "gradient_accumulation_steps must be in [1, 4096]"
+        if self.validation_fraction is not None and not 0 < self.validation_fraction < 1:
+            return "validation_fraction must be in (0, 1) or null"
+        if self.eval_steps is not None and (self.eval_steps < 1 or self.validation_fraction is None):
+            return "eval_steps needs validation_fraction (evaluations that choose weights use held-out training rows)"
+        trackers = {"tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"}
+        unknown = [t for t in self.report_to if t not in trackers]
+        if unknown:
+            return f"report_to: unknown tracker {unknown[0]!r} (known: {', '.join(sorted(trackers))})"
         return None
 
     def train_settings(self, *, padding: str, max_seq_length: int, max_target_length: int, seed: int, desc: str):
@@ -290,7 +316,10 @@ class TrainingOptions:
                              weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
                              eval_every_epoch=self.eval_every_epoch, padding=padding,
                              max_seq_length=self.max_seq_length or max_seq_length,
-                             max_target_length=max_target_length, seed=seed, desc=desc)
+                             max_target_length=max_target_length, seed=seed, desc=desc,
+                             gradient_accumulation_steps=self.gradient_accumulation_steps,
+                             mixed_precision=self.mixed_precision, eval_steps=self.eval_steps,
+                             report_to=tuple(self.report_to))
 
 
 @dataclass
