@@ -77,7 +77,8 @@ def run_one(method: str, seed: int, density: bool, args, deft_options: dict, out
     if not density:
         options["density_weight"] = 0.0
     task_tag = "" if args.task == "glue/sst2" else args.task.split("/")[-1] + "_"
-    name = f"{task_tag}{method}_{'deft' if density else 'peft'}_s{seed}"
+    budget = "" if args.steps == 250 and args.train_rows == 8000 else (f"_st{args.steps}" if args.steps else f"_ep{args.epochs}")
+    name = f"{task_tag}{method}_{'deft' if density else 'peft'}_s{seed}{budget}{'_sel' if args.validation_fraction else ''}"
     recipe = Recipe.build(name=name, model="minilm", task=args.task, seed=seed, max_eval_samples=args.eval_rows,
                           max_seq_length=args.max_seq_length,
                           passes=[{"deft": options}, {"evaluate": {"density_mode": "paper"}}])
