@@ -72,8 +72,7 @@ class DataTask:
 class DataSource:
     """What a TaskSpec built from a DataTask reads: the config, and the label ids found when it was checked."""
 
-    config: DataTask
-    base: Path | None = None  # relative paths are relative to the current directory
+    config: DataTask  # relative paths in it are relative to the current directory
     label_ids: dict[Any, int] = field(default_factory=dict)
 
 

@@ -35,13 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from deftcompress.data.features import Batch, collate, encode_examples
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters and buffers (and packed int8 weights) held in memory, shared storage once."""
-    from deftcompress.measurement.size import state_dict_bytes
-
-    return state_dict_bytes(model)
+from deftcompress.measurement.size import state_dict_bytes
 
 
 class _LiveAllocations(TorchDispatchMode):
@@ -221,7 +215,7 @@ def compare_speed(models: dict[str, nn.Module | Forward], tokenizer, task, arch,
         if not isinstance(models[n], nn.Module):
             result.memory[n] = {"weight_bytes": None, "peak_forward_bytes": None, "peak_bytes": None}
             continue
-        weights = weight_bytes(models[n])
+        weights = state_dict_bytes(models[n])  # parameters and buffers (packed int8 too), shared storage once
         peak = peak_forward_bytes(models[n], largest)
         result.memory[n] = {"weight_bytes": weights, "peak_forward_bytes": peak, "peak_bytes": weights + peak}
     return result

@@ -63,22 +63,19 @@ class Workload:
         return {"rows": self.rows, "repeats": self.repeats, "threads": self.threads}
 
 
+def _progress_of(folder: Path) -> dict[str, Any] | None:
+    """A run folder's progress record, or None (no folder, no record, unreadable)."""
+    try:
+        data = json.loads((folder / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _finished(folder: Path) -> dict[str, Any] | None:
-    path = folder / PROGRESS
-    if not path.is_file() or not (folder / "report.json").is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) and data.get("status") == "finished" else None
-
-
-def _recipe_hash_in(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / PROGRESS).read_text()).get("recipe_hash")
-    except (OSError, ValueError, AttributeError):
-        return None
+    data = _progress_of(folder)
+    finished = data is not None and data.get("status") == "finished" and (folder / "report.json").is_file()
+    return data if finished else None
 
 
 def resolve_inputs(arguments: list[str], trust_pickle: bool = False) -> list[Entry]:
@@ -235,7 +232,7 @@ def compare(arguments: list[str], output_dir: str | Path | None = None, timing: 
                 entry.folder, entry.how = found, "reused"
                 log(f"{prefix}: reusing the finished run in {found}")
                 continue
-            other = _recipe_hash_in(entry.folder)
+            other = (_progress_of(entry.folder) or {}).get("recipe_hash")
             if other is not None and other != entry.digest:  # an older run of another version of this recipe: kept
                 entry.folder = entry.folder.parent / f"{entry.folder.name}-{entry.digest[:8]}"
                 log(f"{prefix}: its output folder holds a run of another recipe (kept); this one goes to {entry.folder}")
@@ -251,7 +248,7 @@ def compare(arguments: list[str], output_dir: str | Path | None = None, timing: 
     finally:
         shutil.rmtree(out / ".shared", ignore_errors=True)
     rows = [row_from_run(e.folder, e.sweep, e.how) for e in entries]
-    timing_record = _timing(rows, entries, out, workload, timing, quiet, log, retime)
+    timing_record = _timing(rows, out, workload, timing, quiet, log, retime)
     write_outputs(rows, out, command, timing_record)
     return rows, out
 
@@ -262,7 +259,7 @@ def _run(entry: Entry, quiet: bool, on_commit) -> None:
     Pipeline(entry.recipe, output_dir=entry.folder, quiet=quiet, on_commit=on_commit).run()
 
 
-def _timing(rows: list[CompareRow], entries: list[Entry], out: Path, workload: Workload, timing: bool, quiet: bool,
+def _timing(rows: list[CompareRow], out: Path, workload: Workload, timing: bool, quiet: bool,
             log, retime: bool = False) -> dict[str, Any] | None:
     """Side-by-side latency (reused from an earlier compare.json of the same runs and workload), or the reports' own."""
     if not timing:

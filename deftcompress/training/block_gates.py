@@ -57,9 +57,6 @@ class BlockGates(nn.Module):
     def _scale(self, i: int, module, inputs, output):
         return output * (self.values[i] * self.keep[i]).to(output.dtype)
 
-    def effective(self) -> torch.Tensor:
-        return (self.values * self.keep).detach()
-
     def stack_indices(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
         for i, stack in enumerate(self.stacks):
