@@ -44,20 +44,51 @@ def test_scales_are_a_reparametrisation_and_fold_exactly(family, lora):
     assert not torch.allclose(with_hooks, reference, atol=1e-6)
 
 
-def test_scale_only_gradient_reaches_only_the_scales():
+@pytest.mark.parametrize("masked", [False, True])
+def test_scale_only_density_loss_is_the_preact_term_with_gradient_to_the_scales_only(masked):
+    """The fused path equals sigmoid((z - theta)/T) on z.detach() * s/s.detach(): same value, same scale gradient."""
+    from deftcompress.training.density_loss import DensityLoss
+    from deftcompress.training.options import DensityOptions
+
     model, _ = build_tiny_model("bert")
     blocks = mlp_blocks(model)
     scales = ActivationScales(blocks)
+    with torch.no_grad():
+        for rho in scales.rho:
+            rho.uniform_(0.0, 3.0)
     scales.attach()
-    seen = {}
-    hook = blocks[0].act.register_forward_hook(lambda m, i, o: seen.setdefault("pre", i[0]))
-    model(**_inputs("bert"))
-    hook.remove()
-    pre = scales.scale_only_gradient(blocks[0], seen["pre"])
-    torch.testing.assert_close(pre, seen["pre"])
-    pre.sum().backward()
-    assert scales.rho[0].grad is not None and scales.rho[0].grad.abs().sum() > 0
-    assert blocks[0].up.weight.grad is None
+    inputs = _inputs("bert")
+    mask = torch.ones(3, 9)
+    if masked:
+        mask[0, 5:] = 0
+        mask[2, 2:] = 0
+    settings = DensityOptions(preact_temperature=0.7, density_target=None, density_ramp_ratio=0.0).density_loss_settings("masked")
+    loss = DensityLoss(blocks, settings)
+    loss.scale_only = scales.scale_of
+    seen = []
+    hooks = [b.act.register_forward_hook(lambda m, i, o: seen.append(i[0])) for b in blocks]
+    with loss:
+        loss.begin_step({"encoder": mask}, step=0, total_steps=1)
+        model(**inputs)
+        fused, _ = loss.end_step()
+    for h in hooks:
+        h.remove()
+    fused.backward()
+    fused_grads = [r.grad.clone() for r in scales.rho]
+    assert blocks[0].up.weight.grad is None  # the density gradient reached no weight
+    for r in scales.rho:
+        r.grad = None
+    reference = 0.0
+    for i, (b, z) in enumerate(zip(blocks, seen)):
+        s = scales.scale_of(b)
+        routed = z.detach() * (s / s.detach())
+        per_position = torch.sigmoid((routed - loss.thresholds[i]) / 0.7).mean(-1)
+        reference = reference + (per_position * mask).sum() / mask.sum() / len(blocks)
+    reference.backward()
+    torch.testing.assert_close(fused.detach(), reference.detach())
+    for got, want in zip(fused_grads, (r.grad for r in scales.rho)):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
 
 
 def test_deft_with_scales_cuts_density_and_saves_a_plain_checkpoint(tiny_checkpoint, tiny_data, tmp_path):

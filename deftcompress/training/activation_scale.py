@@ -70,10 +70,9 @@ class ActivationScales(nn.Module):
 
         return hook
 
-    def scale_only_gradient(self, block: MLPBlock, pre: torch.Tensor) -> torch.Tensor:
-        """The same pre-activation values, but a loss on them only trains the scales (not LoRA or the head)."""
-        s = self.scale(self._index[block.label]).to(pre.dtype)
-        return pre.detach() * (s / s.detach())
+    def scale_of(self, block: MLPBlock) -> torch.Tensor:
+        """s of `block` (the density loss sends its gradient here only: density_grad scale_only)."""
+        return self.scale(self._index[block.label])
 
     @torch.no_grad()
     def clamp_(self) -> None:

@@ -60,7 +60,7 @@ def run_deft(state, c, pass_name: str, gate_settings: GateSettings | None = None
                                 desc=f"{pass_name} {c.method}")
     density = DensityLoss(mlp_blocks(model, state.arch), c.density_loss_settings(density_mode))
     if scales is not None and c.density_grad == "scale_only":
-        density.pre_transform = scales.scale_only_gradient
+        density.scale_only = scales.scale_of
     extra = density
     if budget is not None:
         from deftcompress.training.block_gates import CombinedLoss

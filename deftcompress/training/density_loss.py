@@ -72,6 +72,42 @@ class _SmoothCount(torch.autograd.Function):
         return grad_act, None
 
 
+class _ScaleOnlySigmoidCount(torch.autograd.Function):
+    """masked mean of sigmoid((z - theta) / T) over features and counted positions, gradient to the scales only.
+
+    z = s * u is the scaled pre-activation, so dz/ds = z / s. The same value as the `preact` term on
+    `ActivationScales.scale_only_gradient(z)`, fused: autograd kept the sigmoid output and walked about
+    ten full-size tensors per layer and step; this keeps only z (alive anyway for the activation's
+    backward) and recomputes the sigmoid in the backward (the step-time bill of issue 13).
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, scale: torch.Tensor, weights: torch.Tensor, threshold: float,
+                temperature: float) -> torch.Tensor:
+        # weights [batch, positions]: each counted position's share of the mean (sums to 1)
+        per_position = torch.sigmoid(z.float().sub(threshold).div_(temperature)).mean(-1)
+        ctx.save_for_backward(z, scale, weights)
+        ctx.threshold, ctx.temperature = threshold, temperature
+        return (per_position * weights).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, scale, weights = ctx.saved_tensors
+        sig = torch.sigmoid(z.float().sub(ctx.threshold).div_(ctx.temperature))
+        slope = sig.sub_(sig * sig).mul_(z)  # sigmoid' * z, per element
+        per_neuron = torch.einsum("bpf,bp->f", slope, weights.to(slope.dtype))
+        width = z.shape[-1]
+        grad_scale = per_neuron.div_(scale.float() * (ctx.temperature * width)).mul_(grad)
+        return None, grad_scale.to(scale.dtype), None, None, None
+
+
+def _position_weights(shape: torch.Size, mask: torch.Tensor | None, device) -> torch.Tensor:
+    """[batch, positions] weights of a (masked) mean over positions."""
+    if mask is None:
+        return torch.full(shape, 1.0 / max(shape.numel(), 1), device=device)
+    return mask / mask.sum().clamp(min=1.0)
+
+
 def _paper_term(pre: torch.Tensor, act: torch.Tensor, ctx: TermContext) -> torch.Tensor:
     return _SmoothCount.apply(act.float(), ctx.eps)
 
@@ -172,8 +208,9 @@ class DensityLoss:
         self._masks: dict[str, torch.Tensor | None] = {}
         self._weight = settings.weight
         self._raw_value, self._term_value = float("nan"), 0.0  # last step's raw loss and added term (progress bar)
-        # Optional (block, pre-activation) -> pre-activation the terms see, e.g. to route gradients to scales only.
-        self.pre_transform: Callable[[MLPBlock, torch.Tensor], torch.Tensor] | None = None
+        # Optional block -> its per-neuron activation scales s: the density gradient then reaches only s
+        # (set by DEFT with density_grad: scale_only; the preact term takes a fused path).
+        self.scale_only: Callable[[MLPBlock], torch.Tensor] | None = None
 
     def _normalise_per_stack(self, weights: list[float]) -> list[float]:
         out = list(weights)
@@ -238,12 +275,19 @@ class DensityLoss:
         if mask is not None:
             mask = align_token_mask(mask, act.shape[-2]).to(act.device, torch.float32)
         with torch.set_grad_enabled(self._with_grad and torch.is_grad_enabled()):
-            if self.pre_transform is not None:
-                pre = self.pre_transform(block, pre)
-            per_position = self.term(pre, act, ctx)  # [batch, positions]: mean over features
-            self._values[i] = _masked_mean(per_position, mask)
+            if self.scale_only is not None and self.term is _preact_term:
+                weights = _position_weights(pre.shape[:-1], mask, pre.device)
+                self._values[i] = _ScaleOnlySigmoidCount.apply(pre.detach(), self.scale_only(block), weights,
+                                                               ctx.threshold, ctx.temperature)
+            else:
+                if self.scale_only is not None:  # same value, gradient to the scales only (dz/ds = z / s)
+                    s = self.scale_only(block).to(pre.dtype)
+                    pre = pre.detach() * (s / s.detach())
+                per_position = self.term(pre, act, ctx)  # [batch, positions]: mean over features
+                self._values[i] = _masked_mean(per_position, mask)
         with torch.no_grad():  # the controller's input, and the progress bar's batch density
-            self._densities[i] = _masked_mean((act != 0).float().mean(-1), mask)
+            nonzero = torch.count_nonzero(act, dim=-1).float().div_(act.shape[-1])
+            self._densities[i] = _masked_mean(nonzero, mask)
 
     def end_step(self) -> tuple[torch.Tensor | None, float]:
         """(weighted loss to add to the task loss, or None; raw loss value for the log)."""

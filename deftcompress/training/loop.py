@@ -297,7 +297,6 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                 step += 1
                 sums["n"] += 1
                 step_seconds.append(time.perf_counter() - step_start)
-                step_start = time.perf_counter()
                 postfix = {"loss": f"{loss_value:.4f}", "task": f"{task_value:.4f}"}
                 if hasattr(extra_loss, "postfix"):  # the loss says what to show (its parts apart)
                     postfix.update(extra_loss.postfix())
@@ -318,6 +317,7 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                     if sign * score > best_step_score:  # ties keep the earlier step
                         best_step, best_step_score = step, sign * score
                         best_step_weights = _snapshot(params)
+                step_start = time.perf_counter()  # after any evaluation: step times are optimisation only
             epoch_seconds = time.perf_counter() - epoch_start
             train_seconds += epoch_seconds
             log = EpochLog(epoch=epoch + 1, steps=sums["n"], train_loss=sums["loss"] / max(sums["n"], 1),
