@@ -151,3 +151,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fails_once():
+    """A pass `test_fails_once` that raises RuntimeError("boom") the first time it runs; yields the step indexes it ran at."""
+    from deftcompress.core.protocol import Pass
+    from deftcompress.core.registry import register_pass, unregister_pass
+
+    calls: list[int] = []
+
+    @register_pass
+    class FailsOnce(Pass):
+        name = "test_fails_once"
+        changes_model = False
+
+        def run(self, state):
+            calls.append(state.step_index)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return {}
+
+    try:
+        yield calls
+    finally:
+        unregister_pass("test_fails_once")

@@ -36,7 +36,7 @@ def test_scales_are_a_reparametrisation_and_fold_exactly(family, lora):
         scales.attach()
         # ReLU-like models (T5 here is gated-GELU) change with s, so only compare where the identity must hold
         with_hooks = model(**inputs).logits
-        stats = scales.fold_into_weights()
+        stats = scales.fold(model)
         folded = model(**inputs).logits
     assert stats["neurons"] == sum(b.down.in_features for b in mlp_blocks(model))
     torch.testing.assert_close(folded, with_hooks, rtol=1e-4, atol=1e-5)
@@ -91,14 +91,16 @@ def test_scale_only_density_loss_is_the_preact_term_with_gradient_to_the_scales_
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
 
 
-def test_deft_with_scales_cuts_density_and_saves_a_plain_checkpoint(tiny_checkpoint, tiny_data, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_deft_with_scales_cuts_density_and_saves_a_plain_checkpoint(tiny_checkpoint, tiny_data, tmp_path, method):
+    """QLoRA too: its 4-bit weights cannot hold the scales, so they stay beside the activation (fold: module)
+    while training and evaluating on the 4-bit base; the saved float model takes them into its weights."""
     from deftcompress.models.loading import load_model_and_tokenizer
     from deftcompress.measurement.evaluation import evaluate
     from deftcompress.data.tasks import get_task, load_examples
 
-    deft = {"method": "lora", "r": 4, "density_loss": "preact", "density_target": 0.3, "density_ramp_ratio": 0.3,
-            "activation_scale": True, "activation_scale_min": 1000.0, "max_steps": 10, "batch_size": 16,
-            "learning_rate": 5e-3}
+    deft = {"method": method, "r": 4, "density_loss": "preact", "density_target": 0.3, "density_ramp_ratio": 0.3,
+            "activation_scale_min": 1000.0, "max_steps": 10, "batch_size": 16, "learning_rate": 5e-3}
     recipe = Recipe.build(name="scales", model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data), eval_batch_size=8,
                           passes=[{"deft": deft}])
     out = tmp_path / "run"
@@ -107,6 +109,7 @@ def test_deft_with_scales_cuts_density_and_saves_a_plain_checkpoint(tiny_checkpo
     details = final.details
     # tiny random models have tiny pre-activations: a floor of 1000 makes the mechanism visible in a few steps
     assert details["activation_scales"]["median"] >= 1000.0
+    assert details["activation_scales"]["fold"] == {"lora": "weights", "qlora": "module"}[method]
     assert final.density["encoder"] < base.density["encoder"] - 0.2
     assert (out / "passes" / "01_deft" / "adapter" / "activation_scales.safetensors").is_file()
     # the saved model is a plain checkpoint that reproduces the final measurement
@@ -143,7 +146,7 @@ def test_int8_keeps_predictions_when_1_over_s_stays_after_the_activation():
     for separate in (False, True):
         model = copy.deepcopy(base)
         scales = _large_scales(model)
-        scales.fold_into_weights(model, separate_inverse=separate)
+        scales.fold(model, "activation" if separate else "weights")
         assert any(isinstance(m, ScaledActivation) for m in model.modules()) == separate
         with torch.no_grad():  # the encoder's output: what the MLPs feed (the random head would blur it)
             fp32 = model(**inputs, output_hidden_states=True).hidden_states[-1]
@@ -175,3 +178,21 @@ def test_deft_with_separate_scales_saves_reloads_and_quantizes(tiny_checkpoint, 
                        quiet=True)
     assert again.steps[0].task_score == report.steps[2].task_score
     assert again.steps[0].density == report.steps[2].density
+
+
+def test_qlora_scales_survive_the_saved_state_a_resumed_run_starts_from(tiny_checkpoint, tiny_data, tmp_path,
+                                                                        fails_once):
+    """The state after a QLoRA-DEFT pass (4-bit base + act(s x)/s + adapter) reloads to the same numbers."""
+    deft = {"method": "qlora", "r": 4, "density_target": 0.3, "density_ramp_ratio": 0.3, "activation_scale_min": 1000.0,
+            "max_steps": 4, "batch_size": 16, "learning_rate": 5e-3}
+    recipe = Recipe.build(name="q", model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data), eval_batch_size=8,
+                          passes=[{"deft": deft}, "test_fails_once", {"evaluate": {}}])
+    with pytest.raises(RuntimeError, match="boom"):
+        run_recipe(recipe, output_dir=tmp_path / "out", quiet=True)
+    report = run_recipe(recipe, output_dir=tmp_path / "out", quiet=True)
+    assert report.resumed_from == 2 and fails_once == [2, 2]
+    trained, evaluated = report.steps[1], report.steps[3]
+    assert trained.details["activation_scales"]["fold"] == "module"
+    assert evaluated.task_score == trained.task_score
+    assert evaluated.density["encoder"] == pytest.approx(trained.density["encoder"], abs=1e-6)
+    assert trained.density["encoder"] < report.steps[0].density["encoder"] - 0.2  # the scales are really there

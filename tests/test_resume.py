@@ -113,43 +113,25 @@ def test_sigterm_and_ctrl_c_stop_with_one_line_keep_finished_passes_and_resume(t
     assert _measured(out) == uninterrupted[0]
 
 
-def test_an_error_in_a_pass_keeps_the_earlier_passes(tiny_checkpoint, tiny_data, tmp_path):
+def test_an_error_in_a_pass_keeps_the_earlier_passes(tiny_checkpoint, tiny_data, tmp_path, fails_once):
     """The pass after a finished one fails: the finished one is not redone when the run resumes."""
-    from deftcompress.core.protocol import Pass
     from deftcompress.core.recipe import Recipe
-    from deftcompress.core.registry import register_pass, unregister_pass
     from deftcompress.pipeline.runner import run_recipe
 
-    calls = []
+    recipe = Recipe.build(name="r", model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data), max_eval_samples=8,
+                          passes=[{"magnitude_prune": {"sparsity": 0.2}}, "test_fails_once"])
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom"):
+        run_recipe(recipe, output_dir=out, quiet=True)
+    failed = json.loads((out / "report.json").read_text())
+    assert failed["status"] == "failed" and "boom" in failed["error"]
+    assert [s["pass"] for s in failed["steps"]] == ["baseline", "magnitude_prune"]
+    from deftcompress.reporting.report import Report
 
-    @register_pass
-    class FailsOnce(Pass):
-        name = "test_fails_once"
-        changes_model = False
-
-        def run(self, state):
-            calls.append(state.step_index)
-            if len(calls) == 1:
-                raise RuntimeError("boom")
-            return {}
-
-    try:
-        recipe = Recipe.build(name="r", model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data), max_eval_samples=8,
-                              passes=[{"magnitude_prune": {"sparsity": 0.2}}, "test_fails_once"])
-        out = tmp_path / "out"
-        with pytest.raises(RuntimeError, match="boom"):
-            run_recipe(recipe, output_dir=out, quiet=True)
-        failed = json.loads((out / "report.json").read_text())
-        assert failed["status"] == "failed" and "boom" in failed["error"]
-        assert [s["pass"] for s in failed["steps"]] == ["baseline", "magnitude_prune"]
-        from deftcompress.reporting.report import Report
-
-        assert Report.load(out).text_table().startswith("status: failed (RuntimeError: boom)")  # what `report` prints
-        report = run_recipe(recipe, output_dir=out, quiet=True)
-        assert report.resumed_from == 2 and report.status == "finished" and calls == [2, 2]
-        assert report.steps[1].details["sparsity_achieved"] == pytest.approx(0.2, abs=1e-4)
-    finally:
-        unregister_pass("test_fails_once")
+    assert Report.load(out).text_table().startswith("status: failed (RuntimeError: boom)")  # what `report` prints
+    report = run_recipe(recipe, output_dir=out, quiet=True)
+    assert report.resumed_from == 2 and report.status == "finished" and fails_once == [2, 2]
+    assert report.steps[1].details["sparsity_achieved"] == pytest.approx(0.2, abs=1e-4)
 
 
 def test_another_recipe_is_refused_unless_restart(tiny_checkpoint, tiny_data, tmp_path):

@@ -90,8 +90,11 @@ def save_model(model: nn.Module, folder: str | os.PathLike, merge_adapters: bool
         # ask for quantization (a quantize pass records that it did)
         from deftcompress.quantization.bnb import dequantize_linear_layers
 
+        from deftcompress.training.activation_scale import fold_module_scales_into_weights
+
         model = copy.deepcopy(model)
         dequantize_linear_layers(model)
+        fold_module_scales_into_weights(model)  # float weights hold what the 4-bit ones could not
         note = "bitsandbytes layers of a QLoRA base saved as their float32 values"
     name = format_of(model)
     manifest: dict[str, Any] = {"format": name, "auto_class": auto_class_name(model)}

@@ -99,11 +99,15 @@ def load_model_and_tokenizer(ref: str, task: TaskSpec | None, device: torch.devi
         kwargs.setdefault("dtype", torch.float32)  # transformers would default bitsandbytes models to float16
     try:
         tokenizer = load_tokenizer(tokenizer_ref or ref)
-        if restructured(config):
+        if restructured(config) and not _scales_on_bitsandbytes(config, kwargs):
             model = load_restructured(auto, ref, config, kwargs)
         else:
             model, info = auto.from_pretrained(ref, output_loading_info=True, **kwargs)
             _check_loading_info(ref, arch, info, notes)
+            if restructured(config):  # a QLoRA-DEFT base: 4-bit weights, scales beside the activations
+                from deftcompress.training.activation_scale import load_scaled_activations
+
+                load_scaled_activations(model, Path(ref))
     except CheckpointError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, ArchitectureError) as exc:
@@ -146,6 +150,12 @@ def restructured(config) -> bool:
     """A checkpoint a stock config cannot describe: pruned widths, torch int8 layers, or separate activation scales."""
     return any(getattr(config, attr, None) is not None for attr in ("deftcompress_layout", "deftcompress_activation_scales")) \
         or _torch_int8_info(config) is not None
+
+
+def _scales_on_bitsandbytes(config, kwargs: dict[str, Any]) -> bool:
+    """A bitsandbytes checkpoint whose only extra is DEFT's scales beside the activations (transformers loads the rest)."""
+    return "device_map" in kwargs and getattr(config, "deftcompress_layout", None) is None \
+        and _torch_int8_info(config) is None
 
 
 def _torch_int8_info(config) -> dict | None:

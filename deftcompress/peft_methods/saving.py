@@ -22,6 +22,7 @@ from deftcompress.errors import CheckpointError
 from deftcompress.peft_methods.wrapping import PeftMethodError, is_adapters_model, is_peft_model, \
     patch_prefix_classification, unwrap_trained_heads
 from deftcompress.quantization.bnb import dequantize_linear_layers, dequantized_weight, is_bnb_linear, to_float_linear
+from deftcompress.training.activation_scale import fold_module_scales_into_weights
 
 
 def save_adapter(model: nn.Module, folder: str | Path, trained_biases: list[tuple[str, nn.Parameter]] | None = None) -> Path:
@@ -110,6 +111,7 @@ def merged_float_copy(model: nn.Module) -> nn.Module:
         unwrap_trained_heads(clone)
         clone = clone.merge_and_unload()
     dequantize_linear_layers(clone)
+    fold_module_scales_into_weights(clone)  # QLoRA-DEFT's scales sat beside the activation only for the 4-bit weights
     return clone
 
 

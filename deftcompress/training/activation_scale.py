@@ -6,7 +6,8 @@ computes W_down (act(s * u) / s). For large s this behaves like a ReLU of u: the
 unchanged while every u below zero_point / s lands where the frozen activation (GELU in float32:
 x <= -5.543) returns exactly 0. A rank-8 LoRA cannot shift 1,536 neurons independently; these scales
 can. After training the scales fold exactly into the weights (rows of the up-projection, columns of
-the down-projection), so the saved model is a plain checkpoint of the original architecture.
+the down-projection), so the saved model is a plain checkpoint of the original architecture; or they
+stay beside the activation (`ScaledActivation`) where the weights cannot hold them (int8, 4-bit).
 
 Finding (benchmarks/results/deft_research.md): with the pre-activation loss and a per-layer density
 target, this cut MiniLM's SST-2 density by about two thirds in 250 steps where the paper's loss
@@ -80,25 +81,32 @@ class ActivationScales(nn.Module):
             rho.clamp_(min=self.min_log)
 
     @torch.no_grad()
-    def fold_into_weights(self, model: nn.Module | None = None, separate_inverse: bool = False) -> dict:
-        """Fold s into the up-projection rows (and its LoRA B), and 1/s into the down-projection columns (and LoRA A).
+    def fold(self, model: nn.Module | None = None, where: str = "weights") -> dict:
+        """Make the trained scales permanent; `where` (DEFT's `activation_scale_fold`):
 
-        `separate_inverse=True` keeps 1/s as a per-neuron multiply after the activation (`ScaledActivation`,
-        recorded in the config so the model reloads): the down-projection keeps its weights and its input
-        keeps its range, which int8 (per-tensor activations) needs. `model` is the model the blocks live in.
+        - ``weights``: s into the up-projection rows (and its LoRA B), 1/s into the down-projection columns
+          (and LoRA A): a stock checkpoint of the original architecture;
+        - ``activation``: s into the up-projection rows, 1/s a per-neuron multiply after the activation
+          (`ScaledActivation`): the down-projection keeps its weights and its input its range, which int8
+          (per-tensor activations) needs;
+        - ``module``: no weight changes: the activation computes act(s * x) / s (`ScaledActivation` with both
+          scales), for 4-bit weights (qlora) that cannot absorb either.
+
+        The two module forms are recorded in the config so the model reloads. `model` holds the blocks.
         """
+        if where not in FOLDS:
+            raise DeftcompressError(f"activation_scale_fold {where!r} is unknown (known: {', '.join(FOLDS)})")
         self.detach_hooks()
         for i, b in enumerate(self.blocks):
             s = self.scale(i)
-            _scale_rows(b.up, s, b.names.get("up", "up"))
-            if separate_inverse:
-                wrap_activation(model, b, 1.0 / s)
-            else:
+            if where != "module":
+                _scale_rows(b.up, s, b.names.get("up", "up"))
+            if where == "weights":
                 _scale_columns(b.down, 1.0 / s, b.names.get("down", "down"))
-        if separate_inverse:
-            from deftcompress.architecture import model_config
-
-            setattr(model_config(model), SCALED_ACT_ATTR, {"format": 1, "layers": [b.label for b in self.blocks]})
+            else:
+                wrap_activation(model, b, 1.0 / s, pre_scale=s if where == "module" else None)
+        if where != "weights":
+            record_scaled_activations(model, [b.label for b in self.blocks], pre_scale=where == "module")
         values = torch.cat([r.detach().exp().cpu() for r in self.rho])
         return {"neurons": int(values.numel()), "median": round(float(values.median()), 3),
                 "max": round(float(values.max()), 3), "fraction_above_10": round(float((values > 10).float().mean()), 4)}
@@ -136,34 +144,76 @@ def _scale_columns(module: nn.Module, inv: torch.Tensor, where: str) -> None:
         layer.weight.mul_(inv.to(layer.weight.dtype)[None, :])
 
 
+FOLDS = ("weights", "activation", "module")
 SCALED_ACT_ATTR = "deftcompress_activation_scales"  # config record: these layers carry a ScaledActivation
 
 
 class ScaledActivation(nn.Module):
-    """act(x) * inverse_scale, per neuron: the activation with DEFT's 1/s kept apart from the down-projection.
+    """act(pre_scale * x) * inverse_scale, per neuron: DEFT's scales kept beside the activation, out of the weights.
 
-    Zeros stay exactly where `act` makes them, so density is unchanged; the density meter and the ONNX
-    export see this module in the activation's place.
+    Without `pre_scale` the up-projection holds s (int8 after DEFT); with it no weight holds either
+    (4-bit qlora bases). Zeros stay exactly where `act` makes them (1/s is finite and nonzero), so
+    density is unchanged; the density meter and the ONNX export see this module in the activation's place.
     """
 
-    def __init__(self, act: nn.Module, inverse_scale: torch.Tensor):
+    def __init__(self, act: nn.Module, inverse_scale: torch.Tensor, pre_scale: torch.Tensor | None = None):
         super().__init__()
         self.act = act
         self.register_buffer("inverse_scale", inverse_scale.detach().clone())
+        self.pre_scale: torch.Tensor | None
+        if pre_scale is not None:
+            self.register_buffer("pre_scale", pre_scale.detach().clone())
+        else:
+            self.pre_scale = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_scale is not None:
+            x = x * self.pre_scale.to(x.dtype)
         return self.act(x) * self.inverse_scale.to(x.dtype)
 
 
-def wrap_activation(model: nn.Module, block: MLPBlock, inverse_scale: torch.Tensor) -> ScaledActivation:
+def wrap_activation(model: nn.Module, block: MLPBlock, inverse_scale: torch.Tensor,
+                    pre_scale: torch.Tensor | None = None) -> ScaledActivation:
     """Put a ScaledActivation in the place of `block`'s activation module (found by its full name in `model`)."""
     name = block.names["act"]
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    wrapped = ScaledActivation(getattr(parent, child), inverse_scale)
+    wrapped = ScaledActivation(getattr(parent, child), inverse_scale, pre_scale)
     setattr(parent, child, wrapped)
     block.act = wrapped
     return wrapped
+
+
+def record_scaled_activations(model: nn.Module, labels: list[str], pre_scale: bool) -> None:
+    """Note in the model's config which MLPs carry a ScaledActivation, so a reload rebuilds them."""
+    from deftcompress.architecture import model_config
+
+    # format 1 (no pre_scale key) is what int8 runs before qlora scales wrote: it still loads
+    setattr(model_config(model), SCALED_ACT_ATTR, {"format": 2, "layers": list(labels), "pre_scale": pre_scale})
+
+
+@torch.no_grad()
+def load_scaled_activations(model: nn.Module, folder) -> int:
+    """Rebuild the recorded ScaledActivation modules of a model transformers loaded, and read their scales from
+    the checkpoint's safetensors files (transformers skips these keys). Returns how many were rebuilt."""
+    from safetensors import safe_open
+
+    count = wrap_recorded_activations(model)
+    if not count:
+        return 0
+    buffers = {name: buf for name, buf in model.named_buffers() if name.endswith((".pre_scale", ".inverse_scale"))}
+    found = set()
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if key in buffers:
+                    buffers[key].copy_(f.get_tensor(key).to(buffers[key].device))
+                    found.add(key)
+    missing = sorted(set(buffers) - found)
+    if missing:
+        raise DeftcompressError(f"{folder}: the config records activation scales but {missing[0]} is not in its "
+                                "weights")
+    return count
 
 
 def wrap_recorded_activations(model: nn.Module) -> int:
@@ -177,7 +227,8 @@ def wrap_recorded_activations(model: nn.Module) -> int:
     count = 0
     for block in mlp_blocks(model):
         if block.label in wanted and not isinstance(block.act, ScaledActivation):
-            wrap_activation(model, block, torch.ones(int(block.down.in_features), device=next(block.down.parameters()).device))
+            ones = torch.ones(int(block.down.in_features), device=next(block.down.parameters()).device)
+            wrap_activation(model, block, ones, pre_scale=ones if record.get("pre_scale") else None)
             count += 1
     return count
 
@@ -198,14 +249,60 @@ SAVED_SCALES_FILE = "activation_scales.safetensors"
 
 
 @torch.no_grad()
-def apply_saved_scales(model: nn.Module, scales: dict[str, torch.Tensor]) -> None:
-    """Fold scales saved beside an adapter into a fresh copy of its base model (before attaching the adapter)."""
+def apply_saved_scales(model: nn.Module, scales: dict[str, torch.Tensor]) -> str:
+    """Put scales saved beside an adapter into a fresh copy of its base model (before attaching the adapter).
+
+    Float weights take them (`weights` fold: a stock model); 4-bit weights cannot, so the activations
+    carry both (`module` fold). Returns the fold used.
+    """
     from deftcompress.architecture import mlp_blocks
 
-    for b in mlp_blocks(model):
+    blocks = mlp_blocks(model)
+    where = "weights" if all(_is_float_linear(b.up) and _is_float_linear(b.down) for b in blocks) else "module"
+    for b in blocks:
         key = f"{b.label}.scale"
         if key not in scales:
             raise DeftcompressError(f"{SAVED_SCALES_FILE}: no scale for MLP {b.label}; saved for another model?")
         s = scales[key].to(next(b.down.parameters()).device)
-        _scale_rows(b.up, s, b.names.get("up", "up"))
-        _scale_columns(b.down, 1.0 / s, b.names.get("down", "down"))
+        if where == "weights":
+            _scale_rows(b.up, s, b.names.get("up", "up"))
+            _scale_columns(b.down, 1.0 / s, b.names.get("down", "down"))
+        else:
+            wrap_activation(model, b, 1.0 / s, pre_scale=s)
+    if where == "module":
+        record_scaled_activations(model, [b.label for b in blocks], pre_scale=True)
+    return where
+
+
+@torch.no_grad()
+def fold_module_scales_into_weights(model: nn.Module) -> int:
+    """Where float weights now hold what 4-bit ones could not (a dequantized QLoRA model), move the `module`
+    fold's scales into them (s into up rows, 1/s into down columns) and restore the bare activation, so the
+    model is a stock checkpoint again. Returns how many MLPs changed."""
+    from deftcompress.architecture import mlp_blocks, model_config
+
+    changed = []
+    for b in mlp_blocks(model):
+        act = b.act
+        if isinstance(act, ScaledActivation) and act.pre_scale is not None and _is_float_linear(b.up) \
+                and _is_float_linear(b.down):
+            _scale_rows(b.up, act.pre_scale, b.names.get("up", "up"))
+            _scale_columns(b.down, act.inverse_scale, b.names.get("down", "down"))
+            parent_name, _, child = b.names["act"].rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, act.act)
+            b.act = act.act
+            changed.append(b.label)
+    config = model_config(model)
+    record = getattr(config, SCALED_ACT_ATTR, None)
+    if changed and record:
+        left = [label for label in record.get("layers", []) if label not in changed]
+        if left:
+            record["layers"] = left
+        else:
+            delattr(config, SCALED_ACT_ATTR)
+    return len(changed)
+
+
+def _is_float_linear(module: nn.Module) -> bool:
+    weight = getattr(getattr(module, "base_layer", module), "weight", None)
+    return weight is not None and weight.dtype in (torch.float32, torch.float16, torch.bfloat16)

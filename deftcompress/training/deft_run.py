@@ -79,8 +79,9 @@ def run_deft(state, c, pass_name: str, gate_settings: GateSettings | None = None
     if scales is not None:
         # Fold exactly into the weights: the model keeps its architecture and saves as a plain checkpoint.
         scale_state = scales.state_for_saving()
-        scale_details = scales.fold_into_weights(model, separate_inverse=c.activation_scale_fold == "activation")
-        scale_details["fold"] = c.activation_scale_fold
+        fold = c.scale_fold(c.method)
+        scale_details = scales.fold(model, fold)
+        scale_details["fold"] = fold
         model._modules.pop("deftcompress_activation_scales", None)
     gate_details = None
     if gates is not None:

@@ -193,11 +193,13 @@ class DensityOptions:
     activation_scale: bool | None = option(
         None, "train a per-neuron scale s >= 1 on each MLP's activation input (undone after the activation, folded "
               "into the weights at the end) so the frozen activation can reach exact zeros; null = on whenever density "
-              "pressure is on and the base weights are float (not qlora)")
-    activation_scale_fold: Literal["weights", "activation"] = option(
-        "weights", "where the scales go after training: weights = s into the up-projection rows and 1/s into the "
-                   "down-projection columns (a stock checkpoint); activation = 1/s stays a per-neuron multiply after the "
-                   "activation (for int8: quantized weights and activations cannot hold a 1/s spread of ~1000)")
+              "pressure is on")
+    activation_scale_fold: Literal["weights", "activation", "module"] | None = option(
+        None, "where the scales go after training: weights = s into the up-projection rows and 1/s into the "
+              "down-projection columns (a stock checkpoint); activation = 1/s stays a per-neuron multiply after the "
+              "activation (for int8: quantized weights and activations cannot hold a 1/s spread of ~1000); module = "
+              "both stay beside the activation, act(s x) / s, and no weight changes (4-bit qlora weights); null = "
+              "module for qlora, weights otherwise")
     activation_scale_lr: float = option(0.15, "learning rate of the scales' logarithms")
     activation_scale_min: float = option(1.0, "lower bound of every scale")
     density_grad: Literal["all", "scale_only"] = option(
@@ -227,8 +229,9 @@ class DensityOptions:
             return "density_target must be in [0, 1)"
         if self.density_controller_rate <= 0 or self.density_lambda_max <= 0:
             return "density_controller_rate and density_lambda_max must be > 0"
-        if self.activation_scale and method == "qlora":
-            return "activation_scale cannot fold into 4-bit weights: set activation_scale: false (or null) for qlora"
+        if method == "qlora" and self.activation_scale_fold in ("weights", "activation"):
+            return (f"activation_scale_fold: {self.activation_scale_fold} puts the scales into the 4-bit weights, which "
+                    "cannot hold them; use module (the default for qlora)")
         if self.activation_scale_lr <= 0 or self.activation_scale_min < 1:
             return "activation_scale_lr must be > 0 and activation_scale_min >= 1"
         if self.density_layer_weights is not None and (not self.density_layer_weights or min(self.density_layer_weights) < 0):
@@ -236,10 +239,14 @@ class DensityOptions:
         return None
 
     def uses_activation_scales(self, method: str) -> bool:
-        """activation_scale null: on whenever there is density pressure and the base weights are float (not qlora)."""
+        """activation_scale null: on whenever there is density pressure."""
         if self.activation_scale is not None:
             return self.activation_scale
-        return self.density_weight > 0 and method != "qlora"
+        return self.density_weight > 0
+
+    def scale_fold(self, method: str) -> str:
+        """Where the trained scales go: the recipe's choice, or module for 4-bit qlora bases and weights otherwise."""
+        return self.activation_scale_fold or ("module" if method == "qlora" else "weights")
 
     def density_loss_settings(self, mode: str):
         return DensityLossSettings(
@@ -383,7 +390,7 @@ class AdaOptions:
 
 def deft_leaves(config) -> dict[str, str]:
     facts = {} if config.merge else {ADAPTER: f"a {config.method} adapter"}
-    if config.uses_activation_scales(config.method) and config.activation_scale_fold == "weights":
+    if config.uses_activation_scales(config.method) and config.scale_fold(config.method) == "weights":
         facts[SCALES_IN_WEIGHTS] = "per-neuron activation scales folded into the weights (up to ~1000x apart)"
     return facts
 
