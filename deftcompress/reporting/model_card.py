@@ -46,6 +46,7 @@ def model_card(report: Report, manifest: dict[str, Any], passes: str, recipe_yam
     ]
     if manifest.get("not_merged_because"):
         lines += [f"The adapter is kept apart from the base model: {manifest['not_merged_because']}.", ""]
+    lines += report.plain_peft_lines()
     if needs_us:
         lines += ["This folder needs deftcompress to load (`pip install deftcompress`, then "
                   "`deftcompress.load_model(path)`): stock `from_pretrained` cannot build its layout.", ""]

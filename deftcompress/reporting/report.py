@@ -184,6 +184,10 @@ class Report:
                         + [f"{m['weight_bytes'] / 1e6:.1f}MB", f"{m['peak_bytes'] / 1e6:.1f}MB", f"{m['peak_ratio']:.2f}x"])
         return rows
 
+    def plain_peft_lines(self) -> list[str]:
+        lines = [line for line in (plain_peft_line(step) for step in self.steps) if line]
+        return lines + [""] if lines else []
+
     def text_table(self) -> str:
         lines = []
         if self.status != "finished":
@@ -224,11 +228,28 @@ class Report:
                     out += [f"Latency and memory of step {step.index} ({step.pass_name}) against the previous step, "
                             f"timed in one process (median of {w['repeats']} alternating repetitions, {w['rows']} rows; "
                             "memory = weights + peak of one forward of the largest batch):", "", _md(speed), ""]
+            out += self.plain_peft_lines()
             for step in self.steps:
                 if step.details:
                     out.append(f"- step {step.index} `{step.pass_name}`: " + json.dumps(step.details, default=_json_default)[:2000])
             out.append("")
         return "\n".join(out)
+
+
+def plain_peft_line(step: StepRecord) -> str | None:
+    """How plain peft (no deftcompress import) reloads a training step's adapter, or why it cannot; None if no adapter."""
+    plain = (step.details or {}).get("plain_peft")
+    if not plain:
+        return None
+    if plain.get("dir") is None:
+        return f"Adapter of step {step.index} ({step.pass_name}) with plain peft: not possible: {plain['why_not']}."
+    size = f"{plain['bytes'] / 1e6:.2f} MB" if plain.get("bytes") else "size unknown"
+    line = (f"Adapter of step {step.index} ({step.pass_name}) with plain peft: "
+            f"`PeftModel.from_pretrained(base, \"{plain['dir']}\")` onto {plain['loads_onto']} ({size})")
+    if plain.get("modules_to_save"):
+        line += (f"; {plain['why']}, so its {plain['modules_to_save']} MLP projections are saved whole "
+                 "(peft modules_to_save), and the library adapter beside it needs deftcompress")
+    return line + "."
 
 
 def write_atomic(path: Path, text: str) -> None:

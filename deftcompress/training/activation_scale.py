@@ -275,18 +275,20 @@ def apply_saved_scales(model: nn.Module, scales: dict[str, torch.Tensor]) -> str
 
 
 @torch.no_grad()
-def fold_module_scales_into_weights(model: nn.Module) -> int:
+def fold_module_scales_into_weights(model: nn.Module, every: bool = False) -> int:
     """Where float weights now hold what 4-bit ones could not (a dequantized QLoRA model), move the `module`
     fold's scales into them (s into up rows, 1/s into down columns) and restore the bare activation, so the
-    model is a stock checkpoint again. Returns how many MLPs changed."""
+    model is a stock checkpoint again. `every=True` folds the `activation` form's 1/s too (what int8 needs
+    kept apart). Returns how many MLPs changed."""
     from deftcompress.architecture import mlp_blocks, model_config
 
     changed = []
     for b in mlp_blocks(model):
         act = b.act
-        if isinstance(act, ScaledActivation) and act.pre_scale is not None and _is_float_linear(b.up) \
+        if isinstance(act, ScaledActivation) and (every or act.pre_scale is not None) and _is_float_linear(b.up) \
                 and _is_float_linear(b.down):
-            _scale_rows(b.up, act.pre_scale, b.names.get("up", "up"))
+            if act.pre_scale is not None:
+                _scale_rows(b.up, act.pre_scale, b.names.get("up", "up"))
             _scale_columns(b.down, act.inverse_scale, b.names.get("down", "down"))
             parent_name, _, child = b.names["act"].rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, act.act)

@@ -87,6 +87,8 @@ def run_deft(state, c, pass_name: str, gate_settings: GateSettings | None = None
     if gates is not None:
         gate_details = _finish_gates(state, model, gates, budget)
     adapter_dir = _save_adapter(state, pass_name, model, trained_biases, scale_state)
+    plain_peft = _plain_peft_form(state, pass_name, model, wrapped, changed_base=bool(scale_state or trained_biases),
+                                  skipped=bool(gate_details and gate_details["skipped"]))
     if c.merge:
         from deftcompress.peft_methods.wrapping import merge
 
@@ -111,6 +113,7 @@ def run_deft(state, c, pass_name: str, gate_settings: GateSettings | None = None
         "mixed_precision": c.mixed_precision,
         "batch_size": c.batch_size,
         "adapter_dir": str(adapter_dir.relative_to(state.work_dir)),
+        "plain_peft": plain_peft,
         "merged": c.merge,
         "notes": notes + result.notes,
     }
@@ -122,6 +125,45 @@ def run_deft(state, c, pass_name: str, gate_settings: GateSettings | None = None
     if wrapped.quantization:
         details["quantization"] = wrapped.quantization
     return details
+
+
+def _plain_peft_form(state, pass_name, model, wrapped, changed_base: bool, skipped: bool) -> dict[str, Any]:
+    """How plain peft reloads this pass's adapter onto the model the pass started from (no deftcompress
+    import): the library adapter as it is when the base weights did not change, else a second form with
+    the changed MLP layers as modules_to_save (`peft_methods.plain_peft`), or why neither can."""
+    from deftcompress.architecture import mlp_blocks
+    from deftcompress.peft_methods.plain_peft import PLAIN_PEFT_DIR, save_plain_peft_adapter
+    from deftcompress.training import distributed
+
+    earlier = [p.name for p in state.recipe.plan[:max(state.step_index - 1, 0)] if p.cls.changes_model]
+    onto = (f"the recipe's model ({state.recipe.model})" if not earlier else
+            f"the model this step started from (after {', '.join(earlier)})")
+    adapter_dir = state.pass_dir(pass_name) / "adapter"
+    if wrapped.library != "peft":
+        why = "a bottleneck adapter is adapters' format, not peft's"
+        if changed_base:
+            why += ("; it was trained on rescaled MLP weights: load model/ (base/ holds them) or use "
+                    "deftcompress.load_model")
+        return {"dir": None, "why_not": why}
+    if skipped:
+        return {"dir": None, "why_not": "ADA-DEFT removed MLP blocks: the adapter applies to this run's model only"}
+    if wrapped.quantization:
+        return {"dir": None, "why_not": "QLoRA's activation scales live beside the activations of a 4-bit base, which "
+                                        "plain peft cannot rebuild; model/ is a stock float checkpoint with them folded in"}
+    if not changed_base:
+        return {"dir": str(adapter_dir.relative_to(state.work_dir)), "loads_onto": onto,
+                "bytes": sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())}
+    inner = model.get_base_model()
+    names = [b.names[part] for b in mlp_blocks(inner, state.arch) for part in ("up", "down")]
+    folder = state.pass_dir(pass_name) / PLAIN_PEFT_DIR
+    info = {"bytes": None}
+    if distributed.is_main_process():
+        info = save_plain_peft_adapter(model, folder, names)
+    distributed.barrier()
+    return {"dir": str(folder.relative_to(state.work_dir)), "loads_onto": onto, "bytes": info["bytes"],
+            "modules_to_save": len(names),
+            "why": "activation scales (and trained MLP biases) changed the MLP weights the adapter was trained on: "
+                   "those layers travel whole"}
 
 
 def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
