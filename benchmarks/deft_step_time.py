@@ -8,7 +8,7 @@ For each method, short training runs of the same recipe with `density_weight: 0`
 optimizer-step times (the loop times optimisation only: no evaluation, no loading); the ratio is the
 median of DEFT's run medians over the median of PEFT's. Short runs keep the density schedule's
 shape (the target ramps over the first half of the steps, as in a long run). Run it alone: it times.
-Writes `results/deft_step_time.{json,md}`.
+Writes `results/deft_step_time_<task>.{json,md}` (read by `deft_vs_peft.py --summarize`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-seq-length", type=int, default=64)
-    p.add_argument("--out", default=str(HERE / "results" / "deft_step_time"))
+    p.add_argument("--out", default=None, help="default: results/deft_step_time_<task> (.json and .md)")
     return p.parse_args(argv)
 
 
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     out = {"benchmark": "deft_step_time", "command": command, "task": args.task, "rounds": args.rounds,
            "steps": args.steps, "batch_size": args.batch_size, "results": results, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "python": platform.python_version()}
-    path = Path(args.out)
+    path = Path(args.out or HERE / "results" / f"deft_step_time_{args.task.split('/')[-1]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [f"# DEFT step time against PEFT ({args.task}, MiniLM, batch {args.batch_size})", "",

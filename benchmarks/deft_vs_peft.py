@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-length", type=int, default=64)
     p.add_argument("--eval-rows", type=int, default=None, help="first N dev rows (default: all 872)")
     p.add_argument("--deft", default="{}", help="JSON of deft options for the DEFT runs (default: the pass defaults)")
+    p.add_argument("--variant", default=None, help="label of a DEFT variant (--deft options): its rows and run names "
+                                                   "carry it; it is compared with the same PEFT runs")
+    p.add_argument("--skip-peft", action="store_true", help="run only DEFT (the PEFT rows of the same budget exist)")
     p.add_argument("--out", default=str(HERE / "results" / "deft_vs_peft"))
     p.add_argument("--smoke", action="store_true", help="2 steps, 64 train rows, 32 dev rows, one seed; nothing appended")
     p.add_argument("--summarize", action="store_true")
@@ -78,18 +81,26 @@ def run_one(method: str, seed: int, density: bool, args, deft_options: dict, out
         options["density_weight"] = 0.0
     task_tag = "" if args.task == "glue/sst2" else args.task.split("/")[-1] + "_"
     budget = "" if args.steps == 250 and args.train_rows == 8000 else (f"_st{args.steps}" if args.steps else f"_ep{args.epochs}")
-    name = f"{task_tag}{method}_{'deft' if density else 'peft'}_s{seed}{budget}{'_sel' if args.validation_fraction else ''}"
+    variant = f"_{args.variant}" if args.variant and density else ""
+    name = (f"{task_tag}{method}_{'deft' if density else 'peft'}{variant}_s{seed}{budget}"
+            f"{'_sel' if args.validation_fraction else ''}")
     recipe = Recipe.build(name=name, model="minilm", task=args.task, seed=seed, max_eval_samples=args.eval_rows,
                           max_seq_length=args.max_seq_length,
                           passes=[{"deft": options}, {"evaluate": {"density_mode": "paper"}}])
     start = time.perf_counter()
     report = run_recipe(recipe, output_dir=out_dir / name, quiet=True)
+    plain_check = None
+    if density and (report.steps[1].details.get("plain_peft") or {}).get("dir"):
+        plain_check = plain_peft_check(out_dir / name)
     masked, paper = report.steps[1], report.steps[2]
     details = masked.details
     return {
         "task": args.task, "metric": masked.task_metric, "score": masked.task_score,
         "f1": masked.metrics.get("f1"), "selection": details.get("chosen_step") is not None,
         "method": method, "seed": seed, "run": "deft" if density else "peft", "steps": details["steps"],
+        "variant": args.variant if density else None, "plain_peft": details.get("plain_peft"),
+        "plain_peft_check": plain_check,
+        "run_dir": str(out_dir / name),
         "eval_rows": masked.eval_examples,
         "accuracy": masked.metrics.get("accuracy", masked.task_score),
         "density_masked": masked.density["encoder"], "density_paper": paper.density["encoder"],
@@ -103,12 +114,68 @@ def run_one(method: str, seed: int, density: bool, args, deft_options: dict, out
     }
 
 
+def plain_peft_check(run_dir: Path) -> dict:
+    """Score the run's adapter loaded by plain peft, in a process that never imports deftcompress."""
+    import os
+    import subprocess
+
+    data = os.environ.get("DEFTCOMPRESS_DATA_DIR", str(HERE.parent.parent / "shared" / "data"))
+    proc = subprocess.run([sys.executable, str(HERE / "plain_peft_reload.py"), str(run_dir), "--data-dir", data],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_name(r: dict) -> str:
+    """The run folder's name (rows from before `run_dir` was recorded: rebuilt as `run_one` names it)."""
+    if r.get("run_dir"):
+        return Path(r["run_dir"]).name
+    o = r["options"]
+    task = r.get("task", "glue/sst2")
+    tag = "" if task == "glue/sst2" else task.split("/")[-1] + "_"
+    short = o.get("max_steps") == 250 and o.get("max_train_samples") == 8000
+    budget = "" if short else (f"_st{o['max_steps']}" if o.get("max_steps") else f"_ep{o.get('epochs', 1)}")
+    return f"{tag}{r['method']}_{r['run']}_s{r['seed']}{budget}{'_sel' if o.get('validation_fraction') else ''}"
+
+
+def _later_checks() -> dict[str, dict]:
+    """plain_peft_reload.py results logged after a run (runs made before the plain-peft form existed), by run name."""
+    path = HERE / "results" / "plain_peft_reload.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return {r["run"]: r for r in rows if r.get("adapter", "").endswith("adapter_plain_peft")}
+
+
+def _plain_cell(r: dict) -> str:
+    check, plain = r.get("plain_peft_check") or _later_checks().get(_run_name(r)), r.get("plain_peft") or {}
+    if check and "correct_plain_peft" in check:
+        return f"{check['correct_plain_peft']}/{check['correct_reported']} ({(check.get('bytes') or 0) / 1e6:.1f} MB)"
+    if check:
+        return "check failed: " + check.get("error", "")[:60]
+    if plain.get("why_not"):
+        return "n/a (" + plain["why_not"].split(";")[0].split(":")[0] + ")"
+    return "-"
+
+
+def _side_by_side(task: str, method: str) -> float | None:
+    """DEFT/PEFT step time ratio from benchmarks/deft_step_time.py (runs alternating in one process), if measured."""
+    path = HERE / "results" / f"deft_step_time_{task.split('/')[-1]}.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return next((r["ratio"] for r in data["results"] if r["method"] == method), None)
+
+
 def _score(r: dict) -> float:
     return r.get("score", r["accuracy"])  # the task's headline metric (older rows: SST-2 accuracy)
 
 
 def _key(r: dict) -> tuple:
     return (r.get("task", "glue/sst2"), r["method"], r["seed"], r["steps"])
+
+
+def _label(r: dict) -> str:
+    return r["run"] + (f" ({r['variant']})" if r.get("variant") else "")
 
 
 def summarize(rows: list[dict]) -> str:
@@ -121,9 +188,13 @@ def summarize(rows: list[dict]) -> str:
              "all dev rows; masked = real tokens only, paper = padding to max_seq_length counted. Score = the task's "
              "metric (SST-2 accuracy, MRPC F1); d = against the PEFT run (density_weight 0) of the same task, method and seed. "
              "selection: weights chosen on held-out training rows (never on dev).", "",
+             "plain peft = correct dev rows with the adapter loaded by plain peft onto the original checkpoint (no "
+             "deftcompress import, `plain_peft_reload.py`) / correct rows in the report, and that adapter's size. "
+             "s/step and the per-row time ratio come from each run's own training, runs made one after another "
+             "on a shared machine: indicative only; the means table uses the side-by-side measurement.", "",
              "| task | method | seed | run | steps | score | accuracy | d score (pts) | density masked | density paper | \\|a\\|>tau "
-             "| rel. cut (masked) | s/step (median) | time ratio | selection |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| rel. cut (masked) | s/step (median) | time ratio | selection | plain peft |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = peft.get(_key(r))
         if base and r["run"] == "deft":
@@ -132,30 +203,38 @@ def summarize(rows: list[dict]) -> str:
             ratio = f"{r['median_seconds_per_step'] / base['median_seconds_per_step']:.2f}"
         else:
             dacc, cut, ratio = "-", "-", "1.00" if r["run"] == "peft" else "-"
-        lines.append(f"| {r.get('task', 'glue/sst2')} | {r['method']} | {r['seed']} | {r['run']} | {r['steps']} | "
+        lines.append(f"| {r.get('task', 'glue/sst2')} | {r['method']} | {r['seed']} | {_label(r)} | {r['steps']} | "
                      f"{_score(r):.4f} | {r['accuracy']:.4f} | {dacc} | "
                      f"{r['density_masked']:.4f} | {r['density_paper']:.4f} | {r['above_tau_masked']:.4f} | {cut} | "
-                     f"{r['median_seconds_per_step']:.3f} | {ratio} | {'yes' if r.get('selection') else 'no'} |")
+                     f"{r['median_seconds_per_step']:.3f} | {ratio} | {'yes' if r.get('selection') else 'no'} | "
+                     f"{_plain_cell(r) if r['run'] == 'deft' else '-'} |")
     lines += ["", "## Means over seeds, against the targets (>= 60% masked density cut at <= 1.0 point loss of the "
-              "task metric; step time <= 1.10x PEFT)", "",
+              "task metric, QLoRA: >= 50% at <= 1.5 points; step time <= 1.10x PEFT, measured side by side by "
+              "`deft_step_time.py` where it was run)", "",
               "| task | method | run | seeds | score | d score (pts) | density masked | rel. cut | time ratio | targets |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r.get("task", "glue/sst2"), r["method"], r["run"], r["steps"]), []).append(r)
+        groups.setdefault((r.get("task", "glue/sst2"), r["method"], _label(r), r["steps"]), []).append(r)
     for (task, method, run, steps), rs in groups.items():
         acc = statistics.mean(_score(r) for r in rs)
         dens = statistics.mean(r["density_masked"] for r in rs)
         bases = [peft[_key(r)] for r in rs if _key(r) in peft]
         verdict, dacc = "-", "-"
-        if run == "deft" and bases:
+        if run.startswith("deft") and bases:
             cut_value = 1 - dens / statistics.mean(b["density_masked"] for b in bases)
             dacc_value = 100 * (acc - statistics.mean(_score(b) for b in bases))
-            ratio_value = (statistics.mean(r["median_seconds_per_step"] for r in rs)
-                           / statistics.mean(b["median_seconds_per_step"] for b in bases))
-            cut, dacc, ratio = f"{100 * cut_value:.1f}%", f"{dacc_value:+.2f}", f"{ratio_value:.2f}"
-            misses = [m for m, ok in (("cut < 60%", cut_value >= 0.60), ("score loss > 1 pt", dacc_value >= -1.0),
+            side = _side_by_side(task, method) if run == "deft" else None
+            ratio_value = side if side is not None else (statistics.mean(r["median_seconds_per_step"] for r in rs)
+                                                         / statistics.mean(b["median_seconds_per_step"] for b in bases))
+            cut, dacc = f"{100 * cut_value:.1f}%", f"{dacc_value:+.2f}"
+            ratio = f"{ratio_value:.2f}" + (" (side by side)" if side is not None else " (separate runs)")
+            cut_bound, loss_bound = (0.50, 1.5) if method == "qlora" else (0.60, 1.0)  # the issue's QLoRA target
+            misses = [m for m, ok in ((f"cut < {cut_bound:.0%}", cut_value >= cut_bound),
+                                      (f"score loss > {loss_bound} pt", dacc_value >= -loss_bound),
                                       ("step time > 1.10x", ratio_value <= 1.10)) if not ok]
+            if len(rs) < 2:
+                misses.append("fewer than 2 seeds")
             verdict = "met" if not misses else "missed: " + ", ".join(misses)
         else:
             cut, ratio = "-", "-"
@@ -184,7 +263,7 @@ def main(argv=None) -> None:
     rows = []
     for method in args.methods.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            for density in (False, True):  # back to back, so the step-time ratio sees the same machine load
+            for density in (True,) if args.skip_peft else (False, True):
                 row = run_one(method, seed, density, args, deft_options, out_dir)
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("method", "seed", "run", "accuracy", "density_masked",
