@@ -19,6 +19,8 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,6 +38,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-seq-length", type=int, default=64)
+    p.add_argument("--breakdown", action="store_true",
+                   help="instead: forward+backward of one fixed LoRA batch (no optimizer), PEFT vs + activation scales vs "
+                        "+ scales and density term, alternating, to see where DEFT's extra time goes")
+    p.add_argument("--tokens", type=int, default=40, help="--breakdown: sequence length of the fixed batch")
     p.add_argument("--out", default=None, help="default: results/deft_step_time_<task> (.json and .md)")
     return p.parse_args(argv)
 
@@ -53,10 +59,69 @@ def time_run(method: str, density: bool, args, work: Path, index: int) -> float:
     return report.steps[-1].details["median_seconds_per_step"]
 
 
+def breakdown(args) -> dict:
+    """Median forward+backward seconds of one fixed batch: PEFT, + activation scales' hooks, + the density term."""
+    import torch
+
+    from deftcompress.architecture import mlp_blocks
+    from deftcompress.core.model_refs import resolve_model_ref
+    from deftcompress.data.tasks import get_task
+    from deftcompress.models.loading import load_model_and_tokenizer
+    from deftcompress.peft_methods.wrapping import wrap_model
+    from deftcompress.training.activation_scale import ActivationScales
+    from deftcompress.training.density_loss import DensityLoss
+    from deftcompress.training.options import DensityOptions, PeftSettings
+
+    task = get_task(args.task)
+    model, _, arch = load_model_and_tokenizer(resolve_model_ref("minilm"), task)
+    model = wrap_model(model, arch, task, PeftSettings(method="lora", r=8)).model.train()
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 20000, (args.batch_size, args.tokens))
+    mask, labels = torch.ones_like(ids), torch.randint(0, 2, (args.batch_size,))
+    blocks = mlp_blocks(model, arch)
+    scales = ActivationScales(blocks)
+    model.add_module("deftcompress_activation_scales", scales)
+    density = DensityLoss(blocks, DensityOptions(density_ramp_ratio=0.0).density_loss_settings("masked"))
+    density.scale_only = scales.scale_of
+    times: dict[str, list[float]] = {"peft": [], "+ scales": [], "+ scales + density term": []}
+    for _ in range(2 + args.rounds * 2):  # the first two rounds warm up
+        for kind in times:
+            if kind != "peft":
+                scales.attach()
+            with density if kind.endswith("term") else nullcontext():
+                density.begin_step({"encoder": mask}, 1, 10)
+                start = time.perf_counter()
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                if kind.endswith("term"):
+                    loss = loss + density.end_step()[0]
+                loss.backward()
+                times[kind].append(time.perf_counter() - start)
+            density._active = False
+            model.zero_grad(set_to_none=True)
+            scales.detach_hooks()
+    medians = {k: statistics.median(v[2:]) for k, v in times.items()}
+    return {"batch": [args.batch_size, args.tokens], "seconds": {k: v[2:] for k, v in times.items()},
+            "median": medians, "ratio": {k: v / medians["peft"] for k, v in medians.items()}}
+
+
 def main(argv=None) -> None:
     import torch
 
     args = parse_args(argv)
+    if args.breakdown:
+        result = breakdown(args)
+        command = "DEFTCOMPRESS_DATA_DIR=../shared/data python benchmarks/deft_step_time.py " + " ".join(sys.argv[1:])
+        path = HERE / "results" / "deft_step_breakdown"
+        path.with_suffix(".json").write_text(json.dumps({"command": command, **result,
+                                                        "threads": torch.get_num_threads()}, indent=2) + "\n")
+        lines = [f"# Where DEFT's step time goes (MiniLM + LoRA r=8, one batch of {args.batch_size} x {args.tokens} tokens, "
+                 "forward + backward, no optimizer)", "", f"Produced by `{command}`; medians of {args.rounds * 2} "
+                 "alternating repetitions after warm-up.", "", "| configuration | s (median) | ratio to PEFT |",
+                 "|---|---|---|"]
+        lines += [f"| {k} | {v:.4f} | {result['ratio'][k]:.3f} |" for k, v in result["median"].items()]
+        path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     results = []
     with tempfile.TemporaryDirectory(prefix="deft_step_time_") as tmp:
         for method in args.methods.split(","):

@@ -76,28 +76,30 @@ class _ScaleOnlySigmoidCount(torch.autograd.Function):
     """masked mean of sigmoid((z - theta) / T) over features and counted positions, gradient to the scales only.
 
     z = s * u is the scaled pre-activation, so dz/ds = z / s. The same value as the `preact` term on
-    `ActivationScales.scale_only_gradient(z)`, fused: autograd kept the sigmoid output and walked about
-    ten full-size tensors per layer and step; this keeps only z (alive anyway for the activation's
-    backward) and recomputes the sigmoid in the backward (the step-time bill of issue 13).
+    z.detach() * (s / s.detach()), fused: autograd walked about ten full-size tensors per layer and
+    step; this makes three passes forward and three backward (the step-time bill of issue 13).
     """
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, scale: torch.Tensor, weights: torch.Tensor, threshold: float,
                 temperature: float) -> torch.Tensor:
         # weights [batch, positions]: each counted position's share of the mean (sums to 1)
-        per_position = torch.sigmoid(z.float().sub(threshold).div_(temperature)).mean(-1)
-        ctx.save_for_backward(z, scale, weights)
-        ctx.threshold, ctx.temperature = threshold, temperature
-        return (per_position * weights).sum()
+        sig = z.float().sub(threshold)
+        if temperature != 1.0:
+            sig.div_(temperature)
+        sig.sigmoid_()
+        ctx.save_for_backward(z, sig, scale, weights)
+        ctx.temperature = temperature
+        return torch.einsum("bpf,bp->", sig, weights.to(sig.dtype)) / z.shape[-1]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        z, scale, weights = ctx.saved_tensors
-        sig = torch.sigmoid(z.float().sub(ctx.threshold).div_(ctx.temperature))
-        slope = sig.sub_(sig * sig).mul_(z)  # sigmoid' * z, per element
+        z, sig, scale, weights = ctx.saved_tensors
+        # sigmoid' * z per element, in place: a fresh 4-byte-per-activation tensor costs more in page faults
+        # on the CPU than the arithmetic
+        slope = sig.addcmul_(sig, sig, value=-1.0).mul_(z)
         per_neuron = torch.einsum("bpf,bp->f", slope, weights.to(slope.dtype))
-        width = z.shape[-1]
-        grad_scale = per_neuron.div_(scale.float() * (ctx.temperature * width)).mul_(grad)
+        grad_scale = per_neuron.div_(scale.float() * (ctx.temperature * z.shape[-1])).mul_(grad)
         return None, grad_scale.to(scale.dtype), None, None, None
 
 
