@@ -1,0 +1,424 @@
+"""Sparse MLP execution in plain PyTorch: activation zeros turned into skipped work on an ordinary CPU.
+
+Per MLP block (found through the architecture table):
+
+- the down-projection multiplies only the nonzero activations: per token, an `embedding_bag` over the
+  rows of the transposed weight (`W_down^T`, rows contiguous) weighted by the activation values
+  (work grows with the nonzeros), or, for a batch, one matmul over the union of active neurons;
+- in gated MLPs (`down(act(up(x)) * gate(x))`, Llama's `gate_proj`/`up_proj`), the multiplied
+  projection computes only the rows of neurons the activation left nonzero somewhere in the batch.
+
+Each call measures the batch's density and picks dense, per-token or union from a cost model of this
+layer's shape calibrated once on the machine (`SparseCalibration`, cached under
+`~/.cache/deftcompress/`): sparse only where it was measured faster, by a margin, so it is never
+slower than dense at any density. Outputs equal the dense ones up to float summation order.
+
+    with SparseMLPRuntime(model, arch) as runtime:   # swaps the projections, restores them on exit
+        model(**batch)
+    runtime.layer_report()                           # per layer: density, paths taken, dense vs sparse ms
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deftcompress.architecture import ArchSpec, MLPBlock, mlp_blocks
+from deftcompress.errors import DeftcompressError
+
+PATHS = ("dense", "per_token", "union")
+TOKEN_BUCKETS = (1, 8, 64, 512)  # tokens per call at which the cost model is measured (log-interpolated between)
+DENSITIES = (0.5, 0.2, 0.1, 0.05, 0.02)
+MARGIN = 0.9  # take a sparse path only where its predicted time is below 90% of dense
+
+
+# ---- cost model ---------------------------------------------------------------------------------
+
+@dataclass
+class LayerCosts:
+    """Seconds per call of one projection shape at one token count: dense, and linear fits in density."""
+
+    dense: float
+    per_token: tuple[float, float] | None  # (a, b): a + b * per-token density
+    union: tuple[float, float] | None  # (c, e): c + e * union density
+
+    def predict(self, path: str, per_token: float, union: float) -> float:
+        if path == "dense":
+            return self.dense
+        fit = self.per_token if path == "per_token" else self.union
+        if fit is None:
+            return math.inf
+        return fit[0] + fit[1] * (per_token if path == "per_token" else union)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares line y = a + b x."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs) or 1e-12
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
+    return my - b * mx, b
+
+
+def _random_activations(tokens: int, width: int, density: float, generator: torch.Generator) -> torch.Tensor:
+    h = torch.randn(tokens, width, generator=generator)
+    return h * (torch.rand(tokens, width, generator=generator) < density)
+
+
+def measure_costs(d_in: int, d_out: int, tokens: int, gated: bool, repeats: int = 15) -> LayerCosts:
+    """Time one projection shape at `tokens` tokens: `gated` is the multiplied projection (rows of active
+    neurons, input x), else the down-projection (input: the activations)."""
+    g = torch.Generator().manual_seed(0)
+    if gated:  # x [tokens, d_in] -> [tokens, d_out]; rows of W kept for the active neurons
+        weight = torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)
+        x = torch.randn(tokens, d_in, generator=g)
+        dense = _median_seconds(lambda: F.linear(x, weight), repeats)
+        us, ts = [], []
+        for density in DENSITIES:
+            active = _random_activations(tokens, d_out, density, g) != 0
+            union = float(active.any(0).float().mean())
+            us.append(union)
+            ts.append(_median_seconds(lambda: _gated_union(x, weight, None, active), repeats))
+        return LayerCosts(dense, None, _fit(us, ts))
+    weight = torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)  # down: [d_model, d_ff]
+    weight_t = weight.t().contiguous()
+    per, pts, us, uts = [], [], [], []
+    dense = None
+    for density in DENSITIES:
+        h = _random_activations(tokens, d_in, density, g)
+        if dense is None:
+            dense = _median_seconds(lambda: F.linear(h, weight), repeats)
+        per.append(float((h != 0).float().mean()))
+        pts.append(_median_seconds(lambda: _down_per_token(h, weight_t, None, h != 0), repeats))
+        us.append(float((h != 0).any(0).float().mean()))
+        uts.append(_median_seconds(lambda: _down_union(h, weight_t, None, h != 0), repeats))
+    return LayerCosts(dense, _fit(per, pts), _fit(us, uts))
+
+
+class SparseCalibration:
+    """Cost models per (projection shape, token bucket), measured once per machine and cached on disk."""
+
+    def __init__(self, path: str | os.PathLike | None = None, repeats: int = 15, progress=None):
+        default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deftcompress" / "sparse_mlp.json"
+        self.path = Path(path) if path else default
+        self.repeats = repeats
+        self.progress = progress
+        self.key = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} {_cpu_name()}"
+        self._costs: dict[str, LayerCosts] = {}
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        for name, c in (data.get(self.key) or {}).items():
+            self._costs[name] = LayerCosts(c["dense"], tuple(c["per_token"]) if c["per_token"] else None,
+                                           tuple(c["union"]) if c["union"] else None)
+
+    def _save(self) -> None:
+        try:
+            data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except ValueError:
+            data = {}
+        data[self.key] = {k: {"dense": v.dense, "per_token": v.per_token, "union": v.union} for k, v in self._costs.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(self.path)
+
+    def costs(self, d_in: int, d_out: int, tokens: int, gated: bool) -> LayerCosts:
+        """The cost model at `tokens`, interpolated (in log tokens) between the two nearest measured buckets."""
+        low = max([b for b in TOKEN_BUCKETS if b <= tokens], default=TOKEN_BUCKETS[0])
+        high = min([b for b in TOKEN_BUCKETS if b >= tokens], default=TOKEN_BUCKETS[-1])
+        a, b = self._bucket(d_in, d_out, low, gated), self._bucket(d_in, d_out, high, gated)
+        if low == high:
+            return a
+        w = (math.log(tokens) - math.log(low)) / (math.log(high) - math.log(low))
+        mix = lambda x, y: None if x is None or y is None else tuple((1 - w) * p + w * q for p, q in zip(x, y))  # noqa: E731
+        return LayerCosts((1 - w) * a.dense + w * b.dense, mix(a.per_token, b.per_token), mix(a.union, b.union))
+
+    def _bucket(self, d_in: int, d_out: int, tokens: int, gated: bool) -> LayerCosts:
+        name = f"{'gate' if gated else 'down'} {d_in}x{d_out} @{tokens}"
+        if name not in self._costs:
+            if self.progress:
+                self.progress(f"calibrating sparse MLP: {name}")
+            self._costs[name] = measure_costs(d_in, d_out, tokens, gated, self.repeats)
+            self._save()
+        return self._costs[name]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+class FixedChoice:
+    """A stand-in calibration that always picks one path (tests, and the dense reference of a benchmark)."""
+
+    def __init__(self, path: str):
+        if path not in PATHS:
+            raise DeftcompressError(f"sparse MLP path {path!r} is unknown (known: {', '.join(PATHS)})")
+        self.path = path
+
+    def costs(self, d_in, d_out, tokens, gated) -> LayerCosts:
+        if gated:  # the multiplied projection has only the union path
+            return LayerCosts(0.0 if self.path == "dense" else 1.0, None, None if self.path == "dense" else (0.0, 0.0))
+        fits = {p: (0.0, 0.0) if p == self.path else None for p in ("per_token", "union")}
+        return LayerCosts(0.0 if self.path == "dense" else 1.0, fits["per_token"], fits["union"])
+
+
+# ---- the paths ----------------------------------------------------------------------------------
+
+def _down_per_token(h: torch.Tensor, weight_t: torch.Tensor, bias, nonzero: torch.Tensor) -> torch.Tensor:
+    """sum over each token's nonzero activations of value * row of W^T: `embedding_bag` reads only those rows."""
+    rows, cols = nonzero.nonzero(as_tuple=True)  # row-major: grouped by token
+    counts = nonzero.sum(1)
+    offsets = torch.zeros_like(counts)
+    offsets[1:] = counts.cumsum(0)[:-1]
+    out = F.embedding_bag(cols, weight_t, offsets, mode="sum", per_sample_weights=h[rows, cols])
+    return out + bias if bias is not None else out
+
+
+def _down_union(h: torch.Tensor, weight_t: torch.Tensor, bias, nonzero: torch.Tensor) -> torch.Tensor:
+    """One matmul over the neurons active in any token of the batch (contiguous rows of W^T)."""
+    cols = nonzero.any(0).nonzero().squeeze(1)
+    out = h.index_select(1, cols) @ weight_t.index_select(0, cols)
+    return out + bias if bias is not None else out
+
+
+def _gated_union(x: torch.Tensor, weight: torch.Tensor, bias, active: torch.Tensor) -> torch.Tensor:
+    """The multiplied projection only for neurons the activation left nonzero in some token; zeros elsewhere."""
+    cols = active.any(0).nonzero().squeeze(1)
+    part = x @ weight.index_select(0, cols).t()
+    if bias is not None:
+        part = part + bias.index_select(0, cols)
+    out = x.new_zeros(x.shape[0], weight.shape[0])
+    out.index_copy_(1, cols, part)
+    return out
+
+
+# ---- the swapped modules -----------------------------------------------------------------------
+
+@dataclass
+class LayerStats:
+    label: str
+    role: str  # down | gate
+    calls: int = 0
+    tokens: int = 0
+    nonzero: int = 0  # activations (down) or active neuron-token pairs seen
+    union_sum: float = 0.0
+    paths: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PATHS})
+    timed_dense: list[float] = field(default_factory=list)
+    timed_chosen: list[float] = field(default_factory=list)
+
+    def record(self, tokens: int, width: int, nonzero: int, union: float, path: str) -> None:
+        self.calls += 1
+        self.tokens += tokens
+        self.nonzero += nonzero
+        self.union_sum += union
+        self.paths[path] += 1
+        self._width = width
+
+    def to_dict(self) -> dict[str, Any]:
+        width = getattr(self, "_width", 1)
+        out = {"layer": self.label, "role": self.role, "calls": self.calls,
+               "density": round(self.nonzero / max(self.tokens * width, 1), 4),
+               "union_density": round(self.union_sum / max(self.calls, 1), 4), "paths": dict(self.paths)}
+        if self.timed_dense:
+            out.update(dense_ms=round(1000 * statistics.median(self.timed_dense), 4),
+                       runtime_ms=round(1000 * statistics.median(self.timed_chosen), 4),
+                       timed_calls=len(self.timed_dense))
+        return out
+
+
+class _Timer:
+    """Times the dense path and the chosen one on the same input for the first `budget` calls of a layer."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def wants(self, stats: LayerStats) -> bool:
+        return len(stats.timed_dense) < self.budget
+
+    @staticmethod
+    def seconds(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+
+class _Swapped(nn.Module):
+    """Shows the replaced Linear's weight and bias (family forwards read e.g. `wo.weight.dtype`)."""
+
+    linear: nn.Linear
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+
+class SparseDown(_Swapped):
+    """In place of a down-projection `nn.Linear`: dense, per-token or union, per call (see the module docstring)."""
+
+    def __init__(self, linear: nn.Linear, calibration, stats: LayerStats, timer: _Timer | None):
+        super().__init__()
+        self.linear = linear
+        self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)
+        self.calibration, self.stats, self.timer = calibration, stats, timer
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.requires_grad or h.dtype != self.weight_t.dtype:
+            return self.linear(h)
+        shape = h.shape
+        flat = h.reshape(-1, shape[-1])
+        nonzero = flat != 0
+        count = int(nonzero.sum())
+        union = float(nonzero.any(0).sum()) / shape[-1]
+        tokens = flat.shape[0]
+        costs = self.calibration.costs(shape[-1], self.weight_t.shape[1], tokens, gated=False)
+        per_token = count / max(flat.numel(), 1)
+        path = _choose(costs, per_token, union)
+        run = {"dense": lambda: self.linear(flat),
+               "per_token": lambda: _down_per_token(flat, self.weight_t, self.linear.bias, nonzero),
+               "union": lambda: _down_union(flat, self.weight_t, self.linear.bias, nonzero)}[path]
+        if self.timer is not None and self.timer.wants(self.stats):
+            self.stats.timed_dense.append(_Timer.seconds(lambda: self.linear(flat)))
+            self.stats.timed_chosen.append(_Timer.seconds(run))
+        out = run()
+        self.stats.record(tokens, shape[-1], count, union, path)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+
+class SparseGate(_Swapped):
+    """In place of a gated MLP's multiplied projection: rows only for neurons the activation left nonzero.
+
+    The activation runs first in the families' forwards (Llama: `down(act(gate_proj(x)) * up_proj(x))`
+    evaluates the activation before `up_proj`; T5 gated likewise); a hook on the activation hands its
+    nonzero pattern over. Without a fresh pattern of the same shape the projection runs dense.
+    """
+
+    def __init__(self, linear: nn.Linear, calibration, stats: LayerStats, timer: _Timer | None):
+        super().__init__()
+        self.linear = linear
+        self.calibration, self.stats, self.timer = calibration, stats, timer
+        self.active: torch.Tensor | None = None
+
+    def take_pattern(self, act_output: torch.Tensor) -> None:
+        self.active = act_output.reshape(-1, act_output.shape[-1]) != 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        active, self.active = self.active, None
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if x.requires_grad or active is None or active.shape != (flat.shape[0], self.linear.out_features) \
+                or x.dtype != self.linear.weight.dtype:
+            return self.linear(x)
+        union = float(active.any(0).sum()) / active.shape[1]
+        costs = self.calibration.costs(shape[-1], self.linear.out_features, flat.shape[0], gated=True)
+        path = _choose(costs, 0.0, union)
+        path = "dense" if path == "per_token" else path
+        run = (lambda: self.linear(flat)) if path == "dense" else \
+            (lambda: _gated_union(flat, self.linear.weight, self.linear.bias, active))
+        if self.timer is not None and self.timer.wants(self.stats):
+            self.stats.timed_dense.append(_Timer.seconds(lambda: self.linear(flat)))
+            self.stats.timed_chosen.append(_Timer.seconds(run))
+        out = run()
+        self.stats.record(flat.shape[0], active.shape[1], int(active.sum()), union, path)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+
+def _choose(costs: LayerCosts, per_token: float, union: float) -> str:
+    dense = costs.predict("dense", per_token, union)
+    best, best_time = "dense", dense
+    for path in ("per_token", "union"):
+        t = costs.predict(path, per_token, union)
+        if t < MARGIN * dense and t < best_time:
+            best, best_time = path, t
+    return best
+
+
+# ---- the runtime --------------------------------------------------------------------------------
+
+class SparseMLPRuntime:
+    """Swap every MLP's down-projection (and gated MLPs' multiplied projection) for the sparse modules.
+
+    `calibration`: a `SparseCalibration` (default: the machine's cache) or `FixedChoice(path)`;
+    `timed_calls`: per layer, time dense and the chosen path on the first N calls (for the report).
+    """
+
+    def __init__(self, model: nn.Module, arch: ArchSpec | None = None, calibration=None, timed_calls: int = 0):
+        self.model = model
+        self.blocks = mlp_blocks(model, arch)
+        self.calibration = calibration if calibration is not None else SparseCalibration()
+        self.timer = _Timer(timed_calls) if timed_calls else None
+        self.stats: list[LayerStats] = []
+        self._restore: list[tuple[nn.Module, str, nn.Module]] = []
+        self._hooks: list = []
+
+    def __enter__(self) -> "SparseMLPRuntime":
+        for block in self.blocks:
+            self._swap(block, "down", SparseDown)
+            if block.gate is not None:
+                gate = self._swap(block, "gate", SparseGate)
+                if gate is not None:
+                    self._hooks.append(block.act.register_forward_hook(
+                        lambda module, inputs, output, gate=gate: gate.take_pattern(output)))
+        return self
+
+    def _swap(self, block: MLPBlock, role: str, cls):
+        linear = getattr(block, role)
+        if type(linear) is not nn.Linear:  # quantized or adapter-wrapped layers keep their own forward
+            return None
+        stats = LayerStats(block.label, role)
+        self.stats.append(stats)
+        module = cls(linear, self.calibration, stats, self.timer)
+        parent_name, _, child = block.names[role].rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child, module)
+        self._restore.append((parent, child, linear))
+        return module
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        for parent, child, linear in reversed(self._restore):
+            setattr(parent, child, linear)
+        self._hooks.clear()
+        self._restore.clear()
+
+    @property
+    def swapped(self) -> int:
+        return len(self.stats)
+
+    def layer_report(self) -> list[dict[str, Any]]:
+        return [s.to_dict() for s in self.stats]

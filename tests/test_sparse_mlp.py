@@ -1,0 +1,82 @@
+"""Sparse MLP execution: the same outputs as dense on every family and path, dense where sparse would not pay."""
+
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from deftcompress.architecture import mlp_blocks
+from deftcompress.runtime.sparse_mlp import (FixedChoice, LayerCosts, SparseCalibration, SparseMLPRuntime, _choose)
+
+
+def _inputs(n=3, length=9):
+    torch.manual_seed(1)
+    return {"input_ids": torch.randint(5, 1000, (n, length)), "attention_mask": torch.ones(n, length, dtype=torch.long)}
+
+
+def _outputs(model, family, inputs):
+    with torch.no_grad():
+        if family.startswith("t5"):
+            out = model(**inputs, decoder_input_ids=inputs["input_ids"][:, :4], output_hidden_states=True)
+            return torch.cat([out.encoder_last_hidden_state.flatten(), out.decoder_hidden_states[-1].flatten()])
+        return model(**inputs, output_hidden_states=True).hidden_states[-1]
+
+
+@pytest.mark.parametrize("family", ["bert", "t5_relu", "t5_gated", "llama"])
+@pytest.mark.parametrize("path", ["per_token", "union"])
+def test_sparse_paths_compute_what_dense_computes(family, path):
+    model, _ = build_tiny_model(family)
+    model.eval()
+    inputs = _inputs()
+    dense = _outputs(model, family, inputs)
+    with SparseMLPRuntime(model, calibration=FixedChoice(path)) as runtime:
+        sparse = _outputs(model, family, inputs)
+    assert (sparse - dense).abs().max() <= 1e-5
+    report = runtime.layer_report()
+    downs = [r for r in report if r["role"] == "down"]
+    assert len(downs) == len(mlp_blocks(model)) and all(r["paths"][path] == r["calls"] > 0 for r in downs)
+    gates = [r for r in report if r["role"] == "gate"]
+    assert len(gates) == (len(downs) if family in ("t5_gated", "llama") else 0)
+    assert all(r["paths"]["union"] == r["calls"] > 0 for r in gates)  # the multiplied projection skipped rows
+    # everything is back in place
+    assert all(type(b.down) is torch.nn.Linear for b in mlp_blocks(model))
+
+
+def test_zero_activations_skip_work_and_whole_zero_tokens_give_the_bias():
+    """A ReLU block where some tokens have no active neuron at all: the empty bags give exactly the bias."""
+    from deftcompress.runtime.sparse_mlp import _down_per_token, _down_union
+
+    torch.manual_seed(0)
+    h = torch.relu(torch.randn(6, 32) - 1.0)
+    h[2] = 0.0
+    linear = torch.nn.Linear(32, 8)
+    weight_t = linear.weight.detach().t().contiguous()
+    with torch.no_grad():
+        expected = linear(h)
+        for fn in (_down_per_token, _down_union):
+            got = fn(h, weight_t, linear.bias, h != 0)
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+            torch.testing.assert_close(got[2], linear.bias.detach())
+
+
+def test_the_choice_is_dense_where_sparse_is_not_clearly_faster():
+    costs = LayerCosts(dense=1.0, per_token=(0.1, 5.0), union=(0.2, 1.0))  # per-token: 0.1 + 5 d, union: 0.2 + u
+    assert _choose(costs, per_token=0.02, union=0.9) == "per_token"  # 0.2 against 1.0
+    assert _choose(costs, per_token=0.5, union=0.5) == "union"  # 0.7 against 2.6 and 1.0
+    assert _choose(costs, per_token=0.5, union=0.75) == "dense"  # 0.95 is within the 10% margin of dense
+    assert _choose(costs, per_token=0.3, union=1.0) == "dense"
+
+
+def test_calibration_is_measured_once_and_cached(tmp_path, monkeypatch):
+    from deftcompress.runtime import sparse_mlp
+
+    calls = []
+    real = sparse_mlp.measure_costs
+    monkeypatch.setattr(sparse_mlp, "measure_costs", lambda *a, **k: calls.append(a) or real(*a, **k))
+    path = tmp_path / "cache.json"
+    first = SparseCalibration(path, repeats=2)
+    costs = first.costs(64, 16, tokens=5, gated=False)  # between the 1- and 8-token buckets
+    assert len(calls) == 2 and path.is_file()
+    assert costs.dense > 0 and costs.per_token is not None and costs.union is not None
+    again = SparseCalibration(path, repeats=2).costs(64, 16, tokens=5, gated=False)
+    assert len(calls) == 2  # read from the cache
+    assert again.dense == pytest.approx(costs.dense)
