@@ -21,9 +21,13 @@ class EvaluateConfig(PassConfig):
     density_mode: Literal["masked", "paper"] | None = option(None, "override the recipe's density_mode for this measurement")
     density_tau: float | None = option(None, "override the recipe's density_tau")
     eval_batch_size: int | None = option(None, "override the recipe's eval_batch_size")
-    runtime: Literal["torch", "onnxruntime"] = option(
+    runtime: Literal["torch", "onnxruntime", "sparse"] = option(
         "torch", "torch: the PyTorch model; onnxruntime: the graph an onnx_export pass wrote (as deployed; masked "
-                 "density needs density_outputs: true on the export)")
+                 "density needs density_outputs: true on the export); sparse: the PyTorch model with sparse MLP "
+                 "execution (down-projection over nonzero activations only, chosen per layer and call against a "
+                 "crossover calibrated once on this machine; deftcompress.runtime.sparse_mlp)")
+    sparse_timed_calls: int = option(8, "runtime sparse: per layer, this many calls are also run dense, so the report "
+                                        "shows each layer's dense and sparse MLP time")
     threads: int = option(0, "onnxruntime: intra-op threads (0: onnxruntime decides)")
     optimization: Literal["disable", "basic", "extended", "all"] = option("all", "onnxruntime: graph optimisation level")
 
@@ -34,6 +38,8 @@ class EvaluateConfig(PassConfig):
             return "density_tau must be >= 0"
         if not 0 <= self.threads <= 1024:
             return "threads must be in [0, 1024]"
+        if not 0 <= self.sparse_timed_calls <= 10_000:
+            return "sparse_timed_calls must be in [0, 10000]"
         return None
 
 
@@ -55,12 +61,13 @@ class Evaluate(Pass):
         c = self.config
         changes = {k: v for k, v in (("density_mode", c.density_mode), ("density_tau", c.density_tau),
                                       ("batch_size", c.eval_batch_size)) if v is not None}
-        changes.update(runtime=c.runtime, ort_threads=c.threads, ort_optimization=c.optimization)
+        changes.update(runtime=c.runtime, ort_threads=c.threads, ort_optimization=c.optimization,
+                       sparse_timed_calls=c.sparse_timed_calls)
         return dataclasses.replace(base, **changes)
 
     @classmethod
     def label(cls, config) -> str:
-        return "eval" + ("(ort)" if config.runtime == "onnxruntime" else "")
+        return "eval" + {"onnxruntime": "(ort)", "sparse": "(sparse)"}.get(config.runtime, "")
 
     def run(self, state) -> dict:
         return {}

@@ -80,3 +80,23 @@ def test_calibration_is_measured_once_and_cached(tmp_path, monkeypatch):
     again = SparseCalibration(path, repeats=2).costs(64, 16, tokens=5, gated=False)
     assert len(calls) == 2  # read from the cache
     assert again.dense == pytest.approx(costs.dense)
+
+
+def test_evaluate_with_the_sparse_runtime_scores_as_dense_and_reports_each_layer(tiny_checkpoint, tiny_data, tmp_path,
+                                                                               monkeypatch):
+    from deftcompress import Recipe, run_recipe
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a fresh calibration, kept out of the user's cache
+    recipe = Recipe.build(name="sparse", model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data), max_eval_samples=16,
+                          eval_batch_size=1, latency_repeats=1,
+                          passes=[{"evaluate": {}}, {"evaluate": {"runtime": "sparse", "sparse_timed_calls": 2}}])
+    report = run_recipe(recipe, output_dir=tmp_path / "run", quiet=True)
+    dense, sparse = report.steps[1], report.steps[2]
+    assert sparse.task_score == dense.task_score
+    assert sparse.density["encoder"] == pytest.approx(dense.density["encoder"], abs=1e-9)
+    layers = sparse.details["sparse_mlp"]["layers"]
+    assert [r["layer"] for r in layers] == ["encoder.0", "encoder.1"]
+    assert all(r["calls"] == 16 and sum(r["paths"].values()) == 16 and r["timed_calls"] == 2 for r in layers)
+    assert (tmp_path / "cache" / "deftcompress" / "sparse_mlp.json").is_file()
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "Sparse MLP execution in step 2" in text and "dense / per-token / union calls" in text

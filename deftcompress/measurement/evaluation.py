@@ -35,9 +35,10 @@ class EvalSettings:
     max_seq_length: int = 128
     max_target_length: int = 32
     measure_density: bool = True
-    runtime: str = "torch"  # torch | onnxruntime (the exported graph, see deftcompress.runtime.onnxruntime)
+    runtime: str = "torch"  # torch | onnxruntime (the exported graph) | sparse (deftcompress.runtime.sparse_mlp)
     ort_threads: int = 0
     ort_optimization: str = "all"
+    sparse_timed_calls: int = 8  # runtime sparse: per layer, calls timed both dense and as chosen (for the report)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Evaluation:
     examples: int
     seconds: float
     predictions: list[Any] = field(default_factory=list, repr=False)
+    runtime_details: dict[str, Any] = field(default_factory=dict)  # what a runtime other than torch reports
 
     @property
     def latency_ms_per_example(self) -> float:

@@ -44,6 +44,16 @@ def _measure(state: PipelineState, settings: EvalSettings, desc: str) -> Evaluat
         return evaluate_onnx(state.onnx, state.tokenizer, state.task, state.eval_examples(), state.arch, settings,
                              SessionSettings(settings.ort_threads, settings.ort_optimization), progress=not state.quiet,
                              desc=f"{desc} (onnxruntime)")
+    if settings.runtime == "sparse":
+        from deftcompress.runtime.sparse_mlp import SparseCalibration, SparseMLPRuntime
+
+        calibration = SparseCalibration(progress=None if state.quiet else print)
+        with SparseMLPRuntime(state.model, state.arch, calibration, timed_calls=settings.sparse_timed_calls) as runtime:
+            evaluation = evaluate(state.model, state.tokenizer, state.task, state.eval_examples(), state.arch, settings,
+                                  progress=not state.quiet, desc=f"{desc} (sparse MLP)")
+        evaluation.runtime_details = {"sparse_mlp": {"layers": runtime.layer_report(), "calibration": str(calibration.path),
+                                                     "machine": calibration.key}}
+        return evaluation
     return evaluate(state.model, state.tokenizer, state.task, state.eval_examples(), state.arch, settings,
                     progress=not state.quiet, desc=desc)
 
@@ -56,6 +66,7 @@ def _step(state: PipelineState, name: str, evaluation: Evaluation, seconds: floa
         details.setdefault("runtime", f"onnxruntime ({'int8' if state.onnx.quantized else 'fp32'} graph; size = .onnx files)")
     else:
         size = state_dict_bytes(state.model)
+    details.update(evaluation.runtime_details)
     step = make_step(state.step_index, name, evaluation, params, nonzero, size, seconds, details)
     step.latency = _fixed_latency(state, settings)
     return step
@@ -73,6 +84,13 @@ def _fixed_latency(state: PipelineState, settings: EvalSettings) -> dict[str, An
         if state.onnx.kind != "classifier":
             return {"note": "not timed: text-to-text graphs run through generation"}
         model = onnx_forward(state.onnx.folder, state.onnx.main_file(), settings.ort_threads, settings.ort_optimization)
+    if settings.runtime == "sparse":
+        from deftcompress.runtime.sparse_mlp import SparseCalibration, SparseMLPRuntime
+
+        with SparseMLPRuntime(state.model, state.arch, SparseCalibration()):  # calibrated by the evaluation
+            return step_latency(model, state.tokenizer, state.task, state.arch, state.eval_examples(),
+                                settings.batch_size, repeats=repeats, max_seq_length=settings.max_seq_length,
+                                max_target_length=settings.max_target_length)
     return step_latency(model, state.tokenizer, state.task, state.arch, state.eval_examples(), settings.batch_size,
                         repeats=repeats, max_seq_length=settings.max_seq_length,
                         max_target_length=settings.max_target_length)

@@ -184,6 +184,21 @@ class Report:
                         + [f"{m['weight_bytes'] / 1e6:.1f}MB", f"{m['peak_bytes'] / 1e6:.1f}MB", f"{m['peak_ratio']:.2f}x"])
         return rows
 
+    def sparse_rows(self, step: StepRecord) -> list[list[str]]:
+        layers = ((step.details or {}).get("sparse_mlp") or {}).get("layers") or []
+        if not layers:
+            return []
+        rows = [["layer", "projection", "density", "union density", "dense / per-token / union calls", "dense ms",
+                 "sparse runtime ms", "speed-up"]]
+        for r in layers:
+            paths = r["paths"]
+            timed = "dense_ms" in r
+            rows.append([r["layer"], r["role"], f"{r['density']:.4f}", f"{r['union_density']:.4f}",
+                         f"{paths['dense']} / {paths['per_token']} / {paths['union']}",
+                         f"{r['dense_ms']:.3f}" if timed else "-", f"{r['runtime_ms']:.3f}" if timed else "-",
+                         f"{r['dense_ms'] / r['runtime_ms']:.2f}x" if timed and r["runtime_ms"] > 0 else "-"])
+        return rows
+
     def plain_peft_lines(self) -> list[str]:
         lines = [line for line in (plain_peft_line(step) for step in self.steps) if line]
         return lines + [""] if lines else []
@@ -228,6 +243,13 @@ class Report:
                     out += [f"Latency and memory of step {step.index} ({step.pass_name}) against the previous step, "
                             f"timed in one process (median of {w['repeats']} alternating repetitions, {w['rows']} rows; "
                             "memory = weights + peak of one forward of the largest batch):", "", _md(speed), ""]
+            for step in self.steps:
+                sparse = self.sparse_rows(step)
+                if sparse:
+                    out += [f"Sparse MLP execution in step {step.index} ({step.pass_name}): per layer, the density of "
+                            "the projection's input (nonzero activations; gate: neurons the activation left active), "
+                            "the paths taken per call, and the median time of the first calls run both dense and as "
+                            "chosen, on the same inputs:", "", _md(sparse), ""]
             out += self.plain_peft_lines()
             for step in self.steps:
                 if step.details:
