@@ -582,7 +582,7 @@ def test_second_peft_pass_needs_the_first_merged(tiny_checkpoint, tiny_data):
 
 def test_shipped_recipes_validate_and_passes_lists_deft():
     names = ("peft_lora_sst2.yaml", "deft_lora_sst2.yaml", "deft_adapter_sst2.yaml", "deft_prefix_sst2.yaml",
-             "deft_qlora_sst2.yaml", "deft_t5_squad.yaml")
+             "deft_qlora_sst2.yaml", "deft_t5_squad.yaml", "relufy_then_deft.yaml")
     recipes = [str(REPO / "recipes" / n) for n in names]
     env = {**os.environ, "DEFTCOMPRESS_DATA_DIR": os.environ.get("DEFTCOMPRESS_DATA_DIR", str(REPO.parent / "shared" / "data"))}
     # the T5 recipe names a hub model: validation resolves hub ids without downloading

@@ -100,3 +100,25 @@ def test_evaluate_with_the_sparse_runtime_scores_as_dense_and_reports_each_layer
     assert (tmp_path / "cache" / "deftcompress" / "sparse_mlp.json").is_file()
     text = (tmp_path / "run" / "report.md").read_text()
     assert "Sparse MLP execution in step 2" in text and "dense / per-token / union calls" in text
+
+
+def test_a_clearly_dense_layer_stops_counting_for_a_while():
+    """The count that decides costs time too: a layer far above its crossover skips it for DENSE_STREAK calls."""
+    from deftcompress.runtime.sparse_mlp import DENSE_STREAK, LayerStats, SparseDown
+
+    class Costs:  # sparse pays only below 10% density here
+        def costs(self, d_in, d_out, tokens, gated):
+            return LayerCosts(dense=1.0, per_token=(0.0, 9.0), union=None)
+
+    linear = torch.nn.Linear(16, 4)
+    down = SparseDown(linear, Costs(), LayerStats("x", "down"), None)
+    dense_input, sparse_input = torch.randn(3, 16), torch.zeros(3, 16)
+    sparse_input[:, 0] = 1.0  # 1/16 active
+    with torch.no_grad():
+        for _ in range(1 + DENSE_STREAK):
+            down(dense_input)
+        report = down.stats.to_dict()
+        assert report["calls"] == 1 + DENSE_STREAK and report["unchecked_dense_calls"] == DENSE_STREAK
+        out = down(sparse_input)  # the streak is over: counted again, and sparse
+    assert down.stats.paths["per_token"] == 1
+    torch.testing.assert_close(out, linear(sparse_input))

@@ -93,6 +93,10 @@ class ArchSpec:
     # peft's prefix-tuning classifier takes output[1] as the pooled output; pooler-less backbones return their
     # cache there, so the backbone's cache output is dropped (see peft_methods.wrapping.patch_prefix_classification).
     prefix_tuning_drops_backbone_cache: bool = False
+    # The config field naming the MLP activation (relufy sets "relu" there, so stock from_pretrained rebuilds it),
+    # and the prefix gated MLPs use in it (T5: feed_forward_proj "gated-gelu").
+    activation_attr: str | None = "hidden_act"
+    gated_activation_prefix: str = ""
     notes: str = ""
 
     def stack(self, name: str) -> StackSpec:

@@ -51,7 +51,10 @@ def format_of(model: nn.Module) -> str:
         return "torch_int8"
     if is_quantized(model):
         return "bitsandbytes"
-    if layout_of(model) is not None or getattr(getattr(model, "config", None), "deftcompress_activation_scales", None):
+    from deftcompress.architecture.activation import needs_rebuild
+
+    config = getattr(model, "config", None)
+    if layout_of(model) is not None or getattr(config, "deftcompress_activation_scales", None) or needs_rebuild(config):
         return "restructured"
     return "plain"
 

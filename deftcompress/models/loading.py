@@ -147,9 +147,12 @@ def _check_loading_info(ref: str, arch: ArchSpec, info: dict[str, Any], notes: l
 
 
 def restructured(config) -> bool:
-    """A checkpoint a stock config cannot describe: pruned widths, torch int8 layers, or separate activation scales."""
+    """A checkpoint a stock config cannot describe: pruned widths, torch int8 layers, separate activation scales,
+    or an activation the family's config cannot name (a shifted ReLU)."""
+    from deftcompress.architecture.activation import needs_rebuild
+
     return any(getattr(config, attr, None) is not None for attr in ("deftcompress_layout", "deftcompress_activation_scales")) \
-        or _torch_int8_info(config) is not None
+        or _torch_int8_info(config) is not None or needs_rebuild(config)
 
 
 def _scales_on_bitsandbytes(config, kwargs: dict[str, Any]) -> bool:
@@ -198,8 +201,10 @@ def load_restructured(auto, ref: str, config, kwargs: dict[str, Any]) -> nn.Modu
     model = auto.from_config(config)
     if getattr(config, "deftcompress_layout", None) is not None:
         apply_layout(model, config.deftcompress_layout)
+    from deftcompress.architecture.activation import apply_recorded_activation
     from deftcompress.training.activation_scale import wrap_recorded_activations
 
+    apply_recorded_activation(model)  # a shifted ReLU put in by relufy
     wrap_recorded_activations(model)  # DEFT's 1/s kept after the activation: buffers loaded below
     quantization = _torch_int8_info(config)
     state: dict[str, torch.Tensor] = {}

@@ -193,7 +193,8 @@ class Report:
         for r in layers:
             paths = r["paths"]
             timed = "dense_ms" in r
-            rows.append([r["layer"], r["role"], f"{r['density']:.4f}", f"{r['union_density']:.4f}",
+            union = r["union_density"]
+            rows.append([r["layer"], r["role"], f"{r['density']:.4f}", f"{union:.4f}" if union is not None else "-",
                          f"{paths['dense']} / {paths['per_token']} / {paths['union']}",
                          f"{r['dense_ms']:.3f}" if timed else "-", f"{r['runtime_ms']:.3f}" if timed else "-",
                          f"{r['dense_ms'] / r['runtime_ms']:.2f}x" if timed and r["runtime_ms"] > 0 else "-"])

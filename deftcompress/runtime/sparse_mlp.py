@@ -41,6 +41,9 @@ PATHS = ("dense", "per_token", "union")
 TOKEN_BUCKETS = (1, 8, 64, 512)  # tokens per call at which the cost model is measured (log-interpolated between)
 DENSITIES = (0.5, 0.2, 0.1, 0.05, 0.02)
 MARGIN = 0.9  # take a sparse path only where its predicted time is below 90% of dense
+# A layer found clearly dense (per-token density above 1.5x the give-up density) skips even the count for
+# this many calls: one count costs about as much as a third of a one-token MLP product on a small layer.
+DENSE_STREAK = 16
 
 
 # ---- cost model ---------------------------------------------------------------------------------
@@ -52,6 +55,16 @@ class LayerCosts:
     dense: float
     per_token: tuple[float, float] | None  # (a, b): a + b * per-token density
     union: tuple[float, float] | None  # (c, e): c + e * union density
+
+    def give_up_density(self) -> float:
+        """Per-token density at or above which no sparse path can be chosen (the union is never below it):
+        calls above it go dense after one count, without the union's extra passes."""
+        limit = 0.0
+        for fit in (self.per_token, self.union):
+            if fit is not None:
+                a, b = fit
+                limit = max(limit, 1.0 if b <= 0 else (MARGIN * self.dense - a) / b)
+        return min(max(limit, 0.0), 1.0)
 
     def predict(self, path: str, per_token: float, union: float) -> float:
         if path == "dense":
@@ -233,23 +246,29 @@ class LayerStats:
     tokens: int = 0
     nonzero: int = 0  # activations (down) or active neuron-token pairs seen
     union_sum: float = 0.0
+    union_calls: int = 0  # calls that measured the union (the others went dense after the count)
+    unchecked: int = 0  # calls run dense without a count (a clearly dense layer, see DENSE_STREAK)
     paths: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PATHS})
     timed_dense: list[float] = field(default_factory=list)
     timed_chosen: list[float] = field(default_factory=list)
 
-    def record(self, tokens: int, width: int, nonzero: int, union: float, path: str) -> None:
+    def record(self, tokens: int, width: int, nonzero: int, union: float | None, path: str) -> None:
         self.calls += 1
         self.tokens += tokens
         self.nonzero += nonzero
-        self.union_sum += union
+        if union is not None:
+            self.union_sum += union
+            self.union_calls += 1
         self.paths[path] += 1
         self._width = width
 
     def to_dict(self) -> dict[str, Any]:
         width = getattr(self, "_width", 1)
-        out = {"layer": self.label, "role": self.role, "calls": self.calls,
+        out = {"layer": self.label, "role": self.role, "calls": self.calls + self.unchecked,
+               "unchecked_dense_calls": self.unchecked,
                "density": round(self.nonzero / max(self.tokens * width, 1), 4),
-               "union_density": round(self.union_sum / max(self.calls, 1), 4), "paths": dict(self.paths)}
+               "union_density": round(self.union_sum / self.union_calls, 4) if self.union_calls else None,
+               "paths": {**self.paths, "dense": self.paths["dense"] + self.unchecked}}
         if self.timed_dense:
             out.update(dense_ms=round(1000 * statistics.median(self.timed_dense), 4),
                        runtime_ms=round(1000 * statistics.median(self.timed_chosen), 4),
@@ -301,12 +320,21 @@ class SparseDown(_Swapped):
             return self.linear(h)
         shape = h.shape
         flat = h.reshape(-1, shape[-1])
-        nonzero = flat != 0
-        count = int(nonzero.sum())
-        union = float(nonzero.any(0).sum()) / shape[-1]
         tokens = flat.shape[0]
-        costs = self.calibration.costs(shape[-1], self.weight_t.shape[1], tokens, gated=False)
+        if _in_dense_streak(self, tokens):
+            return self.linear(h)
+        costs, give_up = _plan(self, tokens, shape[-1], self.weight_t.shape[1], gated=False)
+        count = int(torch.count_nonzero(flat))
         per_token = count / max(flat.numel(), 1)
+        if per_token > give_up:  # one count, then dense: what the decision costs a dense batch
+            if self.timer is not None and self.timer.wants(self.stats):
+                self.stats.timed_dense.append(_Timer.seconds(lambda: self.linear(flat)))
+                self.stats.timed_chosen.append(_Timer.seconds(lambda: (torch.count_nonzero(flat).item(), self.linear(flat))))
+            self.stats.record(tokens, shape[-1], count, None, "dense")
+            _start_dense_streak(self, tokens, per_token, give_up)
+            return self.linear(h)
+        nonzero = flat != 0
+        union = float(nonzero.any(0).sum()) / shape[-1]
         path = _choose(costs, per_token, union)
         run = {"dense": lambda: self.linear(flat),
                "per_token": lambda: _down_per_token(flat, self.weight_t, self.linear.bias, nonzero),
@@ -334,17 +362,31 @@ class SparseGate(_Swapped):
         self.active: torch.Tensor | None = None
 
     def take_pattern(self, act_output: torch.Tensor) -> None:
-        self.active = act_output.reshape(-1, act_output.shape[-1]) != 0
+        self.active = act_output  # its zeros are counted only when the gate runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        active, self.active = self.active, None
+        act_output, self.active = self.active, None
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if x.requires_grad or active is None or active.shape != (flat.shape[0], self.linear.out_features) \
+        width = self.linear.out_features
+        if x.requires_grad or act_output is None or act_output.numel() != flat.shape[0] * width \
                 or x.dtype != self.linear.weight.dtype:
             return self.linear(x)
-        union = float(active.any(0).sum()) / active.shape[1]
-        costs = self.calibration.costs(shape[-1], self.linear.out_features, flat.shape[0], gated=True)
+        tokens = flat.shape[0]
+        if _in_dense_streak(self, tokens):
+            return self.linear(x)
+        costs, give_up = _plan(self, tokens, shape[-1], width, gated=True)
+        count = int(torch.count_nonzero(act_output))
+        if count / (tokens * width) > give_up:
+            if self.timer is not None and self.timer.wants(self.stats):
+                self.stats.timed_dense.append(_Timer.seconds(lambda: self.linear(flat)))
+                self.stats.timed_chosen.append(_Timer.seconds(
+                    lambda: (torch.count_nonzero(act_output).item(), self.linear(flat))))
+            self.stats.record(tokens, width, count, None, "dense")
+            _start_dense_streak(self, tokens, count / (tokens * width), give_up)
+            return self.linear(x)
+        active = act_output.reshape(tokens, width) != 0
+        union = float(active.any(0).sum()) / width
         path = _choose(costs, 0.0, union)
         path = "dense" if path == "per_token" else path
         run = (lambda: self.linear(flat)) if path == "dense" else \
@@ -353,8 +395,33 @@ class SparseGate(_Swapped):
             self.stats.timed_dense.append(_Timer.seconds(lambda: self.linear(flat)))
             self.stats.timed_chosen.append(_Timer.seconds(run))
         out = run()
-        self.stats.record(flat.shape[0], active.shape[1], int(active.sum()), union, path)
+        self.stats.record(tokens, width, count, union, path)
         return out.reshape(*shape[:-1], out.shape[-1])
+
+
+def _plan(module: nn.Module, tokens: int, d_in: int, d_out: int, gated: bool) -> tuple[LayerCosts, float]:
+    """(cost model, give-up density) for this module at `tokens` tokens, looked up once per token count."""
+    cache = module.__dict__.setdefault("_plans", {})
+    if tokens not in cache:
+        costs = module.calibration.costs(d_in, d_out, tokens, gated=gated)
+        cache[tokens] = (costs, costs.give_up_density())
+    return cache[tokens]
+
+
+def _in_dense_streak(module: nn.Module, tokens: int) -> bool:
+    """True (and one call used up) while a clearly dense layer skips the count at this token count."""
+    streaks = module.__dict__.setdefault("_streaks", {})
+    left = streaks.get(tokens, 0)
+    if left > 0 and not (module.timer is not None and module.timer.wants(module.stats)):  # timed calls are counted
+        streaks[tokens] = left - 1
+        module.stats.unchecked += 1
+        return True
+    return False
+
+
+def _start_dense_streak(module: nn.Module, tokens: int, density: float, give_up: float) -> None:
+    if density > 1.5 * give_up:
+        module.__dict__.setdefault("_streaks", {})[tokens] = DENSE_STREAK
 
 
 def _choose(costs: LayerCosts, per_token: float, union: float) -> str:

@@ -39,7 +39,12 @@ def run_deft(state, c, pass_name: str, gate_settings: GateSettings | None = None
     trained_biases = enable_mlp_bias(model, state.arch) if c.train_mlp_bias else []
     temporary = []  # constraints that bind only this training
     scales = None
-    if c.uses_activation_scales(c.method):
+    use_scales = c.uses_activation_scales(c.method)
+    if use_scales and c.activation_scale is None and _all_relu_like(model, state.arch):
+        use_scales = False
+        notes.append("activation scales off: ReLU activations are scale-equivariant (act(s x) / s = act(x)), so "
+                     "scales cannot add zeros")
+    if use_scales:
         scales, floor = _attach_scales(state, model, c.activation_scale_min)
         temporary.append(floor)
     gates = budget = None
@@ -164,6 +169,13 @@ def _plain_peft_form(state, pass_name, model, wrapped, changed_base: bool, skipp
             "modules_to_save": len(names),
             "why": "activation scales (and trained MLP biases) changed the MLP weights the adapter was trained on: "
                    "those layers travel whole"}
+
+
+def _all_relu_like(model, arch) -> bool:
+    from deftcompress.architecture import mlp_blocks
+    from deftcompress.architecture.activation import is_relu_like
+
+    return all(is_relu_like(b.act) for b in mlp_blocks(model, arch))
 
 
 def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -139,8 +139,10 @@ def exact_zero_point(act_fn: torch.nn.Module, low: float = -128.0) -> float:
     with torch.no_grad():
         xs = torch.linspace(low, 0.0, 2**17)
         nonzero = (act_fn(xs) != 0).nonzero()
-        if len(nonzero) == 0:
-            return 0.0
+        if len(nonzero) == 0:  # zero up to 0 at least (ReLU; a shifted ReLU beyond): find where it ends
+            positive = torch.linspace(0.0, -low, 2**17)
+            first = (act_fn(positive) != 0).nonzero()
+            return float(positive[int(first[0]) - 1]) if len(first) and int(first[0]) > 0 else 0.0
         first = int(nonzero[0])
         if first == 0:
             return low

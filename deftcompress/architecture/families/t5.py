@@ -36,7 +36,7 @@ def _stack(name: Literal["encoder", "decoder"]) -> StackSpec:
 FAMILIES = (
     ArchSpec(
         family="t5", model_types=("t5", "mt5"), kind="encoder_decoder", stacks=(_stack("encoder"), _stack("decoder")),
-        kept_modules=("lm_head",), text_to_text=True,
+        kept_modules=("lm_head",), text_to_text=True, activation_attr="feed_forward_proj", gated_activation_prefix="gated-",
         notes="Density is the activation before the gate product (gated-GELU).",
     ),
 )
