@@ -3,10 +3,11 @@
     DEFTCOMPRESS_DATA_DIR=../shared/data python benchmarks/sparse_mlp.py --threads 1
     DEFTCOMPRESS_DATA_DIR=../shared/data python benchmarks/sparse_mlp.py --threads 1 --model runs/relufy_then_deft/model
 
-1. MLP blocks (the issue's targets): MiniLM's real layer-0 weights with ReLU (up 384->1536, down
-   1536->384; non-gated) and a gated block of the tiny Llama-style decoder's shape (256 -> 1024,
-   gate ReLU), at 1 and 8 tokens, per-token densities 50% down to 2% (a per-neuron bias shift sets
-   the density on random inputs). Dense = the block's own Linear layers; sparse = the same block
+1. MLP blocks (the issue's targets): MiniLM's layer 0 with ReLU (real weights and real inputs: the
+   hidden states of SST-2 dev tokens; up 384->1536, down 1536->384; non-gated), a BERT-base-shaped
+   one, and gated blocks of the tiny Llama-style decoder's shape (256 -> 1024) and of a 1B-class
+   decoder (2048 -> 8192), random weights, gate ReLU; at 1 and 8 tokens, densities 50% down to 2%
+   (a per-neuron shift of the ReLU input sets the density). Dense = the block's own Linear layers; sparse = the same block
    under `SparseMLPRuntime` (calibrated choice). Outputs checked equal (max |difference|).
 2. Whole MiniLM on SST-2 dev sentences at batch 1 and 8: relufied (no training), with shifted ReLU
    thresholds that bring density near 10% and 5%, or a trained model (`--model`, e.g. relufy then DEFT).
@@ -59,75 +60,83 @@ def alternate(fns: dict, repeats: int) -> dict[str, float]:
 # ---- 1. blocks ------------------------------------------------------------------------------------
 
 def minilm_block(torch):
-    from transformers import AutoModel
+    """MiniLM's layer-0 MLP (real weights) and real inputs to it: the hidden states of SST-2 dev tokens."""
+    from transformers import AutoModel, AutoTokenizer
 
     from deftcompress.core.model_refs import resolve_model_ref
+    from deftcompress.data.tasks import get_task, load_examples
 
-    bert = AutoModel.from_pretrained(resolve_model_ref("minilm"))
+    ref = resolve_model_ref("minilm")
+    bert, tok = AutoModel.from_pretrained(ref).eval(), AutoTokenizer.from_pretrained(ref)
     layer = bert.encoder.layer[0]
-    return layer.intermediate.dense, layer.output.dense
-
-
-def density_bias(torch, up, x, density: float):
-    """Per-neuron bias shift so that `density` of up(x) is positive on these inputs."""
+    seen = []
+    hook = layer.intermediate.dense.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    rows = load_examples(get_task("glue/sst2"), "validation")[:64]
     with torch.no_grad():
-        pre = up(x)
-        q = torch.quantile(pre, 1.0 - density, dim=0)
-    return q
+        enc = tok([r["text_a"] for r in rows], padding=True, return_tensors="pt")
+        bert(**enc)
+    hook.remove()
+    inputs = seen[0][enc["attention_mask"].bool()]  # real tokens only
+    return layer.intermediate.dense, None, layer.output.dense, inputs
+
+
+def random_block(torch, d_model: int, d_ff: int, gated: bool, seed: int):
+    from torch import nn
+
+    torch.manual_seed(seed)
+    make = lambda i, o: nn.Linear(i, o, bias=False)  # noqa: E731
+    up, down = make(d_model, d_ff), make(d_ff, d_model)
+    gate = make(d_model, d_ff) if gated else None
+    return up, gate, down, torch.randn(4096, d_model)
 
 
 def block_curve(torch, args, calibration) -> list[dict]:
     import torch.nn.functional as F
-    from torch import nn
 
-    from deftcompress.runtime.sparse_mlp import SparseDown, SparseGate, LayerStats
+    from deftcompress.runtime.sparse_mlp import LayerStats, SparseDown, SparseGate
 
+    blocks = [("non-gated, MiniLM layer 0 (384x1536), real inputs", *minilm_block(torch)),
+              ("non-gated, BERT-base shape (768x3072), random", *random_block(torch, 768, 3072, False, 1)),
+              ("gated, tiny Llama shape (256x1024), random", *random_block(torch, 256, 1024, True, 2)),
+              ("gated, 1B-class shape (2048x8192), random", *random_block(torch, 2048, 8192, True, 3))]
     g = torch.Generator().manual_seed(0)
-    up, down = minilm_block(torch)
-    d_model = up.in_features
-    # gated block of the tiny Llama-style decoder's shape (random weights)
-    g_up = nn.Linear(256, 1024, bias=False)
-    g_gate = nn.Linear(256, 1024, bias=False)
-    g_down = nn.Linear(1024, 256, bias=False)
     rows = []
-    for kind in ("non-gated (MiniLM 384x1536)", "gated (256x1024)"):
-        gated = kind.startswith("gated")
-        width_in = 256 if gated else d_model
-        sample = torch.randn(4096, width_in, generator=g)
+    for kind, up, gate, down, sample in blocks:
         for tokens in (1, 8):
-            x = torch.randn(tokens, width_in, generator=g)
+            x = sample[torch.randperm(len(sample), generator=g)[:tokens]]
+            with torch.no_grad():
+                pre_sample = up(sample[:2048])
             for density in DENSITIES:
-                if gated:
-                    shift = density_bias(torch, g_up, sample, density)
-                    stats_d, stats_g = LayerStats("b", "down"), LayerStats("b", "gate")
-                    sparse_down = SparseDown(g_down, calibration, stats_d, None)
-                    sparse_gate = SparseGate(g_gate, calibration, stats_g, None)
+                # per-neuron shift: `density` of the activations are positive on these inputs
+                shift = torch.quantile(pre_sample, 1.0 - density, dim=0)
+                stats_d = LayerStats("b", "down")
+                sparse_down = SparseDown(down, calibration, stats_d, None)
+                if gate is not None:
+                    sparse_gate = SparseGate(gate, calibration, LayerStats("b", "gate"), None)
 
                     def dense_fn():
-                        return g_down(F.relu(g_up(x) - shift) * g_gate(x))
+                        return down(F.relu(up(x) - shift) * gate(x))
 
                     def sparse_fn():
-                        a = F.relu(g_up(x) - shift)
+                        a = F.relu(up(x) - shift)
                         sparse_gate.take_pattern(a)
                         return sparse_down(a * sparse_gate(x))
                 else:
-                    shift = density_bias(torch, up, sample, density)
-                    stats_d = LayerStats("b", "down")
-                    sparse_down = SparseDown(down, calibration, stats_d, None)
-
                     def dense_fn():
                         return down(F.relu(up(x) - shift))
 
                     def sparse_fn():
                         return sparse_down(F.relu(up(x) - shift))
                 with torch.no_grad():
-                    diff = float((dense_fn() - sparse_fn()).abs().max())
-                    measured = float((F.relu((g_up if gated else up)(x) - shift) != 0).float().mean())
+                    reference = dense_fn()
+                    diff = float((reference - sparse_fn()).abs().max())
+                    measured = float((F.relu(up(x) - shift) != 0).float().mean())
                     t = alternate({"dense": dense_fn, "sparse": sparse_fn}, args.repeats)
                 rows.append({"block": kind, "tokens": tokens, "density": density, "measured_density": round(measured, 4),
                              "dense_us": 1e6 * t["dense"], "sparse_us": 1e6 * t["sparse"],
                              "speedup": t["dense"] / t["sparse"], "max_abs_diff": diff,
-                             "paths": dict(stats_d.paths)})
+                             "max_abs_output": float(reference.abs().max()),
+                             "paths": stats_d.to_dict()["paths"]})
                 print(f"{kind} tokens {tokens} density {density}: {rows[-1]['speedup']:.2f}x "
                       f"(paths {rows[-1]['paths']})", flush=True)
     return rows
@@ -214,17 +223,27 @@ def decoding(torch, args, calibration) -> list[dict]:
     from deftcompress.measurement.density import DensityMeter
     from deftcompress.runtime.sparse_mlp import SparseMLPRuntime
 
-    torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=30522, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                       pad_token_id=0, hidden_act="silu")
     results = []
     prompt = torch.randint(5, 30000, (1, 16))
-    for label, kind, threshold in (("silu (stock)", None, 0.0), ("relu", "relu", 0.0),
-                                   ("shifted relu t=0.02", "shifted_relu", 0.02),
-                                   ("shifted relu t=0.05", "shifted_relu", 0.05)):
-        model = transformers.LlamaForCausalLM(config).eval()
+    torch.manual_seed(0)
+    probe = transformers.LlamaForCausalLM(config).eval()
+    pre = []  # the gate's pre-activations on the prompt: thresholds that leave 10% and 5% nonzero
+    hooks = [b.act.register_forward_hook(lambda m, i, o: pre.append(i[0].flatten())) for b in mlp_blocks(probe)]
+    with torch.no_grad():
+        probe(input_ids=prompt)
+    for h in hooks:
+        h.remove()
+    pre = torch.cat(pre)
+    for label, kind, density in (("silu (stock)", None, None), ("relu", "relu", None),
+                                 ("shifted relu, ~10% nonzero", "shifted_relu", 0.10),
+                                 ("shifted relu, ~5% nonzero", "shifted_relu", 0.05)):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).eval()  # the same weights as the probe
         if kind:
+            threshold = float(torch.quantile(pre, 1.0 - density)) if density else 0.0
             replace_activations(model, kind, threshold)
         meter = DensityMeter(mlp_blocks(model), "masked", 0.01)
         with torch.no_grad(), meter:
@@ -259,12 +278,12 @@ def render(data: dict, out: Path) -> None:
              "## MLP blocks", "",
              "Targets at density <= 10%, batch 1 (one token): non-gated >= 1.5x (limit 2x), gated >= 2.2x (limit 3x), "
              "never slower than dense (speed-up >= 0.95 allowing timing noise), max |difference| <= 1e-5.", "",
-             "| block | tokens | density | dense us | sparse us | speed-up | max abs diff | paths (dense/per-token/union) |",
+             "| block | tokens | density | dense us | sparse us | speed-up | max abs diff (largest output) | down paths (dense/per-token/union) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in data["blocks"]:
         p = r["paths"]
         lines.append(f"| {r['block']} | {r['tokens']} | {r['measured_density']:.3f} | {r['dense_us']:.1f} | "
-                     f"{r['sparse_us']:.1f} | {r['speedup']:.2f}x | {r['max_abs_diff']:.1e} | "
+                     f"{r['sparse_us']:.1f} | {r['speedup']:.2f}x | {r['max_abs_diff']:.1e} ({r['max_abs_output']:.1f}) | "
                      f"{p['dense']}/{p['per_token']}/{p['union']} |")
     lines += ["", "## Whole MiniLM (SST-2 dev rows, ms per batch)", "",
               "| model | batch | density | dense ms | sparse ms | speed-up | max abs logit diff |", "|---|---|---|---|---|---|---|"]

@@ -21,9 +21,22 @@ def _outputs(model, family, inputs):
         return model(**inputs, output_hidden_states=True).hidden_states[-1]
 
 
+@pytest.fixture(params=["kernels", "pytorch"])
+def kernels(request, monkeypatch):
+    """Every path twice: with the compiled kernels, and as on a machine where they could not build."""
+    from deftcompress.runtime import sparse_kernels
+
+    if request.param == "pytorch":
+        monkeypatch.setattr(sparse_kernels, "_loaded", None)
+        monkeypatch.setattr(sparse_kernels, "_why_not", "disabled by the test")
+    elif sparse_kernels.load() is None:
+        pytest.skip(f"no compiled kernels here: {sparse_kernels.why_not()}")
+    return request.param
+
+
 @pytest.mark.parametrize("family", ["bert", "t5_relu", "t5_gated", "llama"])
 @pytest.mark.parametrize("path", ["per_token", "union"])
-def test_sparse_paths_compute_what_dense_computes(family, path):
+def test_sparse_paths_compute_what_dense_computes(family, path, kernels):
     model, _ = build_tiny_model(family)
     model.eval()
     inputs = _inputs()
@@ -36,12 +49,13 @@ def test_sparse_paths_compute_what_dense_computes(family, path):
     assert len(downs) == len(mlp_blocks(model)) and all(r["paths"][path] == r["calls"] > 0 for r in downs)
     gates = [r for r in report if r["role"] == "gate"]
     assert len(gates) == (len(downs) if family in ("t5_gated", "llama") else 0)
-    assert all(r["paths"]["union"] == r["calls"] > 0 for r in gates)  # the multiplied projection skipped rows
+    gate_path = "per_token" if path == "per_token" and kernels == "kernels" else "union"  # per token: the kernel
+    assert all(r["paths"][gate_path] == r["calls"] > 0 for r in gates)  # the multiplied projection skipped rows
     # everything is back in place
     assert all(type(b.down) is torch.nn.Linear for b in mlp_blocks(model))
 
 
-def test_zero_activations_skip_work_and_whole_zero_tokens_give_the_bias():
+def test_zero_activations_skip_work_and_whole_zero_tokens_give_the_bias(kernels):
     """A ReLU block where some tokens have no active neuron at all: the empty bags give exactly the bias."""
     from deftcompress.runtime.sparse_mlp import _down_per_token, _down_union
 

@@ -194,7 +194,9 @@ class Report:
             paths = r["paths"]
             timed = "dense_ms" in r
             union = r["union_density"]
-            rows.append([r["layer"], r["role"], f"{r['density']:.4f}", f"{union:.4f}" if union is not None else "-",
+            density = r["density"]
+            rows.append([r["layer"], r["role"], f"{density:.4f}" if density is not None else "-",
+                         f"{union:.4f}" if union is not None else "-",
                          f"{paths['dense']} / {paths['per_token']} / {paths['union']}",
                          f"{r['dense_ms']:.3f}" if timed else "-", f"{r['runtime_ms']:.3f}" if timed else "-",
                          f"{r['dense_ms'] / r['runtime_ms']:.2f}x" if timed and r["runtime_ms"] > 0 else "-"])

@@ -44,6 +44,7 @@ MARGIN = 0.9  # take a sparse path only where its predicted time is below 90% of
 # A layer found clearly dense (per-token density above 1.5x the give-up density) skips even the count for
 # this many calls: one count costs about as much as a third of a one-token MLP product on a small layer.
 DENSE_STREAK = 16
+ALWAYS_MARGIN = 0.8  # the kernel goes uncounted only where predicted 20% faster than dense even at full density
 
 
 # ---- cost model ---------------------------------------------------------------------------------
@@ -75,10 +76,22 @@ class LayerCosts:
         return fit[0] + fit[1] * (per_token if path == "per_token" else union)
 
 
+_SCRATCH: list[torch.Tensor] = []
+
+
+def _evict_caches() -> None:
+    """Write 32 MB between timed calls: in a model the other layers run in between, so no layer finds its
+    weights in cache; timing with hot caches made sparse paths look faster than they are in place."""
+    if not _SCRATCH:
+        _SCRATCH.append(torch.zeros(8 * 1024 * 1024))
+    _SCRATCH[0].add_(1.0)
+
+
 def _median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        _evict_caches()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -106,13 +119,17 @@ def measure_costs(d_in: int, d_out: int, tokens: int, gated: bool, repeats: int 
         weight = torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)
         x = torch.randn(tokens, d_in, generator=g)
         dense = _median_seconds(lambda: F.linear(x, weight), repeats)
-        us, ts = [], []
+        per, pts, us, ts = [], [], [], []
+        kernel = _kernels() is not None
         for density in DENSITIES:
-            active = _random_activations(tokens, d_out, density, g) != 0
-            union = float(active.any(0).float().mean())
-            us.append(union)
+            act = _random_activations(tokens, d_out, density, g)
+            active = act != 0
+            us.append(float(active.any(0).float().mean()))
             ts.append(_median_seconds(lambda: _gated_union(x, weight, None, active), repeats))
-        return LayerCosts(dense, None, _fit(us, ts))
+            if kernel:
+                per.append(float(active.float().mean()))
+                pts.append(_median_seconds(lambda: _gated_per_token(x, weight, None, act), repeats))
+        return LayerCosts(dense, _fit(per, pts) if kernel else None, _fit(us, ts))
     weight = torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)  # down: [d_model, d_ff]
     weight_t = weight.t().contiguous()
     per, pts, us, uts = [], [], [], []
@@ -136,7 +153,9 @@ class SparseCalibration:
         self.path = Path(path) if path else default
         self.repeats = repeats
         self.progress = progress
-        self.key = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} {_cpu_name()}"
+        kernels = "C++ kernels" if _kernels() is not None else "PyTorch only"  # cold-cache timing (format 2)
+        self.key = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} {_cpu_name()}, "
+                    f"{kernels}, cold caches")
         self._costs: dict[str, LayerCosts] = {}
         self._load()
 
@@ -200,16 +219,32 @@ class FixedChoice:
         self.path = path
 
     def costs(self, d_in, d_out, tokens, gated) -> LayerCosts:
-        if gated:  # the multiplied projection has only the union path
-            return LayerCosts(0.0 if self.path == "dense" else 1.0, None, None if self.path == "dense" else (0.0, 0.0))
+        if gated:  # the multiplied projection: union, or per token with the compiled kernel
+            per_token = self.path == "per_token" and _kernels() is not None
+            return LayerCosts(0.0 if self.path == "dense" else 1.0, (0.0, 0.0) if per_token else None,
+                              None if self.path == "dense" or per_token else (0.0, 0.0))
         fits = {p: (0.0, 0.0) if p == self.path else None for p in ("per_token", "union")}
         return LayerCosts(0.0 if self.path == "dense" else 1.0, fits["per_token"], fits["union"])
 
 
 # ---- the paths ----------------------------------------------------------------------------------
 
-def _down_per_token(h: torch.Tensor, weight_t: torch.Tensor, bias, nonzero: torch.Tensor) -> torch.Tensor:
-    """sum over each token's nonzero activations of value * row of W^T: `embedding_bag` reads only those rows."""
+def _kernels():
+    from deftcompress.runtime import sparse_kernels
+
+    return sparse_kernels.load()
+
+
+_EMPTY = torch.empty(0)
+
+
+def _down_per_token(h: torch.Tensor, weight_t: torch.Tensor, bias, nonzero: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over each token's nonzero activations of value * row of W^T: the compiled kernel (one pass), or
+    `embedding_bag` over the nonzero (token, neuron) pairs; either reads only the active rows."""
+    kernels = _kernels()
+    if kernels is not None and h.dtype == torch.float32 and h.device.type == "cpu":
+        return kernels.sparse_down(h, weight_t, bias.detach() if bias is not None else _EMPTY)
+    nonzero = h != 0 if nonzero is None else nonzero
     rows, cols = nonzero.nonzero(as_tuple=True)  # row-major: grouped by token
     counts = nonzero.sum(1)
     offsets = torch.zeros_like(counts)
@@ -223,6 +258,11 @@ def _down_union(h: torch.Tensor, weight_t: torch.Tensor, bias, nonzero: torch.Te
     cols = nonzero.any(0).nonzero().squeeze(1)
     out = h.index_select(1, cols) @ weight_t.index_select(0, cols)
     return out + bias if bias is not None else out
+
+
+def _gated_per_token(x: torch.Tensor, weight: torch.Tensor, bias, act_output: torch.Tensor) -> torch.Tensor:
+    """The multiplied projection for each token's active neurons only (the compiled kernel; no PyTorch path)."""
+    return _kernels().gate_rows(x, act_output, weight, bias.detach() if bias is not None else _EMPTY)
 
 
 def _gated_union(x: torch.Tensor, weight: torch.Tensor, bias, active: torch.Tensor) -> torch.Tensor:
@@ -248,6 +288,7 @@ class LayerStats:
     union_sum: float = 0.0
     union_calls: int = 0  # calls that measured the union (the others went dense after the count)
     unchecked: int = 0  # calls run dense without a count (a clearly dense layer, see DENSE_STREAK)
+    uncounted_kernel: int = 0  # calls sent to the compiled kernel without a count (it never loses here)
     paths: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PATHS})
     timed_dense: list[float] = field(default_factory=list)
     timed_chosen: list[float] = field(default_factory=list)
@@ -264,11 +305,12 @@ class LayerStats:
 
     def to_dict(self) -> dict[str, Any]:
         width = getattr(self, "_width", 1)
-        out = {"layer": self.label, "role": self.role, "calls": self.calls + self.unchecked,
-               "unchecked_dense_calls": self.unchecked,
-               "density": round(self.nonzero / max(self.tokens * width, 1), 4),
+        out = {"layer": self.label, "role": self.role, "calls": self.calls + self.unchecked + self.uncounted_kernel,
+               "unchecked_dense_calls": self.unchecked, "uncounted_kernel_calls": self.uncounted_kernel,
+               "density": round(self.nonzero / (self.tokens * width), 4) if self.tokens else None,
                "union_density": round(self.union_sum / self.union_calls, 4) if self.union_calls else None,
-               "paths": {**self.paths, "dense": self.paths["dense"] + self.unchecked}}
+               "paths": {**self.paths, "dense": self.paths["dense"] + self.unchecked,
+                         "per_token": self.paths["per_token"] + self.uncounted_kernel}}
         if self.timed_dense:
             out.update(dense_ms=round(1000 * statistics.median(self.timed_dense), 4),
                        runtime_ms=round(1000 * statistics.median(self.timed_chosen), 4),
@@ -313,6 +355,7 @@ class SparseDown(_Swapped):
         super().__init__()
         self.linear = linear
         self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)
+        self._bias = linear.bias.detach() if linear.bias is not None else _EMPTY
         self.calibration, self.stats, self.timer = calibration, stats, timer
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -321,9 +364,12 @@ class SparseDown(_Swapped):
         shape = h.shape
         flat = h.reshape(-1, shape[-1])
         tokens = flat.shape[0]
+        costs, give_up, always = _plan(self, tokens, shape[-1], self.weight_t.shape[1], gated=False)
+        if always and self.timer is None:
+            self.stats.uncounted_kernel += 1
+            return _kernels().sparse_down(flat, self.weight_t, self._bias).reshape(*shape[:-1], self.weight_t.shape[1])
         if _in_dense_streak(self, tokens):
             return self.linear(h)
-        costs, give_up = _plan(self, tokens, shape[-1], self.weight_t.shape[1], gated=False)
         count = int(torch.count_nonzero(flat))
         per_token = count / max(flat.numel(), 1)
         if per_token > give_up:  # one count, then dense: what the decision costs a dense batch
@@ -333,8 +379,10 @@ class SparseDown(_Swapped):
             self.stats.record(tokens, shape[-1], count, None, "dense")
             _start_dense_streak(self, tokens, per_token, give_up)
             return self.linear(h)
-        nonzero = flat != 0
-        union = float(nonzero.any(0).sum()) / shape[-1]
+        nonzero = union = None
+        if _union_may_win(costs, per_token):
+            nonzero = flat != 0
+            union = float(nonzero.any(0).sum()) / shape[-1]
         path = _choose(costs, per_token, union)
         run = {"dense": lambda: self.linear(flat),
                "per_token": lambda: _down_per_token(flat, self.weight_t, self.linear.bias, nonzero),
@@ -373,9 +421,13 @@ class SparseGate(_Swapped):
                 or x.dtype != self.linear.weight.dtype:
             return self.linear(x)
         tokens = flat.shape[0]
+        costs, give_up, always = _plan(self, tokens, shape[-1], width, gated=True)
+        if always and self.timer is None:
+            self.stats.uncounted_kernel += 1
+            return _gated_per_token(flat, self.linear.weight, self.linear.bias,
+                                    act_output.reshape(tokens, width)).reshape(*shape[:-1], width)
         if _in_dense_streak(self, tokens):
             return self.linear(x)
-        costs, give_up = _plan(self, tokens, shape[-1], width, gated=True)
         count = int(torch.count_nonzero(act_output))
         if count / (tokens * width) > give_up:
             if self.timer is not None and self.timer.wants(self.stats):
@@ -385,12 +437,16 @@ class SparseGate(_Swapped):
             self.stats.record(tokens, width, count, None, "dense")
             _start_dense_streak(self, tokens, count / (tokens * width), give_up)
             return self.linear(x)
-        active = act_output.reshape(tokens, width) != 0
-        union = float(active.any(0).sum()) / width
-        path = _choose(costs, 0.0, union)
-        path = "dense" if path == "per_token" else path
-        run = (lambda: self.linear(flat)) if path == "dense" else \
-            (lambda: _gated_union(flat, self.linear.weight, self.linear.bias, active))
+        act_flat = act_output.reshape(tokens, width)
+        per_token = count / (tokens * width)
+        active = union = None
+        if _union_may_win(costs, per_token):
+            active = act_flat != 0
+            union = float(active.any(0).sum()) / width
+        path = _choose(costs, per_token, union)
+        run = {"dense": lambda: self.linear(flat),
+               "per_token": lambda: _gated_per_token(flat, self.linear.weight, self.linear.bias, act_flat),
+               "union": lambda: _gated_union(flat, self.linear.weight, self.linear.bias, active)}[path]
         if self.timer is not None and self.timer.wants(self.stats):
             self.stats.timed_dense.append(_Timer.seconds(lambda: self.linear(flat)))
             self.stats.timed_chosen.append(_Timer.seconds(run))
@@ -399,12 +455,17 @@ class SparseGate(_Swapped):
         return out.reshape(*shape[:-1], out.shape[-1])
 
 
-def _plan(module: nn.Module, tokens: int, d_in: int, d_out: int, gated: bool) -> tuple[LayerCosts, float]:
-    """(cost model, give-up density) for this module at `tokens` tokens, looked up once per token count."""
+def _plan(module: nn.Module, tokens: int, d_in: int, d_out: int, gated: bool) -> tuple[LayerCosts, float, bool]:
+    """(cost model, give-up density, kernel always) for this module at `tokens` tokens, looked up once per token
+    count. "Kernel always": the compiled per-token kernel was measured no slower than dense even at full density,
+    so the call goes straight to it, without counting zeros first (the count would cost more than it saves)."""
     cache = module.__dict__.setdefault("_plans", {})
     if tokens not in cache:
         costs = module.calibration.costs(d_in, d_out, tokens, gated=gated)
-        cache[tokens] = (costs, costs.give_up_density())
+        always = _kernels() is not None and costs.per_token is not None and \
+            costs.predict("per_token", 1.0, 1.0) <= ALWAYS_MARGIN * costs.dense and \
+            not isinstance(module.calibration, FixedChoice)
+        cache[tokens] = (costs, costs.give_up_density(), always)
     return cache[tokens]
 
 
@@ -424,11 +485,22 @@ def _start_dense_streak(module: nn.Module, tokens: int, density: float, give_up:
         module.__dict__.setdefault("_streaks", {})[tokens] = DENSE_STREAK
 
 
-def _choose(costs: LayerCosts, per_token: float, union: float) -> str:
-    dense = costs.predict("dense", per_token, union)
+def _union_may_win(costs: LayerCosts, per_token: float) -> bool:
+    """Whether measuring the union (two more passes) can change the choice: its time at the lowest union
+    possible (the per-token density) beats dense and the per-token path."""
+    if costs.union is None:
+        return False
+    bound = costs.union[0] + costs.union[1] * per_token
+    return bound < MARGIN * costs.dense and bound < costs.predict("per_token", per_token, per_token)
+
+
+def _choose(costs: LayerCosts, per_token: float, union: float | None) -> str:
+    dense = costs.predict("dense", per_token, 1.0)
     best, best_time = "dense", dense
     for path in ("per_token", "union"):
-        t = costs.predict(path, per_token, union)
+        if path == "union" and union is None:
+            continue
+        t = costs.predict(path, per_token, union if union is not None else 1.0)
         if t < MARGIN * dense and t < best_time:
             best, best_time = path, t
     return best
