@@ -178,7 +178,17 @@ def _label(r: dict) -> str:
     return r["run"] + (f" ({r['variant']})" if r.get("variant") else "")
 
 
+def latest_per_run(rows: list[dict]) -> tuple[list[dict], int]:
+    """A run made again (same run folder name) replaces its earlier row; returns (rows, how many were replaced)."""
+    latest: dict[str, dict] = {}
+    for r in rows:
+        latest.pop(_run_name(r), None)
+        latest[_run_name(r)] = r
+    return list(latest.values()), len(rows) - len(latest)
+
+
 def summarize(rows: list[dict]) -> str:
+    rows, replaced = latest_per_run(rows)
     peft = {_key(r): r for r in rows if r["run"] == "peft"}
     commands = list(dict.fromkeys(r["cmd"] for r in rows))
     tasks = list(dict.fromkeys(r.get("task", "glue/sst2") for r in rows))
@@ -187,7 +197,9 @@ def summarize(rows: list[dict]) -> str:
              "table: `python benchmarks/deft_vs_peft.py --summarize`). DEFT = the `deft` pass defaults. Density: exact-nonzero MLP activations,",
              "all dev rows; masked = real tokens only, paper = padding to max_seq_length counted. Score = the task's "
              "metric (SST-2 accuracy, MRPC F1); d = against the PEFT run (density_weight 0) of the same task, method and seed. "
-             "selection: weights chosen on held-out training rows (never on dev).", "",
+             "selection: weights chosen on held-out training rows (never on dev); DEFT runs choose only among "
+             "steps after the density ramp." + (f" {replaced} earlier row(s) of runs made again are not shown." if replaced
+                                                 else ""), "",
              "plain peft = correct dev rows with the adapter loaded by plain peft onto the original checkpoint (no "
              "deftcompress import, `plain_peft_reload.py`) / correct rows in the report, and that adapter's size. "
              "s/step and the per-row time ratio come from each run's own training, runs made one after another "

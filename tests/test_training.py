@@ -187,3 +187,25 @@ def test_bad_training_options_are_one_line_errors(tiny_data, deft, message):
     with pytest.raises(RecipeError) as info:
         Recipe.build(model="minilm", task="glue/sst2", data_dir=str(tiny_data), passes=[{"deft": deft}])
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_deft_keeps_weights_only_from_after_the_density_ramp(tiny_checkpoint, tiny_data, tmp_path, monkeypatch,
+                                                              one_thread):
+    """Held-out scores that fall as density falls (as on MRPC) must not pick a checkpoint from before DEFT took hold:
+    plain PEFT keeps its best step anywhere, DEFT only among steps after the ramp."""
+    from types import SimpleNamespace
+
+    from deftcompress.measurement import evaluation
+
+    scores = iter([0.9, 0.8, 0.7, 0.6] * 2)  # the earliest evaluation scores best, every run
+
+    def falling(*args, **kwargs):
+        return SimpleNamespace(task_score=next(scores), density=None)
+
+    monkeypatch.setattr(evaluation, "evaluate", falling)
+    common = dict(validation_fraction=0.25, eval_steps=1, density_ramp_ratio=0.75, density_warmup_ratio=0.0)
+    peft, _ = _options_run(tiny_checkpoint, tiny_data, tmp_path, "peft", density_weight=0.0, **common)
+    deft, _ = _options_run(tiny_checkpoint, tiny_data, tmp_path, "deft", **common)
+    assert peft["chosen_step"] == 1
+    assert deft["chosen_step"] == 3  # the best of steps 3 and 4 (ceil(0.75 * 4) = 3)
+    assert any("after the density ramp" in n for n in deft["notes"])

@@ -9,6 +9,7 @@ kept gates into their blocks and removes the skipped blocks (`architecture.skip`
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from deftcompress.training.options import GateSettings
@@ -63,6 +64,11 @@ def run_deft(state, c, pass_name: str, gate_settings: GateSettings | None = None
                                 max_seq_length=state.recipe.max_seq_length,
                                 max_target_length=state.eval_settings().max_target_length, seed=state.seed,
                                 desc=f"{pass_name} {c.method}")
+    if c.density_weight > 0:  # choose weights only once the density target (or weight) is fully in force
+        ramp_end = c.density_warmup_ratio + c.density_ramp_ratio
+        if gate_settings is not None:
+            ramp_end = max(ramp_end, gate_settings.decision_ratio)  # ADA-DEFT: after the skips are fixed
+        settings = dataclasses.replace(settings, select_from_ratio=ramp_end)
     density = DensityLoss(mlp_blocks(model, state.arch), c.density_loss_settings(density_mode))
     if scales is not None and c.density_grad == "scale_only":
         density.scale_only = scales.scale_of

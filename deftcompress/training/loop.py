@@ -220,6 +220,7 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
     total_steps = settings.max_steps if settings.max_steps is not None else settings.epochs * steps_per_epoch
     epochs_to_run = math.ceil(total_steps / steps_per_epoch)
     evaluate_epochs = settings.eval_every_epoch and epochs_to_run > 1
+    select_from = math.ceil(settings.select_from_ratio * total_steps)  # earlier evaluations are logged, not kept
     selection_rows = validation or state.eval_examples()
 
     optimizer = torch.optim.AdamW(parameter_groups or default_parameter_groups(model, settings.weight_decay),
@@ -314,7 +315,7 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                     if trackers:
                         accelerator.log({"held_out_score": score, **({"held_out_density": density} if density is not None else {})},
                                         step=step)
-                    if sign * score > best_step_score:  # ties keep the earlier step
+                    if step >= select_from and sign * score > best_step_score:  # ties keep the earlier step
                         best_step, best_step_score = step, sign * score
                         best_step_weights = _snapshot(params)
                 step_start = time.perf_counter()  # after any evaluation: step times are optimisation only
@@ -325,7 +326,7 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                            extra_loss=sums["extra"] / sums["extra_n"] if sums["extra_n"] else None, seconds=epoch_seconds)
             if evaluate_epochs and not settings.eval_steps:
                 log.eval_score, log.eval_density = held_out_score(f"eval epoch {epoch + 1}")
-                if sign * log.eval_score > best_score:  # ties keep the earlier epoch
+                if step >= select_from and sign * log.eval_score > best_score:  # ties keep the earlier epoch
                     best_score, best_epoch = sign * log.eval_score, epoch + 1
                     best_weights = _snapshot(params) if epoch + 1 < epochs_to_run else None
             epochs.append(log)
@@ -348,8 +349,11 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
         if best_step_weights is not None and best_step != step:
             _restore(params, best_step_weights)
             state.enforce_constraints(model)
+        among = f", among steps >= {select_from} (after the density ramp)" if select_from else ""
+        if best_step_weights is None:  # no evaluation was eligible: the last weights stay
+            best_step = step
         notes.append(f"kept step {best_step} of {step} (best {state.task.metric} on {where}, every "
-                     f"{settings.eval_steps} steps)")
+                     f"{settings.eval_steps} steps{among})")
     model = accelerator.unwrap_model(ddp_model)
     model.eval()
     accelerator.free_memory()

@@ -75,6 +75,9 @@ class TrainSettings:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast through accelerate
     eval_steps: int | None = None  # evaluate on the held-out rows every N optimizer steps, keep the best
     report_to: tuple[str, ...] = ()  # accelerate trackers (tensorboard, wandb, ...)
+    # Keep-best considers only evaluations from this fraction of the steps on (DEFT: after the density ramp,
+    # when the model is held to its target; an earlier, denser checkpoint would score better and undo DEFT)
+    select_from_ratio: float = 0.0
 
 
 @dataclass(frozen=True)
