@@ -99,6 +99,7 @@ def run_one(method: str, seed: int, density: bool, args, deft_options: dict, out
         "f1": masked.metrics.get("f1"), "selection": details.get("chosen_step") is not None,
         "method": method, "seed": seed, "run": "deft" if density else "peft", "steps": details["steps"],
         "variant": args.variant if density else None, "plain_peft": details.get("plain_peft"),
+        "select_after_ramp": bool(density and details.get("chosen_step") is not None),
         "plain_peft_check": plain_check,
         "run_dir": str(out_dir / name),
         "eval_rows": masked.eval_examples,
@@ -153,7 +154,8 @@ def _plain_cell(r: dict) -> str:
     if check:
         return "check failed: " + check.get("error", "")[:60]
     if plain.get("why_not"):
-        return "n/a (" + plain["why_not"].split(";")[0].split(":")[0] + ")"
+        why = plain["why_not"].split(";")[0].split(":")[0]
+        return "n/a (" + (why if len(why) <= 60 else why[:57] + "...") + ")"
     return "-"
 
 
@@ -164,6 +166,14 @@ def _side_by_side(task: str, method: str) -> float | None:
         return None
     data = json.loads(path.read_text())
     return next((r["ratio"] for r in data["results"] if r["method"] == method), None)
+
+
+def _selection_cell(r: dict) -> str:
+    if not r.get("selection"):
+        return "no"
+    if r["run"] == "peft" or r.get("select_after_ramp"):
+        return "yes" + (", after the ramp" if r["run"] == "deft" else "")
+    return "yes, any step (made before selection waited for the ramp)"
 
 
 def _score(r: dict) -> float:
@@ -218,7 +228,7 @@ def summarize(rows: list[dict]) -> str:
         lines.append(f"| {r.get('task', 'glue/sst2')} | {r['method']} | {r['seed']} | {_label(r)} | {r['steps']} | "
                      f"{_score(r):.4f} | {r['accuracy']:.4f} | {dacc} | "
                      f"{r['density_masked']:.4f} | {r['density_paper']:.4f} | {r['above_tau_masked']:.4f} | {cut} | "
-                     f"{r['median_seconds_per_step']:.3f} | {ratio} | {'yes' if r.get('selection') else 'no'} | "
+                     f"{r['median_seconds_per_step']:.3f} | {ratio} | {_selection_cell(r)} | "
                      f"{_plain_cell(r) if r['run'] == 'deft' else '-'} |")
     lines += ["", "## Means over seeds, against the targets (>= 60% masked density cut at <= 1.0 point loss of the "
               "task metric, QLoRA: >= 50% at <= 1.5 points; step time <= 1.10x PEFT, measured side by side by "
@@ -255,8 +265,9 @@ def summarize(rows: list[dict]) -> str:
               "loss a^2/(a^2+eps) at weights 1-10, ramps and eps schedules (density barely moves or accuracy collapses), "
               "pre-activation losses with a trainable bias (collapse at fixed weight), a density target via "
               "per-layer multipliers, and per-neuron activation scales (the default here: the only variant that cut "
-              "density by about two thirds while keeping accuracy within 1-2 points). QLoRA cannot use the scales "
-              "(4-bit weights cannot absorb them), which is why its row falls short."]
+              "density by about two thirds while keeping accuracy within 1-2 points). Later variants and findings "
+              "(step time, selection after the ramp, plain-peft reload): `deft_research_notes.md`. QLoRA keeps its "
+              "scales beside the activation (act(s x) / s), since 4-bit weights cannot absorb them."]
     return "\n".join(lines) + "\n"
 
 
