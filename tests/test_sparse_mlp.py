@@ -136,3 +136,32 @@ def test_a_clearly_dense_layer_stops_counting_for_a_while():
         out = down(sparse_input)  # the streak is over: counted again, and sparse
     assert down.stats.paths["per_token"] == 1
     torch.testing.assert_close(out, linear(sparse_input))
+
+
+def test_a_path_that_loses_in_place_is_dropped_after_a_few_calls(monkeypatch):
+    """The cost model said sparse; in place it is slower: after VERIFY_CALLS timed calls the layer goes dense."""
+    import time as _time
+
+    from deftcompress.runtime import sparse_mlp
+    from deftcompress.runtime.sparse_mlp import VERIFY_CALLS, LayerStats, SparseDown
+
+    real = sparse_mlp._down_union
+
+    def slow_union(*args):
+        _time.sleep(0.002)
+        return real(*args)
+
+    class UnionPays:  # what a (wrong) calibration would say
+        def costs(self, d_in, d_out, tokens, gated):
+            return LayerCosts(dense=1.0, per_token=None, union=(0.0, 0.0))
+
+    monkeypatch.setattr(sparse_mlp, "_down_union", slow_union)
+    linear = torch.nn.Linear(16, 4)
+    down = SparseDown(linear, UnionPays(), LayerStats("x", "down"), None)
+    h = torch.relu(torch.randn(3, 16))
+    with torch.no_grad():
+        for _ in range(VERIFY_CALLS + 3):
+            torch.testing.assert_close(down(h), linear(h), atol=1e-6, rtol=0)
+    report = down.stats.to_dict()
+    assert report["paths"]["union"] == VERIFY_CALLS and report["paths"]["dense"] == 3
+    assert report["dropped_in_place"][0]["path"] == "union" and report["dropped_in_place"][0]["tokens_bucket"] == "2-3"

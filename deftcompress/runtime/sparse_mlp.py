@@ -44,6 +44,9 @@ MARGIN = 0.9  # take a sparse path only where its predicted time is below 90% of
 # A layer found clearly dense (per-token density above 1.5x the give-up density) skips even the count for
 # this many calls: one count costs about as much as a third of a one-token MLP product on a small layer.
 DENSE_STREAK = 16
+# The cost model predicts; the first calls check it in place: per layer, token-count bucket and path, the
+# first VERIFY_CALLS sparse calls also time dense on the same input, and a path slower in place is dropped.
+VERIFY_CALLS = 5
 ALWAYS_MARGIN = 0.8  # the kernel goes uncounted only where predicted 20% faster than dense even at full density
 
 
@@ -289,6 +292,7 @@ class LayerStats:
     union_calls: int = 0  # calls that measured the union (the others went dense after the count)
     unchecked: int = 0  # calls run dense without a count (a clearly dense layer, see DENSE_STREAK)
     uncounted_kernel: int = 0  # calls sent to the compiled kernel without a count (it never loses here)
+    dropped: list = field(default_factory=list)  # paths that lost to dense in place (see VERIFY_CALLS)
     paths: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PATHS})
     timed_dense: list[float] = field(default_factory=list)
     timed_chosen: list[float] = field(default_factory=list)
@@ -311,6 +315,8 @@ class LayerStats:
                "union_density": round(self.union_sum / self.union_calls, 4) if self.union_calls else None,
                "paths": {**self.paths, "dense": self.paths["dense"] + self.unchecked,
                          "per_token": self.paths["per_token"] + self.uncounted_kernel}}
+        if self.dropped:
+            out["dropped_in_place"] = list(self.dropped)
         if self.timed_dense:
             out.update(dense_ms=round(1000 * statistics.median(self.timed_dense), 4),
                        runtime_ms=round(1000 * statistics.median(self.timed_chosen), 4),
@@ -365,9 +371,11 @@ class SparseDown(_Swapped):
         flat = h.reshape(-1, shape[-1])
         tokens = flat.shape[0]
         costs, give_up, always = _plan(self, tokens, shape[-1], self.weight_t.shape[1], gated=False)
-        if always and self.timer is None:
+        if always and self.timer is None and not _dropped(self, tokens, "per_token"):
             self.stats.uncounted_kernel += 1
-            return _kernels().sparse_down(flat, self.weight_t, self._bias).reshape(*shape[:-1], self.weight_t.shape[1])
+            out = _verified(self, tokens, "per_token", lambda: _kernels().sparse_down(flat, self.weight_t, self._bias),
+                            lambda: self.linear(flat))
+            return out.reshape(*shape[:-1], self.weight_t.shape[1])
         if _in_dense_streak(self, tokens):
             return self.linear(h)
         count = int(torch.count_nonzero(flat))
@@ -384,13 +392,14 @@ class SparseDown(_Swapped):
             nonzero = flat != 0
             union = float(nonzero.any(0).sum()) / shape[-1]
         path = _choose(costs, per_token, union)
+        path = "dense" if _dropped(self, tokens, path) else path
         run = {"dense": lambda: self.linear(flat),
                "per_token": lambda: _down_per_token(flat, self.weight_t, self.linear.bias, nonzero),
                "union": lambda: _down_union(flat, self.weight_t, self.linear.bias, nonzero)}[path]
         if self.timer is not None and self.timer.wants(self.stats):
             self.stats.timed_dense.append(_Timer.seconds(lambda: self.linear(flat)))
             self.stats.timed_chosen.append(_Timer.seconds(run))
-        out = run()
+        out = _verified(self, tokens, path, run, lambda: self.linear(flat))
         self.stats.record(tokens, shape[-1], count, union, path)
         return out.reshape(*shape[:-1], out.shape[-1])
 
@@ -422,10 +431,11 @@ class SparseGate(_Swapped):
             return self.linear(x)
         tokens = flat.shape[0]
         costs, give_up, always = _plan(self, tokens, shape[-1], width, gated=True)
-        if always and self.timer is None:
+        if always and self.timer is None and not _dropped(self, tokens, "per_token"):
             self.stats.uncounted_kernel += 1
-            return _gated_per_token(flat, self.linear.weight, self.linear.bias,
-                                    act_output.reshape(tokens, width)).reshape(*shape[:-1], width)
+            out = _verified(self, tokens, "per_token", lambda: _gated_per_token(
+                flat, self.linear.weight, self.linear.bias, act_output.reshape(tokens, width)), lambda: self.linear(flat))
+            return out.reshape(*shape[:-1], width)
         if _in_dense_streak(self, tokens):
             return self.linear(x)
         count = int(torch.count_nonzero(act_output))
@@ -444,13 +454,14 @@ class SparseGate(_Swapped):
             active = act_flat != 0
             union = float(active.any(0).sum()) / width
         path = _choose(costs, per_token, union)
+        path = "dense" if _dropped(self, tokens, path) else path
         run = {"dense": lambda: self.linear(flat),
                "per_token": lambda: _gated_per_token(flat, self.linear.weight, self.linear.bias, act_flat),
                "union": lambda: _gated_union(flat, self.linear.weight, self.linear.bias, active)}[path]
         if self.timer is not None and self.timer.wants(self.stats):
             self.stats.timed_dense.append(_Timer.seconds(lambda: self.linear(flat)))
             self.stats.timed_chosen.append(_Timer.seconds(run))
-        out = run()
+        out = _verified(self, tokens, path, run, lambda: self.linear(flat))
         self.stats.record(tokens, width, count, union, path)
         return out.reshape(*shape[:-1], out.shape[-1])
 
@@ -467,6 +478,37 @@ def _plan(module: nn.Module, tokens: int, d_in: int, d_out: int, gated: bool) ->
             not isinstance(module.calibration, FixedChoice)
         cache[tokens] = (costs, costs.give_up_density(), always)
     return cache[tokens]
+
+
+def _dropped(module: nn.Module, tokens: int, path: str) -> bool:
+    """True if `path` lost to dense in place for this layer at this token-count bucket (see VERIFY_CALLS)."""
+    return module.__dict__.get("_verdicts", {}).get((tokens.bit_length(), path)) == "dropped"
+
+
+def _verified(module: nn.Module, tokens: int, path: str, run, dense):
+    """Run `path`; on its first VERIFY_CALLS calls in this bucket also time dense on the same input, and drop
+    the path for the bucket if its median time was not below dense's."""
+    if path == "dense" or isinstance(module.calibration, FixedChoice):  # a fixed choice stays fixed
+        return run()
+    verdicts = module.__dict__.setdefault("_verdicts", {})
+    key = (tokens.bit_length(), path)
+    samples = verdicts.setdefault(key, [])
+    if not isinstance(samples, list) or len(samples) >= VERIFY_CALLS:
+        return run()
+    start = time.perf_counter()
+    out = run()
+    middle = time.perf_counter()
+    dense()
+    samples.append((middle - start, time.perf_counter() - middle))
+    if len(samples) == VERIFY_CALLS:
+        sparse_time = statistics.median(t for t, _ in samples)
+        dense_time = statistics.median(t for _, t in samples)
+        if sparse_time >= dense_time:
+            verdicts[key] = "dropped"
+            module.stats.dropped.append({"tokens_bucket": f"{2 ** (key[0] - 1)}-{2 ** key[0] - 1}", "path": path,
+                                         "sparse_ms": round(1e3 * sparse_time, 4),
+                                         "dense_ms": round(1e3 * dense_time, 4)})
+    return out
 
 
 def _in_dense_streak(module: nn.Module, tokens: int) -> bool:
