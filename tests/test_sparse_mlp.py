@@ -117,7 +117,7 @@ def test_evaluate_with_the_sparse_runtime_scores_as_dense_and_reports_each_layer
 
 
 def test_a_clearly_dense_layer_stops_counting_for_a_while():
-    """The count that decides costs time too: a layer far above its crossover skips it for DENSE_STREAK calls."""
+    """The count that decides costs time too: a layer above its crossover skips it for DENSE_STREAK calls."""
     from deftcompress.runtime.sparse_mlp import DENSE_STREAK, LayerStats, SparseDown
 
     class Costs:  # sparse pays only below 10% density here
@@ -165,3 +165,17 @@ def test_a_path_that_loses_in_place_is_dropped_after_a_few_calls(monkeypatch):
     report = down.stats.to_dict()
     assert report["paths"]["union"] == VERIFY_CALLS and report["paths"]["dense"] == 3
     assert report["dropped_in_place"][0]["path"] == "union" and report["dropped_in_place"][0]["tokens_bucket"] == "2-3"
+
+
+def test_entering_the_runtime_again_reuses_its_modules_and_statistics():
+    model, _ = build_tiny_model("llama")
+    model.eval()
+    runtime = SparseMLPRuntime(model, calibration=FixedChoice("union"))
+    inputs = _inputs()
+    for _ in range(3):
+        with runtime:
+            _outputs(model, "llama", inputs)
+    report = runtime.layer_report()
+    assert len(report) == 2 * len(mlp_blocks(model))  # a down and a gate per layer, not one set per entry
+    assert all(r["calls"] == 3 for r in report)
+    assert all(type(b.down) is torch.nn.Linear and type(b.gate) is torch.nn.Linear for b in mlp_blocks(model))

@@ -41,9 +41,9 @@ PATHS = ("dense", "per_token", "union")
 TOKEN_BUCKETS = (1, 8, 64, 512)  # tokens per call at which the cost model is measured (log-interpolated between)
 DENSITIES = (0.5, 0.2, 0.1, 0.05, 0.02)
 MARGIN = 0.9  # take a sparse path only where its predicted time is below 90% of dense
-# A layer found clearly dense (per-token density above 1.5x the give-up density) skips even the count for
-# this many calls: one count costs about as much as a third of a one-token MLP product on a small layer.
-DENSE_STREAK = 16
+# A layer found dense by its count (density above the give-up density) skips even the count for this many
+# calls: one count and its bookkeeping cost about a seventh of a one-token MLP block on a small layer.
+DENSE_STREAK = 8
 # The cost model predicts; the first calls check it in place: per layer, token-count bucket and path, the
 # first VERIFY_CALLS sparse calls also time dense on the same input, and a path slower in place is dropped.
 VERIFY_CALLS = 5
@@ -523,7 +523,7 @@ def _in_dense_streak(module: nn.Module, tokens: int) -> bool:
 
 
 def _start_dense_streak(module: nn.Module, tokens: int, density: float, give_up: float) -> None:
-    if density > 1.5 * give_up:
+    if density > give_up:
         module.__dict__.setdefault("_streaks", {})[tokens] = DENSE_STREAK
 
 
@@ -563,39 +563,38 @@ class SparseMLPRuntime:
         self.calibration = calibration if calibration is not None else SparseCalibration()
         self.timer = _Timer(timed_calls) if timed_calls else None
         self.stats: list[LayerStats] = []
-        self._restore: list[tuple[nn.Module, str, nn.Module]] = []
+        self._swaps: list[tuple] | None = None  # (parent, name, original Linear, sparse module, activation or None)
         self._hooks: list = []
 
     def __enter__(self) -> "SparseMLPRuntime":
-        for block in self.blocks:
-            self._swap(block, "down", SparseDown)
-            if block.gate is not None:
-                gate = self._swap(block, "gate", SparseGate)
-                if gate is not None:
-                    self._hooks.append(block.act.register_forward_hook(
-                        lambda module, inputs, output, gate=gate: gate.take_pattern(output)))
+        if self._swaps is None:  # built once: the in-place checks and the statistics carry over between entries
+            self._swaps = []
+            for block in self.blocks:
+                self._build(block, "down", SparseDown, None)
+                if block.gate is not None:
+                    self._build(block, "gate", SparseGate, block.act)
+        for parent, child, _, module, act in self._swaps:
+            setattr(parent, child, module)
+            if act is not None:  # the gate reads the activation's zeros
+                self._hooks.append(act.register_forward_hook(lambda m, inputs, output, gate=module: gate.take_pattern(output)))
         return self
 
-    def _swap(self, block: MLPBlock, role: str, cls):
+    def _build(self, block: MLPBlock, role: str, cls, act) -> None:
         linear = getattr(block, role)
         if type(linear) is not nn.Linear:  # quantized or adapter-wrapped layers keep their own forward
-            return None
+            return
         stats = LayerStats(block.label, role)
         self.stats.append(stats)
-        module = cls(linear, self.calibration, stats, self.timer)
         parent_name, _, child = block.names[role].rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        setattr(parent, child, module)
-        self._restore.append((parent, child, linear))
-        return module
+        self._swaps.append((parent, child, linear, cls(linear, self.calibration, stats, self.timer), act))
 
     def __exit__(self, *exc) -> None:
         for hook in self._hooks:
             hook.remove()
-        for parent, child, linear in reversed(self._restore):
-            setattr(parent, child, linear)
         self._hooks.clear()
-        self._restore.clear()
+        for parent, child, linear, _, _ in reversed(self._swaps or []):
+            setattr(parent, child, linear)
 
     @property
     def swapped(self) -> int:
