@@ -168,10 +168,21 @@ def _side_by_side(task: str, method: str) -> float | None:
     return next((r["ratio"] for r in data["results"] if r["method"] == method), None)
 
 
+def _chose_after_ramp(r: dict) -> bool:
+    """The row says so, or (rows written by a process started before it did) the run's own report does."""
+    if r.get("select_after_ramp"):
+        return True
+    report = Path(r.get("run_dir") or "/nonexistent") / "report.json"
+    if not report.is_file():
+        return False
+    steps = json.loads(report.read_text()).get("steps", [])
+    return any("after the density ramp" in note for s in steps for note in (s.get("details") or {}).get("notes", []))
+
+
 def _selection_cell(r: dict) -> str:
     if not r.get("selection"):
         return "no"
-    if r["run"] == "peft" or r.get("select_after_ramp"):
+    if r["run"] == "peft" or _chose_after_ramp(r):
         return "yes" + (", after the ramp" if r["run"] == "deft" else "")
     return "yes, any step (made before selection waited for the ramp)"
 
