@@ -161,7 +161,7 @@ class Quantize(Pass):
 
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        from deftcompress.export.onnx import folder_bytes
+        from deftcompress.measurement.size import directory_bytes
 
         graph = state.onnx
         if graph is None:  # validation rejects it; kept for Python callers that bypass the plan
@@ -187,8 +187,8 @@ class Quantize(Pass):
         state.onnx = dataclasses.replace(graph, folder=str(target), quantized="ort_int8")
         return {"backend": "ort_int8", "weights": "int8 per output channel (onnxruntime quantize_dynamic); "
                                                   "activations quantized per batch",
-                "files": graph.files, "size_bytes_before": folder_bytes(source), "size_bytes_after": folder_bytes(target),
-                "size_ratio": round(folder_bytes(target) / max(folder_bytes(source), 1), 4),
+                "files": graph.files, "size_bytes_before": directory_bytes(source), "size_bytes_after": directory_bytes(target),
+                "size_ratio": round(directory_bytes(target) / max(directory_bytes(source), 1), 4),
                 "quantize_seconds": round(time.perf_counter() - t0, 3),
                 "note": "the PyTorch model is unchanged; this step is measured in onnxruntime"}
 

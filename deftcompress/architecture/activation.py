@@ -63,8 +63,7 @@ def replace_activations(model: nn.Module, kind: Kind, threshold: float = 0.0, ar
         if holder is not None:  # DEFT's scales stay around the activation
             holder.act = new
         else:
-            parent_name, _, child = block.names["act"].rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+            model.set_submodule(block.names["act"], new)
             block.act = new
         labels.append(block.label)
     stock = _set_stock_activation(model, arch) if kind == "relu" else False
@@ -101,8 +100,6 @@ def apply_recorded_activation(model: nn.Module) -> int:
     count = 0
     for block in mlp_blocks(model):
         if block.label in wanted:
-            parent_name, _, child = block.names["act"].rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child,
-                    new_activation(record["kind"], record.get("threshold", 0.0)))
+            model.set_submodule(block.names["act"], new_activation(record["kind"], record.get("threshold", 0.0)))
             count += 1
     return count

@@ -86,12 +86,10 @@ def skip_mlp_blocks(model: nn.Module, labels: list[str] | tuple[str, ...], arch:
                     original = layer.get_submodule(step.path)
                 except AttributeError:
                     raise ArchitectureError(f"{where}: not found; check the architecture table's skip steps") from None
-                parent_path, _, attr = step.path.rpartition(".")
-                parent = layer.get_submodule(parent_path) if parent_path else layer
                 replacement = _replacement(step, original, where)
                 kept = {id(m) for m in replacement.modules()}  # e.g. BERT's LayerNorm stays
                 removed += [f"{where}.{n}" if n else where for n, m in original.named_modules() if id(m) not in kept]
-                setattr(parent, attr, replacement)
+                layer.set_submodule(step.path, replacement)
     missing = wanted - found
     if missing:
         raise ArchitectureError(f"cannot skip MLP blocks {sorted(missing)}: the model has no such layers")

@@ -146,16 +146,14 @@ def add_density_outputs(path: Path, act_modules: list[str], widths: list[int]) -
     onnx.save(model, str(path))
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-
-
 def describe(graph: OnnxGraph) -> dict[str, Any]:
     import onnx
+
+    from deftcompress.measurement.size import directory_bytes
 
     folder = Path(graph.folder)
     main = onnx.load(str(folder / graph.main_file()), load_external_data=False)
     ops = sorted({n.op_type for n in main.graph.node})
-    return {"files": graph.files, "bytes": folder_bytes(folder), "opset": max(o.version for o in main.opset_import),
+    return {"files": graph.files, "bytes": directory_bytes(folder), "opset": max(o.version for o in main.opset_import),
             "activation_ops": [op for op in ops if op in ("Erf", "Gelu", "FastGelu", "Relu", "Tanh", "Sigmoid", "BiasGelu")],
             "nodes": len(main.graph.node)}

@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import nn
 
+from deftcompress.measurement.size import directory_bytes
 from deftcompress.peft_methods.wrapping import PeftMethodError, is_peft_model
 
 PLAIN_PEFT_DIR = "adapter_plain_peft"
@@ -49,8 +50,7 @@ def save_plain_peft_adapter(model: nn.Module, folder: str | Path, mlp_layer_name
         layer = inner.get_submodule(name)
         if isinstance(layer, BaseTunerLayer):  # an adapter on a layer that travels whole: fold it in
             layer.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(inner.get_submodule(parent_name) if parent_name else inner, child, layer.get_base_layer())
+            inner.set_submodule(name, layer.get_base_layer())
     config = copy.deepcopy(work.active_peft_config)
     if not config.is_prompt_learning:
         # full names: a suffix list like ["query", "value", "intermediate.dense"] would wrap the whole layers again
@@ -66,5 +66,5 @@ def save_plain_peft_adapter(model: nn.Module, folder: str | Path, mlp_layer_name
     set_peft_model_state_dict(plain, {**rebuilt, **trained})
     folder = Path(folder)
     plain.save_pretrained(folder, safe_serialization=True)
-    return {"dir": folder.name, "bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
+    return {"dir": folder.name, "bytes": directory_bytes(folder),
             "modules_to_save": len(mlp_layer_names)}

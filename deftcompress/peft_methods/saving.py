@@ -106,8 +106,7 @@ def merged_float_copy(model: nn.Module) -> nn.Module:
                 weight = dequantized_weight(base)
                 for adapter in module.active_adapters:
                     weight = weight + module.get_delta_weight(adapter).float()
-                parent_name, _, child = name.rpartition(".")
-                setattr(clone.get_submodule(parent_name) if parent_name else clone, child, to_float_linear(base, weight))
+                clone.set_submodule(name, to_float_linear(base, weight))
         unwrap_trained_heads(clone)
         clone = clone.merge_and_unload()
     dequantize_linear_layers(clone)

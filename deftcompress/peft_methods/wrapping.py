@@ -220,6 +220,5 @@ def unwrap_trained_heads(model: nn.Module, keep: Literal["trained", "original"] 
 
     for name, module in list(model.named_modules()):
         if isinstance(module, ModulesToSaveWrapper):
-            parent_name, _, child = name.rpartition(".")
             head = module.modules_to_save[module.active_adapters[0]] if keep == "trained" else module.original_module
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, head)
+            model.set_submodule(name, head)

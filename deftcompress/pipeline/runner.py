@@ -260,10 +260,8 @@ class Pipeline:
         final["saved_model_bytes"] = directory_bytes(model_dir)
         final["saved_model_format"] = manifest["format"]
         if state.onnx is not None:
-            from deftcompress.export.onnx import folder_bytes
-
             final["onnx"] = {"folder": os.path.relpath(state.onnx.folder, out), "files": state.onnx.files,
-                             "bytes": folder_bytes(Path(state.onnx.folder)), "quantized": state.onnx.quantized,
+                             "bytes": directory_bytes(Path(state.onnx.folder)), "quantized": state.onnx.quantized,
                              "density_outputs": state.onnx.density_outputs}
         final["model_dir"] = str(self.output_dir / "model")
         report.final = final

@@ -1,17 +1,20 @@
-"""Sparse MLP execution in plain PyTorch: activation zeros turned into skipped work on an ordinary CPU.
+"""Sparse MLP execution on an ordinary CPU: activation zeros turned into skipped work.
 
 Per MLP block (found through the architecture table):
 
-- the down-projection multiplies only the nonzero activations: per token, an `embedding_bag` over the
-  rows of the transposed weight (`W_down^T`, rows contiguous) weighted by the activation values
-  (work grows with the nonzeros), or, for a batch, one matmul over the union of active neurons;
+- the down-projection multiplies only the nonzero activations: per token, over the rows of the
+  transposed weight (`W_down^T`, rows contiguous) of its active neurons (a small C++ kernel,
+  `sparse_kernels`, or `embedding_bag` where it cannot build), or, for a batch, one matmul over the
+  union of active neurons;
 - in gated MLPs (`down(act(up(x)) * gate(x))`, Llama's `gate_proj`/`up_proj`), the multiplied
-  projection computes only the rows of neurons the activation left nonzero somewhere in the batch.
+  projection computes only the rows of neurons the activation left nonzero.
 
-Each call measures the batch's density and picks dense, per-token or union from a cost model of this
-layer's shape calibrated once on the machine (`SparseCalibration`, cached under
-`~/.cache/deftcompress/`): sparse only where it was measured faster, by a margin, so it is never
-slower than dense at any density. Outputs equal the dense ones up to float summation order.
+Each call counts the zeros and picks dense, per-token or union from a cost model of the layer's shape
+calibrated once on the machine (`SparseCalibration`, cached under `~/.cache/deftcompress/`), sparse only
+where it is predicted faster by a margin; the first sparse calls of each layer are checked against
+dense in place, and a path that loses is dropped. That aims at never being slower than dense; the
+remaining cost is the count itself (benchmarks/results/sparse_mlp.md has where it falls short).
+Outputs equal the dense ones up to float summation order.
 
     with SparseMLPRuntime(model, arch) as runtime:   # swaps the projections, restores them on exit
         model(**batch)
@@ -341,9 +344,19 @@ class _Timer:
 
 
 class _Swapped(nn.Module):
-    """Shows the replaced Linear's weight and bias (family forwards read e.g. `wo.weight.dtype`)."""
+    """What both swapped projections share: the per-call decision (see the module docstring), the state it keeps
+    per token count (cost plan, dense streak, in-place verdicts), and the replaced Linear's weight and bias
+    (family forwards read e.g. `wo.weight.dtype`)."""
 
-    linear: nn.Linear
+    gated = False  # which cost model: the down-projection's or the gated side's
+
+    def __init__(self, linear: nn.Linear, calibration, stats: LayerStats, timer: _Timer | None):
+        super().__init__()
+        self.linear = linear
+        self.calibration, self.stats, self.timer = calibration, stats, timer
+        self._plans: dict[int, tuple[LayerCosts, float, bool]] = {}  # tokens -> (costs, give-up density, kernel always)
+        self._streaks: dict[int, int] = {}  # tokens -> calls left that skip the count (a layer found dense)
+        self._verdicts: dict[tuple[int, str], list | str] = {}  # (token bucket, path) -> timings, or "dropped"
 
     @property
     def weight(self) -> torch.Tensor:
@@ -353,55 +366,100 @@ class _Swapped(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.linear.bias
 
+    def _run(self, flat: torch.Tensor, pattern: torch.Tensor, sparse_paths) -> torch.Tensor:
+        """`flat` through the path this call should take. `pattern` [tokens, width] holds the zeros that decide;
+        `sparse_paths(nonzero)` gives {"per_token": fn, "union": fn} (nonzero: `pattern != 0` where measured)."""
+        tokens, width = pattern.shape
+        dense = lambda: self.linear(flat)  # noqa: E731
+        costs, give_up, always = self._plan(tokens, flat.shape[-1])
+        timed = self.timer is not None and self.timer.wants(self.stats)
+        if always and self.timer is None and not self._dropped(tokens, "per_token"):
+            self.stats.uncounted_kernel += 1
+            return self._verified(tokens, "per_token", sparse_paths(None)["per_token"], dense)
+        if self._streaks.get(tokens, 0) > 0 and not timed:  # timed calls are counted
+            self._streaks[tokens] -= 1
+            self.stats.unchecked += 1
+            return dense()
+        count = int(torch.count_nonzero(pattern))
+        per_token = count / max(pattern.numel(), 1)
+        if per_token > give_up:  # one count, then dense: what the decision costs a dense batch
+            if timed:
+                self.stats.timed_dense.append(_Timer.seconds(dense))
+                self.stats.timed_chosen.append(_Timer.seconds(lambda: (torch.count_nonzero(pattern).item(), dense())))
+            self.stats.record(tokens, width, count, None, "dense")
+            self._streaks[tokens] = DENSE_STREAK
+            return dense()
+        nonzero = union = None
+        if _union_may_win(costs, per_token):
+            nonzero = pattern != 0
+            union = float(nonzero.any(0).sum()) / width
+        path = _choose(costs, per_token, union)
+        path = "dense" if self._dropped(tokens, path) else path
+        run = dense if path == "dense" else sparse_paths(nonzero)[path]
+        if timed:
+            self.stats.timed_dense.append(_Timer.seconds(dense))
+            self.stats.timed_chosen.append(_Timer.seconds(run))
+        out = self._verified(tokens, path, run, dense)
+        self.stats.record(tokens, width, count, union, path)
+        return out
+
+    def _plan(self, tokens: int, d_in: int) -> tuple[LayerCosts, float, bool]:
+        """(cost model, give-up density, kernel always) at `tokens` tokens, looked up once per token count.
+        "Kernel always": the compiled per-token kernel was measured faster than dense even at full density, so the
+        call goes straight to it, without counting zeros first (the count would cost more than it saves)."""
+        if tokens not in self._plans:
+            costs = self.calibration.costs(d_in, self.linear.out_features, tokens, gated=self.gated)
+            always = _kernels() is not None and costs.per_token is not None and \
+                costs.predict("per_token", 1.0, 1.0) <= ALWAYS_MARGIN * costs.dense and \
+                not isinstance(self.calibration, FixedChoice)
+            self._plans[tokens] = (costs, costs.give_up_density(), always)
+        return self._plans[tokens]
+
+    def _dropped(self, tokens: int, path: str) -> bool:
+        """True if `path` lost to dense in place for this layer at this token-count bucket (see VERIFY_CALLS)."""
+        return self._verdicts.get((tokens.bit_length(), path)) == "dropped"
+
+    def _verified(self, tokens: int, path: str, run, dense):
+        """Run `path`; on its first VERIFY_CALLS calls in this bucket also time dense on the same input, and drop
+        the path for the bucket if its median time was not below dense's."""
+        if path == "dense" or isinstance(self.calibration, FixedChoice):  # a fixed choice stays fixed
+            return run()
+        key = (tokens.bit_length(), path)
+        samples = self._verdicts.setdefault(key, [])
+        if not isinstance(samples, list) or len(samples) >= VERIFY_CALLS:
+            return run()
+        start = time.perf_counter()
+        out = run()
+        middle = time.perf_counter()
+        dense()
+        samples.append((middle - start, time.perf_counter() - middle))
+        if len(samples) == VERIFY_CALLS:
+            sparse_time = statistics.median(t for t, _ in samples)
+            dense_time = statistics.median(t for _, t in samples)
+            if sparse_time >= dense_time:
+                self._verdicts[key] = "dropped"
+                self.stats.dropped.append({"tokens_bucket": f"{2 ** (key[0] - 1)}-{2 ** key[0] - 1}", "path": path,
+                                           "sparse_ms": round(1e3 * sparse_time, 4),
+                                           "dense_ms": round(1e3 * dense_time, 4)})
+        return out
+
 
 class SparseDown(_Swapped):
-    """In place of a down-projection `nn.Linear`: dense, per-token or union, per call (see the module docstring)."""
+    """In place of a down-projection `nn.Linear`: dense, per-token or union, per call; its input's zeros decide."""
 
     def __init__(self, linear: nn.Linear, calibration, stats: LayerStats, timer: _Timer | None):
-        super().__init__()
-        self.linear = linear
+        super().__init__(linear, calibration, stats, timer)
         self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)
-        self._bias = linear.bias.detach() if linear.bias is not None else _EMPTY
-        self.calibration, self.stats, self.timer = calibration, stats, timer
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.requires_grad or h.dtype != self.weight_t.dtype:
             return self.linear(h)
-        shape = h.shape
-        flat = h.reshape(-1, shape[-1])
-        tokens = flat.shape[0]
-        costs, give_up, always = _plan(self, tokens, shape[-1], self.weight_t.shape[1], gated=False)
-        if always and self.timer is None and not _dropped(self, tokens, "per_token"):
-            self.stats.uncounted_kernel += 1
-            out = _verified(self, tokens, "per_token", lambda: _kernels().sparse_down(flat, self.weight_t, self._bias),
-                            lambda: self.linear(flat))
-            return out.reshape(*shape[:-1], self.weight_t.shape[1])
-        if _in_dense_streak(self, tokens):
-            return self.linear(h)
-        count = int(torch.count_nonzero(flat))
-        per_token = count / max(flat.numel(), 1)
-        if per_token > give_up:  # one count, then dense: what the decision costs a dense batch
-            if self.timer is not None and self.timer.wants(self.stats):
-                self.stats.timed_dense.append(_Timer.seconds(lambda: self.linear(flat)))
-                self.stats.timed_chosen.append(_Timer.seconds(lambda: (torch.count_nonzero(flat).item(), self.linear(flat))))
-            self.stats.record(tokens, shape[-1], count, None, "dense")
-            _start_dense_streak(self, tokens, per_token, give_up)
-            return self.linear(h)
-        nonzero = union = None
-        if _union_may_win(costs, per_token):
-            nonzero = flat != 0
-            union = float(nonzero.any(0).sum()) / shape[-1]
-        path = _choose(costs, per_token, union)
-        path = "dense" if _dropped(self, tokens, path) else path
-        run = {"dense": lambda: self.linear(flat),
-               "per_token": lambda: _down_per_token(flat, self.weight_t, self.linear.bias, nonzero),
-               "union": lambda: _down_union(flat, self.weight_t, self.linear.bias, nonzero)}[path]
-        if self.timer is not None and self.timer.wants(self.stats):
-            self.stats.timed_dense.append(_Timer.seconds(lambda: self.linear(flat)))
-            self.stats.timed_chosen.append(_Timer.seconds(run))
-        out = _verified(self, tokens, path, run, lambda: self.linear(flat))
-        self.stats.record(tokens, shape[-1], count, union, path)
-        return out.reshape(*shape[:-1], out.shape[-1])
+        flat = h.reshape(-1, h.shape[-1])
+        bias = self.linear.bias
+        out = self._run(flat, flat, lambda nonzero: {
+            "per_token": lambda: _down_per_token(flat, self.weight_t, bias, nonzero),
+            "union": lambda: _down_union(flat, self.weight_t, bias, nonzero)})
+        return out.reshape(*h.shape[:-1], out.shape[-1])
 
 
 class SparseGate(_Swapped):
@@ -409,13 +467,13 @@ class SparseGate(_Swapped):
 
     The activation runs first in the families' forwards (Llama: `down(act(gate_proj(x)) * up_proj(x))`
     evaluates the activation before `up_proj`; T5 gated likewise); a hook on the activation hands its
-    nonzero pattern over. Without a fresh pattern of the same shape the projection runs dense.
+    output over, whose zeros decide. Without a fresh output of the right size the projection runs dense.
     """
 
+    gated = True
+
     def __init__(self, linear: nn.Linear, calibration, stats: LayerStats, timer: _Timer | None):
-        super().__init__()
-        self.linear = linear
-        self.calibration, self.stats, self.timer = calibration, stats, timer
+        super().__init__(linear, calibration, stats, timer)
         self.active: torch.Tensor | None = None
 
     def take_pattern(self, act_output: torch.Tensor) -> None:
@@ -423,108 +481,17 @@ class SparseGate(_Swapped):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act_output, self.active = self.active, None
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
+        flat = x.reshape(-1, x.shape[-1])
         width = self.linear.out_features
         if x.requires_grad or act_output is None or act_output.numel() != flat.shape[0] * width \
                 or x.dtype != self.linear.weight.dtype:
             return self.linear(x)
-        tokens = flat.shape[0]
-        costs, give_up, always = _plan(self, tokens, shape[-1], width, gated=True)
-        if always and self.timer is None and not _dropped(self, tokens, "per_token"):
-            self.stats.uncounted_kernel += 1
-            out = _verified(self, tokens, "per_token", lambda: _gated_per_token(
-                flat, self.linear.weight, self.linear.bias, act_output.reshape(tokens, width)), lambda: self.linear(flat))
-            return out.reshape(*shape[:-1], width)
-        if _in_dense_streak(self, tokens):
-            return self.linear(x)
-        count = int(torch.count_nonzero(act_output))
-        if count / (tokens * width) > give_up:
-            if self.timer is not None and self.timer.wants(self.stats):
-                self.stats.timed_dense.append(_Timer.seconds(lambda: self.linear(flat)))
-                self.stats.timed_chosen.append(_Timer.seconds(
-                    lambda: (torch.count_nonzero(act_output).item(), self.linear(flat))))
-            self.stats.record(tokens, width, count, None, "dense")
-            _start_dense_streak(self, tokens, count / (tokens * width), give_up)
-            return self.linear(x)
-        act_flat = act_output.reshape(tokens, width)
-        per_token = count / (tokens * width)
-        active = union = None
-        if _union_may_win(costs, per_token):
-            active = act_flat != 0
-            union = float(active.any(0).sum()) / width
-        path = _choose(costs, per_token, union)
-        path = "dense" if _dropped(self, tokens, path) else path
-        run = {"dense": lambda: self.linear(flat),
-               "per_token": lambda: _gated_per_token(flat, self.linear.weight, self.linear.bias, act_flat),
-               "union": lambda: _gated_union(flat, self.linear.weight, self.linear.bias, active)}[path]
-        if self.timer is not None and self.timer.wants(self.stats):
-            self.stats.timed_dense.append(_Timer.seconds(lambda: self.linear(flat)))
-            self.stats.timed_chosen.append(_Timer.seconds(run))
-        out = _verified(self, tokens, path, run, lambda: self.linear(flat))
-        self.stats.record(tokens, width, count, union, path)
-        return out.reshape(*shape[:-1], out.shape[-1])
-
-
-def _plan(module: nn.Module, tokens: int, d_in: int, d_out: int, gated: bool) -> tuple[LayerCosts, float, bool]:
-    """(cost model, give-up density, kernel always) for this module at `tokens` tokens, looked up once per token
-    count. "Kernel always": the compiled per-token kernel was measured no slower than dense even at full density,
-    so the call goes straight to it, without counting zeros first (the count would cost more than it saves)."""
-    cache = module.__dict__.setdefault("_plans", {})
-    if tokens not in cache:
-        costs = module.calibration.costs(d_in, d_out, tokens, gated=gated)
-        always = _kernels() is not None and costs.per_token is not None and \
-            costs.predict("per_token", 1.0, 1.0) <= ALWAYS_MARGIN * costs.dense and \
-            not isinstance(module.calibration, FixedChoice)
-        cache[tokens] = (costs, costs.give_up_density(), always)
-    return cache[tokens]
-
-
-def _dropped(module: nn.Module, tokens: int, path: str) -> bool:
-    """True if `path` lost to dense in place for this layer at this token-count bucket (see VERIFY_CALLS)."""
-    return module.__dict__.get("_verdicts", {}).get((tokens.bit_length(), path)) == "dropped"
-
-
-def _verified(module: nn.Module, tokens: int, path: str, run, dense):
-    """Run `path`; on its first VERIFY_CALLS calls in this bucket also time dense on the same input, and drop
-    the path for the bucket if its median time was not below dense's."""
-    if path == "dense" or isinstance(module.calibration, FixedChoice):  # a fixed choice stays fixed
-        return run()
-    verdicts = module.__dict__.setdefault("_verdicts", {})
-    key = (tokens.bit_length(), path)
-    samples = verdicts.setdefault(key, [])
-    if not isinstance(samples, list) or len(samples) >= VERIFY_CALLS:
-        return run()
-    start = time.perf_counter()
-    out = run()
-    middle = time.perf_counter()
-    dense()
-    samples.append((middle - start, time.perf_counter() - middle))
-    if len(samples) == VERIFY_CALLS:
-        sparse_time = statistics.median(t for t, _ in samples)
-        dense_time = statistics.median(t for _, t in samples)
-        if sparse_time >= dense_time:
-            verdicts[key] = "dropped"
-            module.stats.dropped.append({"tokens_bucket": f"{2 ** (key[0] - 1)}-{2 ** key[0] - 1}", "path": path,
-                                         "sparse_ms": round(1e3 * sparse_time, 4),
-                                         "dense_ms": round(1e3 * dense_time, 4)})
-    return out
-
-
-def _in_dense_streak(module: nn.Module, tokens: int) -> bool:
-    """True (and one call used up) while a clearly dense layer skips the count at this token count."""
-    streaks = module.__dict__.setdefault("_streaks", {})
-    left = streaks.get(tokens, 0)
-    if left > 0 and not (module.timer is not None and module.timer.wants(module.stats)):  # timed calls are counted
-        streaks[tokens] = left - 1
-        module.stats.unchecked += 1
-        return True
-    return False
-
-
-def _start_dense_streak(module: nn.Module, tokens: int, density: float, give_up: float) -> None:
-    if density > give_up:
-        module.__dict__.setdefault("_streaks", {})[tokens] = DENSE_STREAK
+        pattern = act_output.reshape(flat.shape[0], width)
+        weight, bias = self.linear.weight, self.linear.bias
+        out = self._run(flat, pattern, lambda nonzero: {
+            "per_token": lambda: _gated_per_token(flat, weight, bias, pattern),
+            "union": lambda: _gated_union(flat, weight, bias, nonzero)})
+        return out.reshape(*x.shape[:-1], width)
 
 
 def _union_may_win(costs: LayerCosts, per_token: float) -> bool:
@@ -563,7 +530,7 @@ class SparseMLPRuntime:
         self.calibration = calibration if calibration is not None else SparseCalibration()
         self.timer = _Timer(timed_calls) if timed_calls else None
         self.stats: list[LayerStats] = []
-        self._swaps: list[tuple] | None = None  # (parent, name, original Linear, sparse module, activation or None)
+        self._swaps: list[tuple] | None = None  # (module name, original Linear, sparse module, activation or None)
         self._hooks: list = []
 
     def __enter__(self) -> "SparseMLPRuntime":
@@ -573,8 +540,8 @@ class SparseMLPRuntime:
                 self._build(block, "down", SparseDown, None)
                 if block.gate is not None:
                     self._build(block, "gate", SparseGate, block.act)
-        for parent, child, _, module, act in self._swaps:
-            setattr(parent, child, module)
+        for name, _, module, act in self._swaps:
+            self.model.set_submodule(name, module)
             if act is not None:  # the gate reads the activation's zeros
                 self._hooks.append(act.register_forward_hook(lambda m, inputs, output, gate=module: gate.take_pattern(output)))
         return self
@@ -585,16 +552,14 @@ class SparseMLPRuntime:
             return
         stats = LayerStats(block.label, role)
         self.stats.append(stats)
-        parent_name, _, child = block.names[role].rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        self._swaps.append((parent, child, linear, cls(linear, self.calibration, stats, self.timer), act))
+        self._swaps.append((block.names[role], linear, cls(linear, self.calibration, stats, self.timer), act))
 
     def __exit__(self, *exc) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        for parent, child, linear, _, _ in reversed(self._swaps or []):
-            setattr(parent, child, linear)
+        for name, linear, _, _ in reversed(self._swaps or []):
+            self.model.set_submodule(name, linear)
 
     @property
     def swapped(self) -> int:

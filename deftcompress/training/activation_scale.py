@@ -178,10 +178,8 @@ def wrap_activation(model: nn.Module, block: MLPBlock, inverse_scale: torch.Tens
                     pre_scale: torch.Tensor | None = None) -> ScaledActivation:
     """Put a ScaledActivation in the place of `block`'s activation module (found by its full name in `model`)."""
     name = block.names["act"]
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    wrapped = ScaledActivation(getattr(parent, child), inverse_scale, pre_scale)
-    setattr(parent, child, wrapped)
+    wrapped = ScaledActivation(model.get_submodule(name), inverse_scale, pre_scale)
+    model.set_submodule(name, wrapped)
     block.act = wrapped
     return wrapped
 
@@ -292,8 +290,7 @@ def fold_module_scales_into_weights(model: nn.Module, every: bool = False) -> in
             if act.pre_scale is not None:
                 _scale_rows(b.up, act.pre_scale, b.names.get("up", "up"))
             _scale_columns(b.down, act.inverse_scale, b.names.get("down", "down"))
-            parent_name, _, child = b.names["act"].rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, act.act)
+            model.set_submodule(b.names["act"], act.act)
             b.act = act.act
             changed.append(b.label)
     config = model_config(model)

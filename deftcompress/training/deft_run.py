@@ -40,7 +40,7 @@ def run_deft(state, c, pass_name: str, gate_settings: GateSettings | None = None
     trained_biases = enable_mlp_bias(model, state.arch) if c.train_mlp_bias else []
     temporary = []  # constraints that bind only this training
     scales = None
-    use_scales = c.uses_activation_scales(c.method)
+    use_scales = c.uses_activation_scales()
     if use_scales and c.activation_scale is None and _all_relu_like(model, state.arch):
         use_scales = False
         notes.append("activation scales off: ReLU activations are scale-equivariant (act(s x) / s = act(x)), so "
@@ -143,6 +143,7 @@ def _plain_peft_form(state, pass_name, model, wrapped, changed_base: bool, skipp
     import): the library adapter as it is when the base weights did not change, else a second form with
     the changed MLP layers as modules_to_save (`peft_methods.plain_peft`), or why neither can."""
     from deftcompress.architecture import mlp_blocks
+    from deftcompress.measurement.size import directory_bytes
     from deftcompress.peft_methods.plain_peft import PLAIN_PEFT_DIR, save_plain_peft_adapter
     from deftcompress.training import distributed
 
@@ -163,7 +164,7 @@ def _plain_peft_form(state, pass_name, model, wrapped, changed_base: bool, skipp
                                         "plain peft cannot rebuild; model/ is a stock float checkpoint with them folded in"}
     if not changed_base:
         return {"dir": str(adapter_dir.relative_to(state.work_dir)), "loads_onto": onto,
-                "bytes": sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())}
+                "bytes": directory_bytes(adapter_dir)}
     inner = model.get_base_model()
     names = [b.names[part] for b in mlp_blocks(inner, state.arch) for part in ("up", "down")]
     folder = state.pass_dir(pass_name) / PLAIN_PEFT_DIR

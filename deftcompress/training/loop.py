@@ -377,9 +377,9 @@ def _check_trackers(trackers: list[str]) -> None:
     """One line naming the package a tracker needs, before anything trains."""
     import importlib.util
 
-    packages = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
-                "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
+    from deftcompress.training.options import TRACKER_PACKAGES
+
     for tracker in trackers:
-        package = packages.get(tracker, tracker)
+        package = TRACKER_PACKAGES.get(tracker, tracker)
         if importlib.util.find_spec(package) is None:
             raise TrainingError(f"report_to: {tracker} needs the {package} package (pip install {package})")

@@ -17,6 +17,9 @@ from deftcompress.core.protocol import ADAPTER, QUANTIZED, SCALES_IN_WEIGHTS, Ne
 from deftcompress.core.selectors import kept_module_patterns, patterns_problem
 
 METHODS: tuple[str, ...] = ("lora", "qlora", "adapter", "prompt", "prefix", "ia3")
+# report_to: the experiment trackers accelerate logs to, and the package each needs
+TRACKER_PACKAGES: dict[str, str] = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow",
+                                    "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
 MERGEABLE: tuple[str, ...] = ("lora", "qlora", "ia3")  # adapters that fold into the weights
 TARGETED: tuple[str, ...] = ("lora", "qlora", "ia3")  # methods that take target_modules
 
@@ -241,7 +244,7 @@ class DensityOptions:
             return "density_layer_weights must be a non-empty list of weights >= 0"
         return None
 
-    def uses_activation_scales(self, method: str) -> bool:
+    def uses_activation_scales(self) -> bool:
         """activation_scale null: on whenever there is density pressure."""
         if self.activation_scale is not None:
             return self.activation_scale
@@ -314,10 +317,9 @@ class TrainingOptions:
             return "validation_fraction must be in (0, 1) or null"
         if self.eval_steps is not None and (self.eval_steps < 1 or self.validation_fraction is None):
             return "eval_steps needs validation_fraction (evaluations that choose weights use held-out training rows)"
-        trackers = {"tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"}
-        unknown = [t for t in self.report_to if t not in trackers]
+        unknown = [t for t in self.report_to if t not in TRACKER_PACKAGES]
         if unknown:
-            return f"report_to: unknown tracker {unknown[0]!r} (known: {', '.join(sorted(trackers))})"
+            return f"report_to: unknown tracker {unknown[0]!r} (known: {', '.join(sorted(TRACKER_PACKAGES))})"
         return None
 
     def train_settings(self, *, padding: str, max_seq_length: int, max_target_length: int, seed: int, desc: str):
@@ -393,7 +395,7 @@ class AdaOptions:
 
 def deft_leaves(config) -> dict[str, str]:
     facts = {} if config.merge else {ADAPTER: f"a {config.method} adapter"}
-    if config.uses_activation_scales(config.method) and config.scale_fold(config.method) == "weights":
+    if config.uses_activation_scales() and config.scale_fold(config.method) == "weights":
         facts[SCALES_IN_WEIGHTS] = "per-neuron activation scales folded into the weights (up to ~1000x apart)"
     return facts
 
