@@ -186,13 +186,15 @@ def test_qlora_scales_survive_the_saved_state_a_resumed_run_starts_from(tiny_che
     deft = {"method": "qlora", "r": 4, "density_target": 0.3, "density_ramp_ratio": 0.3, "activation_scale_min": 1000.0,
             "max_steps": 4, "batch_size": 16, "learning_rate": 5e-3}
     recipe = Recipe.build(name="q", model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data), eval_batch_size=8,
-                          passes=[{"deft": deft}, "test_fails_once", {"evaluate": {}}])
+                          passes=[{"deft": deft}, "test_fails_once",
+                                  {"evaluate": {"density_tau": 0.02}}])  # another tau: measured again, not reused
     with pytest.raises(RuntimeError, match="boom"):
         run_recipe(recipe, output_dir=tmp_path / "out", quiet=True)
     report = run_recipe(recipe, output_dir=tmp_path / "out", quiet=True)
     assert report.resumed_from == 2 and fails_once == [2, 2]
     trained, evaluated = report.steps[1], report.steps[3]
     assert trained.details["activation_scales"]["fold"] == "module"
+    assert "evaluation" not in evaluated.details  # measured on the reloaded state, not the earlier measurement reused
     assert evaluated.task_score == trained.task_score
     assert evaluated.density["encoder"] == pytest.approx(trained.density["encoder"], abs=1e-6)
     assert trained.density["encoder"] < report.steps[0].density["encoder"] - 0.2  # the scales are really there

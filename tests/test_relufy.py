@@ -105,3 +105,23 @@ def test_shipped_relufy_then_deft_recipe_runs_as_shipped(tmp_path, monkeypatch):
     assert sparse.details["sparse_mlp"]["layers"] and dense.latency and sparse.latency
     assert report.steps[1].density["encoder"] < 0.3  # ReLU's zeros, before any training
     assert "Sparse MLP execution in step 4" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_shifted_relu_qlora_state_reloads_with_its_activation_and_scales(tiny_checkpoint, tiny_data, tmp_path,
+                                                                          fails_once):
+    """A 4-bit state carrying both recorded modules (relufy's shifted ReLU, DEFT's scales) resumes to the same numbers."""
+    deft = {"method": "qlora", "r": 4, "activation_scale": True, "activation_scale_min": 10.0, "max_steps": 3,
+            "batch_size": 16, "learning_rate": 5e-3}
+    recipe = Recipe.build(name="q", model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data), eval_batch_size=8,
+                          passes=[{"relufy": {"activation": "shifted_relu", "threshold": 0.05}}, {"deft": deft},
+                                  "test_fails_once",
+                                  {"evaluate": {"density_tau": 0.02}}])  # another tau: measured again, not reused
+    with pytest.raises(RuntimeError, match="boom"):
+        run_recipe(recipe, output_dir=tmp_path / "out", quiet=True)
+    report = run_recipe(recipe, output_dir=tmp_path / "out", quiet=True)
+    assert report.resumed_from == 3 and fails_once == [3, 3]
+    trained, evaluated = report.steps[2], report.steps[4]
+    assert trained.details["activation_scales"]["fold"] == "module"
+    assert "evaluation" not in evaluated.details  # measured on the reloaded state, not the earlier measurement reused
+    assert evaluated.task_score == trained.task_score
+    assert evaluated.density["encoder"] == pytest.approx(trained.density["encoder"], abs=1e-6)

@@ -179,3 +179,25 @@ def test_entering_the_runtime_again_reuses_its_modules_and_statistics():
     assert len(report) == 2 * len(mlp_blocks(model))  # a down and a gate per layer, not one set per entry
     assert all(r["calls"] == 3 for r in report)
     assert all(type(b.down) is torch.nn.Linear and type(b.gate) is torch.nn.Linear for b in mlp_blocks(model))
+
+
+def test_the_kernel_goes_uncounted_once_the_report_timing_is_done():
+    """Timed calls (for the report) count and time both paths; after them the calibrated fast path applies."""
+    from deftcompress.runtime import sparse_kernels
+    from deftcompress.runtime.sparse_mlp import LayerStats, SparseDown, _Timer
+
+    if sparse_kernels.load() is None:
+        pytest.skip(f"no compiled kernels here: {sparse_kernels.why_not()}")
+
+    class KernelPays:  # what a calibration says where the kernel beats dense at every density
+        def costs(self, d_in, d_out, tokens, gated):
+            return LayerCosts(dense=1.0, per_token=(0.0, 0.1), union=None)
+
+    linear = torch.nn.Linear(16, 4)
+    down = SparseDown(linear, KernelPays(), LayerStats("x", "down"), _Timer(2))
+    h = torch.relu(torch.randn(3, 16))
+    with torch.no_grad():
+        for _ in range(5):
+            torch.testing.assert_close(down(h), linear(h), atol=1e-6, rtol=0)
+    report = down.stats.to_dict()
+    assert report["timed_calls"] == 2 and report["uncounted_kernel_calls"] == 3

@@ -51,6 +51,9 @@ class Evaluation:
     seconds: float
     predictions: list[Any] = field(default_factory=list, repr=False)
     runtime_details: dict[str, Any] = field(default_factory=dict)  # what a runtime other than torch reports
+    # the sparse MLP runtime the evaluation ran in (deftcompress.runtime.sparse_mlp), kept so the step's latency
+    # is timed in the same runtime: its calibration, plans and in-place checks carry over
+    sparse_runtime: Any = field(default=None, repr=False)
 
     @property
     def latency_ms_per_example(self) -> float:

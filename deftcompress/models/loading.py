@@ -99,14 +99,17 @@ def load_model_and_tokenizer(ref: str, task: TaskSpec | None, device: torch.devi
         kwargs.setdefault("dtype", torch.float32)  # transformers would default bitsandbytes models to float16
     try:
         tokenizer = load_tokenizer(tokenizer_ref or ref)
-        if restructured(config) and not _scales_on_bitsandbytes(config, kwargs):
+        rebuilt = restructured(config)
+        if rebuilt and not _recorded_modules_on_bitsandbytes(config, kwargs):
             model = load_restructured(auto, ref, config, kwargs)
         else:
             model, info = auto.from_pretrained(ref, output_loading_info=True, **kwargs)
             _check_loading_info(ref, arch, info, notes)
-            if restructured(config):  # a QLoRA-DEFT base: 4-bit weights, scales beside the activations
+            if rebuilt:  # a 4-bit QLoRA-DEFT base: a relufied activation, scales beside the activations
+                from deftcompress.architecture.activation import apply_recorded_activation
                 from deftcompress.training.activation_scale import load_scaled_activations
 
+                apply_recorded_activation(model)
                 load_scaled_activations(model, Path(ref))
     except CheckpointError:
         raise
@@ -155,8 +158,9 @@ def restructured(config) -> bool:
         or _torch_int8_info(config) is not None or needs_rebuild(config)
 
 
-def _scales_on_bitsandbytes(config, kwargs: dict[str, Any]) -> bool:
-    """A bitsandbytes checkpoint whose only extra is DEFT's scales beside the activations (transformers loads the rest)."""
+def _recorded_modules_on_bitsandbytes(config, kwargs: dict[str, Any]) -> bool:
+    """A bitsandbytes checkpoint whose only extras are recorded activation modules (a shifted ReLU, DEFT's scales):
+    transformers loads the rest."""
     return "device_map" in kwargs and getattr(config, "deftcompress_layout", None) is None \
         and _torch_int8_info(config) is None
 

@@ -53,6 +53,7 @@ def _measure(state: PipelineState, settings: EvalSettings, desc: str) -> Evaluat
                                   progress=not state.quiet, desc=f"{desc} (sparse MLP)")
         evaluation.runtime_details = {"sparse_mlp": {"layers": runtime.layer_report(), "calibration": str(calibration.path),
                                                      "machine": calibration.key}}
+        evaluation.sparse_runtime = runtime
         return evaluation
     return evaluate(state.model, state.tokenizer, state.task, state.eval_examples(), state.arch, settings,
                     progress=not state.quiet, desc=desc)
@@ -68,11 +69,11 @@ def _step(state: PipelineState, name: str, evaluation: Evaluation, seconds: floa
         size = state_dict_bytes(state.model)
     details.update(evaluation.runtime_details)
     step = make_step(state.step_index, name, evaluation, params, nonzero, size, seconds, details)
-    step.latency = _fixed_latency(state, settings)
+    step.latency = _fixed_latency(state, settings, evaluation.sparse_runtime)
     return step
 
 
-def _fixed_latency(state: PipelineState, settings: EvalSettings) -> dict[str, Any]:
+def _fixed_latency(state: PipelineState, settings: EvalSettings, sparse_runtime=None) -> dict[str, Any]:
     """The step's model timed on the same workload as every other step of the run (see measurement.speed)."""
     from deftcompress.measurement.speed import onnx_forward, step_latency
 
@@ -84,10 +85,9 @@ def _fixed_latency(state: PipelineState, settings: EvalSettings) -> dict[str, An
         if state.onnx.kind != "classifier":
             return {"note": "not timed: text-to-text graphs run through generation"}
         model = onnx_forward(state.onnx.folder, state.onnx.main_file(), settings.ort_threads, settings.ort_optimization)
-    if settings.runtime == "sparse":
-        from deftcompress.runtime.sparse_mlp import SparseCalibration, SparseMLPRuntime
-
-        with SparseMLPRuntime(state.model, state.arch, SparseCalibration()):  # calibrated by the evaluation
+    if sparse_runtime is not None:  # the runtime the evaluation ran in, its checks already made
+        sparse_runtime.stop_timing()  # the report's per-layer timing would run dense too inside the timed calls
+        with sparse_runtime:
             return step_latency(model, state.tokenizer, state.task, state.arch, state.eval_examples(),
                                 settings.batch_size, repeats=repeats, max_seq_length=settings.max_seq_length,
                                 max_target_length=settings.max_target_length)

@@ -373,7 +373,7 @@ class _Swapped(nn.Module):
         dense = lambda: self.linear(flat)  # noqa: E731
         costs, give_up, always = self._plan(tokens, flat.shape[-1])
         timed = self.timer is not None and self.timer.wants(self.stats)
-        if always and self.timer is None and not self._dropped(tokens, "per_token"):
+        if always and not timed and not self._dropped(tokens, "per_token"):  # timed calls are counted
             self.stats.uncounted_kernel += 1
             return self._verified(tokens, "per_token", sparse_paths(None)["per_token"], dense)
         if self._streaks.get(tokens, 0) > 0 and not timed:  # timed calls are counted
@@ -560,6 +560,12 @@ class SparseMLPRuntime:
         self._hooks.clear()
         for name, linear, _, _ in reversed(self._swaps or []):
             self.model.set_submodule(name, linear)
+
+    def stop_timing(self) -> None:
+        """No more dense-against-sparse timing for the report (e.g. before the runtime itself is timed)."""
+        self.timer = None
+        for _, _, module, _ in self._swaps or []:
+            module.timer = None
 
     @property
     def swapped(self) -> int:
