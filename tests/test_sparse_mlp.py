@@ -72,6 +72,22 @@ def test_zero_activations_skip_work_and_whole_zero_tokens_give_the_bias(kernels)
             torch.testing.assert_close(got[2], linear.bias.detach())
 
 
+def test_one_token_leaves_the_layer_bias_alone(kernels):
+    """One token (decoding, or a one-row call): the kernel once summed into the bias tensor itself, so every call
+    shifted the layer's bias. Two calls in a row must give the dense output and leave the bias as it was."""
+    from deftcompress.runtime.sparse_mlp import _down_per_token
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 8)
+    bias_before = linear.bias.detach().clone()
+    weight_t = linear.weight.detach().t().contiguous()
+    h = torch.relu(torch.randn(1, 32))
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(_down_per_token(h, weight_t, linear.bias, h != 0), linear(h), atol=1e-6, rtol=0)
+    assert torch.equal(linear.bias.detach(), bias_before)
+
+
 def test_the_choice_is_dense_where_sparse_is_not_clearly_faster():
     costs = LayerCosts(dense=1.0, per_token=(0.1, 5.0), union=(0.2, 1.0))  # per-token: 0.1 + 5 d, union: 0.2 + u
     assert _choose(costs, per_token=0.02, union=0.9) == "per_token"  # 0.2 against 1.0

@@ -86,11 +86,12 @@ _SCRATCH: list[torch.Tensor] = []
 
 
 def _evict_caches() -> None:
-    """Write 32 MB between timed calls: in a model the other layers run in between, so no layer finds its
-    weights in cache; timing with hot caches made sparse paths look faster than they are in place."""
+    """Read 32 MB between timed calls: in a model the other layers run in between, so no layer finds its
+    weights in cache; timing with hot caches made sparse paths look faster than they are in place. Reading,
+    not writing: written lines must be written back, and that cost fell on the timed call."""
     if not _SCRATCH:
         _SCRATCH.append(torch.zeros(8 * 1024 * 1024))
-    _SCRATCH[0].add_(1.0)
+    _SCRATCH[0].sum()
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -161,7 +162,7 @@ class SparseCalibration:
         self.progress = progress
         kernels = "C++ kernels" if _kernels() is not None else "PyTorch only"  # cold-cache timing (format 2)
         self.key = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} {_cpu_name()}, "
-                    f"{kernels}, cold caches")
+                    f"{kernels}, cold caches (read)")
         self._costs: dict[str, LayerCosts] = {}
         self._load()
 
