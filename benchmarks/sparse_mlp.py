@@ -41,15 +41,20 @@ def parse_args(argv=None):
     p.add_argument("--rows", type=int, default=32, help="SST-2 dev rows for the whole-model workload")
     p.add_argument("--model", default=None, help="also time this saved model (e.g. a relufy + DEFT run's model/)")
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--hot", action="store_true",
+                   help="time blocks with hot caches (default: read 32 MB before each call, as a model's other layers do)")
     p.add_argument("--out", default=str(HERE / "results" / "sparse_mlp"))
     return p.parse_args(argv)
 
 
-def alternate(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each callable, called in turn `repeats` times (after one warm-up round)."""
+def alternate(fns: dict, repeats: int, evict=None) -> dict[str, float]:
+    """Median seconds of each callable, called in turn `repeats` times (after one warm-up round); `evict` runs
+    untimed before each call."""
     times = {k: [] for k in fns}
     for r in range(repeats + 1):
         for k, fn in fns.items():
+            if evict is not None:
+                evict()
             start = time.perf_counter()
             fn()
             if r:
@@ -93,7 +98,7 @@ def random_block(torch, d_model: int, d_ff: int, gated: bool, seed: int):
 def block_curve(torch, args, calibration) -> list[dict]:
     import torch.nn.functional as F
 
-    from deftcompress.runtime.sparse_mlp import LayerStats, SparseDown, SparseGate
+    from deftcompress.runtime.sparse_mlp import LayerStats, SparseDown, SparseGate, _evict_caches
 
     blocks = [("non-gated, MiniLM layer 0 (384x1536), real inputs", *minilm_block(torch)),
               ("non-gated, BERT-base shape (768x3072), random", *random_block(torch, 768, 3072, False, 1)),
@@ -131,7 +136,7 @@ def block_curve(torch, args, calibration) -> list[dict]:
                     reference = dense_fn()
                     diff = float((reference - sparse_fn()).abs().max())
                     measured = float((F.relu(up(x) - shift) != 0).float().mean())
-                    t = alternate({"dense": dense_fn, "sparse": sparse_fn}, args.repeats)
+                    t = alternate({"dense": dense_fn, "sparse": sparse_fn}, args.repeats, None if args.hot else _evict_caches)
                 rows.append({"block": kind, "tokens": tokens, "density": density, "measured_density": round(measured, 4),
                              "dense_us": 1e6 * t["dense"], "sparse_us": 1e6 * t["sparse"],
                              "speedup": t["dense"] / t["sparse"], "max_abs_diff": diff,
@@ -276,7 +281,7 @@ def render(data: dict, out: Path) -> None:
              f"Produced by `{data['command']}`. Medians of alternating repetitions in one process; speed-up = dense time "
              "over sparse time; sparse = `SparseMLPRuntime` with the machine's calibrated choice per call.", "",
              "## MLP blocks", "",
-             "Targets at density <= 10%, batch 1 (one token): non-gated >= 1.5x (limit 2x), gated >= 2.2x (limit 3x), "
+             f"Caches: {data.get('block_caches', 'hot')}. Targets at density <= 10%, batch 1 (one token): non-gated >= 1.5x (limit 2x), gated >= 2.2x (limit 3x), "
              "never slower than dense (speed-up >= 0.95 allowing timing noise), max |difference| <= 1e-5.", "",
              "| block | tokens | density | dense us | sparse us | speed-up | max abs diff (largest output) | down paths (dense/per-token/union) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -327,7 +332,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     calibration = SparseCalibration(progress=print)
     data = {"command": "DEFTCOMPRESS_DATA_DIR=../shared/data python benchmarks/sparse_mlp.py " + " ".join(sys.argv[1:]),
-            "threads": args.threads, "machine": calibration.key, "torch": torch.__version__}
+            "threads": args.threads, "machine": calibration.key, "torch": torch.__version__,
+            "block_caches": "hot (repeated calls)" if args.hot else "cold (32 MB read before each call, as in a model)"}
     data["blocks"] = block_curve(torch, args, calibration)
     data["models"] = whole_model(torch, args, calibration)
     data["decoding"] = decoding(torch, args, calibration)
