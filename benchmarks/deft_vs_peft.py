@@ -61,6 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--deft", default="{}", help="JSON of deft options for the DEFT runs (default: the pass defaults)")
     p.add_argument("--variant", default=None, help="label of a DEFT variant (--deft options): its rows and run names "
                                                    "carry it; it is compared with the same PEFT runs")
+    p.add_argument("--pair-settings", default="{}",
+                   help="JSON of deft options for both runs of each pair, over the per-method settings (e.g. another "
+                        "learning rate for a weak baseline); needs --pair-tag")
+    p.add_argument("--pair-tag", default=None, help="label of --pair-settings: in both runs' names and rows, and "
+                                                    "their pairs are compared only with each other")
     p.add_argument("--skip-peft", action="store_true", help="run only DEFT (the PEFT rows of the same budget exist)")
     p.add_argument("--out", default=str(HERE / "results" / "deft_vs_peft"))
     p.add_argument("--smoke", action="store_true", help="2 steps, 64 train rows, 32 dev rows, one seed; nothing appended")
@@ -73,7 +78,7 @@ def run_one(method: str, seed: int, density: bool, args, deft_options: dict, out
 
     options = {"method": method, "max_steps": args.steps or None, "epochs": args.epochs,
                "max_train_samples": args.train_rows or None, "batch_size": args.batch_size,
-               **METHOD_SETTINGS.get(method, {})}
+               **METHOD_SETTINGS.get(method, {}), **json.loads(args.pair_settings)}
     if args.validation_fraction:
         options.update({"validation_fraction": args.validation_fraction, "eval_steps": args.eval_steps})
     options.update(deft_options if density else {})
@@ -82,7 +87,8 @@ def run_one(method: str, seed: int, density: bool, args, deft_options: dict, out
     task_tag = "" if args.task == "glue/sst2" else args.task.split("/")[-1] + "_"
     budget = "" if args.steps == 250 and args.train_rows == 8000 else (f"_st{args.steps}" if args.steps else f"_ep{args.epochs}")
     variant = f"_{args.variant}" if args.variant and density else ""
-    name = (f"{task_tag}{method}_{'deft' if density else 'peft'}{variant}_s{seed}{budget}"
+    pair = f"_{args.pair_tag}" if args.pair_tag else ""
+    name = (f"{task_tag}{method}{pair}_{'deft' if density else 'peft'}{variant}_s{seed}{budget}"
             f"{'_sel' if args.validation_fraction else ''}")
     recipe = Recipe.build(name=name, model="minilm", task=args.task, seed=seed, max_eval_samples=args.eval_rows,
                           max_seq_length=args.max_seq_length,
@@ -98,7 +104,7 @@ def run_one(method: str, seed: int, density: bool, args, deft_options: dict, out
         "task": args.task, "metric": masked.task_metric, "score": masked.task_score,
         "f1": masked.metrics.get("f1"), "selection": details.get("chosen_step") is not None,
         "method": method, "seed": seed, "run": "deft" if density else "peft", "steps": details["steps"],
-        "variant": args.variant if density else None, "plain_peft": details.get("plain_peft"),
+        "variant": args.variant if density else None, "pair_tag": args.pair_tag, "plain_peft": details.get("plain_peft"),
         "select_after_ramp": bool(density and details.get("chosen_step") is not None),
         "plain_peft_check": plain_check,
         "run_dir": str(out_dir / name),
@@ -192,11 +198,12 @@ def _score(r: dict) -> float:
 
 
 def _key(r: dict) -> tuple:
-    return (r.get("task", "glue/sst2"), r["method"], r["seed"], r["steps"])
+    return (r.get("task", "glue/sst2"), r["method"], r["seed"], r["steps"], r.get("pair_tag"))
 
 
 def _label(r: dict) -> str:
-    return r["run"] + (f" ({r['variant']})" if r.get("variant") else "")
+    tags = [t for t in (r.get("pair_tag"), r.get("variant")) if t]
+    return r["run"] + (f" ({', '.join(tags)})" if tags else "")
 
 
 def latest_per_run(rows: list[dict]) -> tuple[list[dict], int]:
@@ -290,6 +297,8 @@ def main(argv=None) -> None:
         md.write_text(summarize(rows))
         print(md.read_text())
         return
+    if json.loads(args.pair_settings) and not args.pair_tag:
+        raise SystemExit("deft_vs_peft.py: --pair-settings needs --pair-tag (its runs must not mix with the default pairs)")
     if args.smoke:
         args.steps, args.train_rows, args.eval_rows, args.seeds = 2, 64, 32, args.seeds.split(",")[0]
     deft_options = json.loads(args.deft)
