@@ -44,8 +44,9 @@ PATHS = ("dense", "per_token", "union")
 TOKEN_BUCKETS = (1, 8, 64, 512)  # tokens per call at which the cost model is measured (log-interpolated between)
 DENSITIES = (0.5, 0.2, 0.1, 0.05, 0.02)
 MARGIN = 0.9  # take a sparse path only where its predicted time is below 90% of dense
-# A layer found dense by its count (density above the give-up density) skips even the count for this many
-# calls: one count and its bookkeeping cost about a seventh of a one-token MLP block on a small layer.
+# A call that went dense after its count (density above the give-up density, no path predicted faster, or the
+# chosen path lost in place) makes the next this-many calls at that token count skip even the count: one count
+# and its bookkeeping cost about a seventh of a one-token MLP block on a small layer.
 DENSE_STREAK = 8
 # The cost model predicts; the first calls check it in place: per layer, token-count bucket and path, the
 # first VERIFY_CALLS sparse calls also time dense on the same input, and a path slower in place is dropped.
@@ -377,10 +378,6 @@ class _Swapped(nn.Module):
         if always and not timed and not self._dropped(tokens, "per_token"):  # timed calls are counted
             self.stats.uncounted_kernel += 1
             return self._verified(tokens, "per_token", sparse_paths(None)["per_token"], dense)
-        if self._streaks.get(tokens, 0) > 0 and not timed:  # timed calls are counted
-            self._streaks[tokens] -= 1
-            self.stats.unchecked += 1
-            return dense()
         count = int(torch.count_nonzero(pattern))
         per_token = count / max(pattern.numel(), 1)
         if per_token > give_up:  # one count, then dense: what the decision costs a dense batch
@@ -396,6 +393,8 @@ class _Swapped(nn.Module):
             union = float(nonzero.any(0).sum()) / width
         path = _choose(costs, per_token, union)
         path = "dense" if self._dropped(tokens, path) else path
+        if path == "dense":  # below the give-up density but still dense (or its path lost in place): same streak
+            self._streaks[tokens] = DENSE_STREAK
         run = dense if path == "dense" else sparse_paths(nonzero)[path]
         if timed:
             self.stats.timed_dense.append(_Timer.seconds(dense))
@@ -403,6 +402,17 @@ class _Swapped(nn.Module):
         out = self._verified(tokens, path, run, dense)
         self.stats.record(tokens, width, count, union, path)
         return out
+
+    def _skips_count(self, tokens: int) -> bool:
+        """True (and counted) if this call goes dense without counting zeros: a dense streak (see DENSE_STREAK) is on
+        at this token count and the call is not one the report times. Checked first in `forward`, before any other
+        work: on a small layer the Python around a dense call is a visible part of its time."""
+        left = self._streaks.get(tokens, 0)
+        if left <= 0 or (self.timer is not None and self.timer.wants(self.stats)):
+            return False
+        self._streaks[tokens] = left - 1
+        self.stats.unchecked += 1
+        return True
 
     def _plan(self, tokens: int, d_in: int) -> tuple[LayerCosts, float, bool]:
         """(cost model, give-up density, kernel always) at `tokens` tokens, looked up once per token count.
@@ -456,6 +466,8 @@ class SparseDown(_Swapped):
         if h.requires_grad or h.dtype != self.weight_t.dtype:
             return self.linear(h)
         flat = h.reshape(-1, h.shape[-1])
+        if self._skips_count(flat.shape[0]):
+            return F.linear(h, self.linear.weight, self.linear.bias)
         bias = self.linear.bias
         out = self._run(flat, flat, lambda nonzero: {
             "per_token": lambda: _down_per_token(flat, self.weight_t, bias, nonzero),
@@ -487,6 +499,8 @@ class SparseGate(_Swapped):
         if x.requires_grad or act_output is None or act_output.numel() != flat.shape[0] * width \
                 or x.dtype != self.linear.weight.dtype:
             return self.linear(x)
+        if self._skips_count(flat.shape[0]):
+            return F.linear(x, self.linear.weight, self.linear.bias)
         pattern = act_output.reshape(flat.shape[0], width)
         weight, bias = self.linear.weight, self.linear.bias
         out = self._run(flat, pattern, lambda nonzero: {
