@@ -77,11 +77,17 @@ def run_deft(state, c, pass_name: str, gate_settings: GateSettings | None = None
         from deftcompress.training.block_gates import CombinedLoss
 
         extra = CombinedLoss(density, budget)
+    teacher = None
+    if c.distill_from and c.distill_weight > 0:
+        from deftcompress.training.distillation import load_teacher
+
+        teacher = load_teacher(state, c.distill_from)
     try:
         with density:
             result = train(state, model, train_rows, settings, extra_loss=extra, parameter_groups=groups,
                            validation=held_out,
-                           logging_dir=str(state.pass_dir(pass_name) / "logs") if c.report_to else None)
+                           logging_dir=str(state.pass_dir(pass_name) / "logs") if c.report_to else None,
+                           teacher=teacher)
     finally:
         for constraint in temporary:  # the scales and gates are folded below: their ranges bind nothing after this
             state.constraints.remove(constraint)
@@ -117,6 +123,8 @@ def run_deft(state, c, pass_name: str, gate_settings: GateSettings | None = None
         "density_loss": density.describe(),
         "train_mlp_bias": c.train_mlp_bias,
         "activation_scales": scale_details or False,
+        "distillation": {"from": c.distill_from, "weight": c.distill_weight, "temperature": c.distill_temperature,
+                         "teacher_params": sum(p.numel() for p in teacher.parameters())} if teacher is not None else None,
         **{k: v for k, v in result.to_dict().items() if k not in ("trainable_params", "notes")},
         "train_rows": len(train_rows),
         "held_out_rows": len(held_out) if held_out else 0,

@@ -14,6 +14,7 @@ What it does:
 - calls `state.enforce_constraints(model)` after every optimizer step (binding and releasing
   constraints is the calling pass's job: it knows when the model is built and handed on);
 - an optional extra loss (`ExtraLoss`), shown in the progress bar beside the task loss;
+- an optional teacher (`training.distillation`): its logits on the same batch, matched at a temperature;
 - gradient accumulation (`gradient_accumulation_steps` micro-batches per optimizer step) and
   mixed precision (bf16 / fp16 autocast) through accelerate;
 - evaluation after each epoch when more than one epoch runs, or every `eval_steps` optimizer steps,
@@ -42,6 +43,7 @@ from torch import nn
 
 from deftcompress.errors import DeftcompressError
 from deftcompress.data.features import Batch, collate, encode_examples
+from deftcompress.training.distillation import distillation_term, teacher_logits
 from deftcompress.training.options import TrainSettings  # noqa: F401  (the settings live with the options)
 
 if TYPE_CHECKING:
@@ -75,6 +77,7 @@ class EpochLog:
     train_loss: float
     task_loss: float
     extra_loss: float | None  # raw (unweighted) extra loss, mean over the epoch's steps
+    distill_loss: float | None = None  # raw distillation term (with a teacher), mean over the epoch's steps
     eval_score: float | None = None
     eval_density: float | None = None
     seconds: float = 0.0
@@ -102,6 +105,8 @@ class TrainResult:
         for e in self.epochs:
             d = asdict(e)
             d[f"{label}_loss"] = d.pop("extra_loss")
+            if d["distill_loss"] is None:  # trained without a teacher
+                d.pop("distill_loss")
             epochs.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()})
         return {"epochs": epochs, "chosen_epoch": self.chosen_epoch, "steps": self.steps,
                 "train_seconds": round(self.train_seconds, 2), "seconds_per_step": round(self.seconds_per_step, 4),
@@ -163,21 +168,24 @@ def _restore(params: list[tuple[str, nn.Parameter]], saved: list[torch.Tensor]) 
             p.copy_(value.to(p.device))
 
 
-def _forward_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+def _forward_loss(model: nn.Module, batch: Batch):
+    """(task loss, the model's output)."""
     out = model(**batch.inputs)
     loss = out.loss if hasattr(out, "loss") else out[0]
     if loss is None:
         raise TrainingError(f"{type(model).__name__} returned no loss; does it take `labels`?")
-    return loss
+    return loss, out
 
 
 def train(state: "PipelineState", model: nn.Module, examples: list[dict], settings: TrainSettings,
           extra_loss: ExtraLoss | None = None, parameter_groups: list[dict[str, Any]] | None = None,
-          validation: list[dict] | None = None, logging_dir: str | None = None) -> TrainResult:
+          validation: list[dict] | None = None, logging_dir: str | None = None,
+          teacher: nn.Module | None = None) -> TrainResult:
     """Train `model`'s trainable parameters on `examples` for `state.task`; see the module docstring.
 
     `validation`: held-out training rows for the evaluations that choose weights (`eval_steps`, the
-    best epoch); without them the best epoch is chosen on the recipe's evaluation rows.
+    best epoch); without them the best epoch is chosen on the recipe's evaluation rows. `teacher`: a
+    frozen model whose logits are matched too (`training.distillation`, weight `settings.distill_weight`).
     """
     from contextlib import nullcontext
 
@@ -254,7 +262,7 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
     ddp_model.train()
     try:
         for epoch in range(epochs_to_run):
-            sums = {"loss": 0.0, "task": 0.0, "extra": 0.0, "extra_n": 0, "n": 0}
+            sums = {"loss": 0.0, "task": 0.0, "extra": 0.0, "extra_n": 0, "distill": 0.0, "n": 0}
             epoch_start = time.perf_counter()
             batches = _epoch_batches(len(features), settings.batch_size, world, settings.seed, epoch)
             batches = batches[:len(batches) // micro * micro]  # whole optimizer steps only
@@ -270,8 +278,13 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                 last_micro = (b + 1) % micro == 0
                 # DDP: gradients are all-reduced only on the micro-batch that ends an optimizer step
                 with nullcontext() if last_micro or world == 1 else accelerator.no_sync(ddp_model):
-                    task_loss = _forward_loss(ddp_model, batch)
-                    loss, extra_raw = task_loss, None
+                    task_loss, out = _forward_loss(ddp_model, batch)
+                    loss, extra_raw, distill_raw = task_loss, None, None
+                    if teacher is not None:
+                        distill = distillation_term(out.logits, teacher_logits(teacher, batch.inputs),
+                                                    settings.distill_temperature, state.task.kind == "regression")
+                        distill_raw = float(distill.detach())
+                        loss = loss + settings.distill_weight * distill
                     if extra_loss is not None:
                         extra_term, extra_raw = extra_loss.end_step()
                         if extra_term is not None:
@@ -284,6 +297,8 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                 loss_value, task_value = float(loss.detach()), float(task_loss.detach())
                 sums["loss"] += loss_value / micro
                 sums["task"] += task_value / micro
+                if distill_raw is not None:
+                    sums["distill"] += distill_raw / micro
                 if extra_raw is not None and not math.isnan(extra_raw):
                     sums["extra"] += extra_raw
                     sums["extra_n"] += 1
@@ -299,6 +314,8 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                 sums["n"] += 1
                 step_seconds.append(time.perf_counter() - step_start)
                 postfix = {"loss": f"{loss_value:.4f}", "task": f"{task_value:.4f}"}
+                if distill_raw is not None:
+                    postfix["distill"] = f"{distill_raw:.4f}"
                 if hasattr(extra_loss, "postfix"):  # the loss says what to show (its parts apart)
                     postfix.update(extra_loss.postfix())
                 elif extra_raw is not None:
@@ -323,7 +340,9 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
             train_seconds += epoch_seconds
             log = EpochLog(epoch=epoch + 1, steps=sums["n"], train_loss=sums["loss"] / max(sums["n"], 1),
                            task_loss=sums["task"] / max(sums["n"], 1),
-                           extra_loss=sums["extra"] / sums["extra_n"] if sums["extra_n"] else None, seconds=epoch_seconds)
+                           extra_loss=sums["extra"] / sums["extra_n"] if sums["extra_n"] else None,
+                           distill_loss=sums["distill"] / max(sums["n"], 1) if teacher is not None else None,
+                           seconds=epoch_seconds)
             if evaluate_epochs and not settings.eval_steps:
                 log.eval_score, log.eval_density = held_out_score(f"eval epoch {epoch + 1}")
                 if step >= select_from and sign * log.eval_score > best_score:  # ties keep the earlier epoch

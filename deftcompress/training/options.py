@@ -78,6 +78,8 @@ class TrainSettings:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast through accelerate
     eval_steps: int | None = None  # evaluate on the held-out rows every N optimizer steps, keep the best
     report_to: tuple[str, ...] = ()  # accelerate trackers (tensorboard, wandb, ...)
+    distill_weight: float = 0.0  # with a teacher (see training.distillation): weight of its term beside the task loss
+    distill_temperature: float = 2.0
     # Keep-best considers only evaluations from this fraction of the steps on (DEFT: after the density ramp,
     # when the model is held to its target; an earlier, denser checkpoint would score better and undo DEFT)
     select_from_ratio: float = 0.0
@@ -292,6 +294,13 @@ class TrainingOptions:
               "validation_fraction)")
     report_to: list[str] = option([], "experiment trackers through accelerate (tensorboard, wandb, mlflow, ...): "
                                       "losses every step, evaluations; logs under the pass's folder")
+    distill_from: str | None = option(
+        None, "knowledge distillation: a model fine-tuned on the same task with the same tokenizer (a run's model/ "
+              "folder, a checkpoint folder or hub id) whose logits the trained model also learns to match; each step "
+              "runs it once more, without gradients; null = none")
+    distill_weight: float = option(1.0, "distill_from: weight of T^2 KL(teacher || model) (regression: squared "
+                                        "difference) beside the task loss")
+    distill_temperature: float = option(2.0, "distill_from: softmax temperature T of both logits")
 
     def training_problem(self) -> str | None:
         for name, top in (("epochs", 10_000), ("batch_size", 65_536)):
@@ -320,6 +329,18 @@ class TrainingOptions:
         unknown = [t for t in self.report_to if t not in TRACKER_PACKAGES]
         if unknown:
             return f"report_to: unknown tracker {unknown[0]!r} (known: {', '.join(sorted(TRACKER_PACKAGES))})"
+        if not 0 <= self.distill_weight <= 1000:
+            return "distill_weight must be in [0, 1000]"
+        if not 0 < self.distill_temperature <= 100:
+            return "distill_temperature must be in (0, 100]"
+        if self.distill_from is not None:
+            from deftcompress.core.model_refs import resolve_model_ref
+            from deftcompress.errors import DeftcompressError
+
+            try:  # a missing teacher is a recipe error, found before anything runs
+                resolve_model_ref(self.distill_from, "distill_from")
+            except DeftcompressError as exc:
+                return str(exc)
         return None
 
     def train_settings(self, *, padding: str, max_seq_length: int, max_target_length: int, seed: int, desc: str):
@@ -331,7 +352,9 @@ class TrainingOptions:
                              max_target_length=max_target_length, seed=seed, desc=desc,
                              gradient_accumulation_steps=self.gradient_accumulation_steps,
                              mixed_precision=self.mixed_precision, eval_steps=self.eval_steps,
-                             report_to=tuple(self.report_to))
+                             report_to=tuple(self.report_to),
+                             distill_weight=self.distill_weight if self.distill_from else 0.0,
+                             distill_temperature=self.distill_temperature)
 
 
 @dataclass

@@ -1,0 +1,84 @@
+"""Knowledge distillation in DEFT: the term by hand, a teacher that holds the model to its answers, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deftcompress import Recipe, run_recipe
+from deftcompress.errors import DeftcompressError, RecipeError
+
+
+def test_the_term_by_hand():
+    from deftcompress.training.distillation import distillation_term
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 3), torch.randn(5, 3)
+    t = 2.0
+    p_teacher = F.softmax(teacher / t, dim=-1)
+    by_hand = (p_teacher * (p_teacher.log() - F.log_softmax(student / t, dim=-1))).sum(-1).mean() * t * t
+    torch.testing.assert_close(distillation_term(student, teacher, t, regression=False), by_hand)
+    assert float(distillation_term(teacher, teacher, t, regression=False)) == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(distillation_term(student[:, :1], teacher[:, :1], t, regression=True),
+                               ((student[:, 0] - teacher[:, 0]) ** 2).mean())
+
+
+def _logits(folder, texts):
+    from deftcompress.models.formats import load_model
+
+    model, tokenizer, _ = load_model(folder)
+    model.eval()
+    with torch.no_grad():
+        return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+
+
+def _run(tiny_checkpoint, tiny_data, tmp_path, name, **deft):
+    deft = {"method": "lora", "r": 2, "max_steps": 8, "batch_size": 8, "max_train_samples": 32, "learning_rate": 3e-2,
+            "density_weight": 0.0, **deft}
+    recipe = Recipe.build(name=name, model=str(tiny_checkpoint("bert")), task="glue/sst2", data_dir=str(tiny_data),
+                          max_eval_samples=8, eval_batch_size=8, passes=[{"deft": deft}])
+    return run_recipe(recipe, output_dir=tmp_path / name, quiet=True)
+
+
+def test_a_teacher_holds_the_model_to_its_answers(tiny_checkpoint, tiny_data, tmp_path, one_thread):
+    """The teacher here is the checkpoint itself (its own random head): the task loss pulls the model away from
+    it, the distillation term pulls it back, so the trained model stays far closer to the teacher's answers."""
+    teacher = tiny_checkpoint("bert")
+    alone = _run(tiny_checkpoint, tiny_data, tmp_path, "alone")
+    taught = _run(tiny_checkpoint, tiny_data, tmp_path, "taught", distill_from=str(teacher), distill_weight=50.0)
+    details = taught.steps[1].details
+    recorded = details["distillation"]
+    assert (recorded["from"], recorded["weight"], recorded["temperature"]) == (str(teacher), 50.0, 2.0)
+    assert recorded["teacher_params"] > 0
+    assert details["epochs"][0]["distill_loss"] >= 0 and "distill_loss" not in alone.steps[1].details["epochs"][0]
+    assert alone.steps[1].details["distillation"] is None
+    texts = ["the film was good and great", "the film was dull and cold , really poor", "a fine warm story"]
+    reference = _logits(teacher, texts)
+
+    def gap(run_name):
+        logits = _logits(tmp_path / run_name / "model", texts)
+        return float(F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True,
+                              reduction="batchmean"))
+    print(f"KL to the teacher: taught {gap('taught'):.5f}, alone {gap('alone'):.5f}")
+    assert gap("taught") < 0.5 * gap("alone")
+
+
+@pytest.mark.parametrize("deft, message", [
+    ({"distill_from": "/nonexistent/teacher"}, "distill_from: checkpoint folder '/nonexistent/teacher' not found"),
+    ({"distill_temperature": 0}, r"distill_temperature must be in \(0, 100\]"),
+    ({"distill_weight": -1}, r"distill_weight must be in \[0, 1000\]"),
+])
+def test_bad_distillation_configs_are_one_line_errors(tiny_checkpoint, tiny_data, deft, message):
+    with pytest.raises(RecipeError, match=message) as info:
+        Recipe.build(model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data),
+                     passes=[{"deft": {"method": "lora", **deft}}])
+    assert "\n" not in str(info.value) and "passes[0].deft" in str(info.value)
+
+
+def test_a_teacher_for_another_label_count_is_refused(tiny_checkpoint, tiny_data, tmp_path, one_thread):
+    """MNLI has three labels; the SST-2 checkpoint's head has two: a one-line error, nothing trained."""
+    recipe = Recipe.build(name="mnli", model=str(tiny_checkpoint("bert")), task="glue/mnli", data_dir=str(tiny_data),
+                          max_eval_samples=8, passes=[{"deft": {"method": "lora", "r": 2, "max_steps": 1, "batch_size": 8,
+                                                                "distill_from": str(tiny_checkpoint("bert"))}}])
+    with pytest.raises(DeftcompressError, match="predicts 2 labels, task glue/mnli has 3") as info:
+        run_recipe(recipe, output_dir=tmp_path / "mnli", quiet=True)
+    assert "\n" not in str(info.value)
