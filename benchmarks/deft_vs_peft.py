@@ -66,6 +66,9 @@ def parse_args(argv=None):
                         "learning rate for a weak baseline); needs --pair-tag")
     p.add_argument("--pair-tag", default=None, help="label of --pair-settings: in both runs' names and rows, and "
                                                     "their pairs are compared only with each other")
+    p.add_argument("--distill", action="store_true",
+                   help="DEFT runs learn from their PEFT partner's logits too (distill_from: that run's model/, same "
+                        "seed and budget); needs --variant")
     p.add_argument("--skip-peft", action="store_true", help="run only DEFT (the PEFT rows of the same budget exist)")
     p.add_argument("--out", default=str(HERE / "results" / "deft_vs_peft"))
     p.add_argument("--smoke", action="store_true", help="2 steps, 64 train rows, 32 dev rows, one seed; nothing appended")
@@ -90,6 +93,11 @@ def run_one(method: str, seed: int, density: bool, args, deft_options: dict, out
     pair = f"_{args.pair_tag}" if args.pair_tag else ""
     name = (f"{task_tag}{method}{pair}_{'deft' if density else 'peft'}{variant}_s{seed}{budget}"
             f"{'_sel' if args.validation_fraction else ''}")
+    if density and args.distill:
+        teacher = out_dir / f"{task_tag}{method}{pair}_peft_s{seed}{budget}{'_sel' if args.validation_fraction else ''}" / "model"
+        if not teacher.is_dir():
+            raise SystemExit(f"deft_vs_peft.py: --distill needs the PEFT run of this pair first ({teacher} is missing)")
+        options["distill_from"] = str(teacher)
     recipe = Recipe.build(name=name, model="minilm", task=args.task, seed=seed, max_eval_samples=args.eval_rows,
                           max_seq_length=args.max_seq_length,
                           passes=[{"deft": options}, {"evaluate": {"density_mode": "paper"}}])
@@ -297,6 +305,8 @@ def main(argv=None) -> None:
         md.write_text(summarize(rows))
         print(md.read_text())
         return
+    if args.distill and not args.variant:
+        raise SystemExit("deft_vs_peft.py: --distill needs --variant (its DEFT rows must not mix with the plain ones)")
     if json.loads(args.pair_settings) and not args.pair_tag:
         raise SystemExit("deft_vs_peft.py: --pair-settings needs --pair-tag (its runs must not mix with the default pairs)")
     if args.smoke:

@@ -82,3 +82,14 @@ def test_a_teacher_for_another_label_count_is_refused(tiny_checkpoint, tiny_data
     with pytest.raises(DeftcompressError, match="predicts 2 labels, task glue/mnli has 3") as info:
         run_recipe(recipe, output_dir=tmp_path / "mnli", quiet=True)
     assert "\n" not in str(info.value)
+
+
+def test_a_run_folder_model_in_deftcompress_layout_teaches(tiny_checkpoint, tiny_data, tmp_path, one_thread):
+    """A PEFT run's model/ in deftcompress's layout (a bottleneck adapter: base/ and adapter/ with a manifest, no
+    config.json at the top) is a valid teacher."""
+    _run(tiny_checkpoint, tiny_data, tmp_path, "peft", max_steps=1, method="adapter", reduction_factor=4)
+    assert (tmp_path / "peft" / "model" / "deftcompress_model.json").is_file()
+    assert not (tmp_path / "peft" / "model" / "config.json").exists()
+    report = _run(tiny_checkpoint, tiny_data, tmp_path, "deft", max_steps=1, density_weight=1.0,
+                  distill_from=str(tmp_path / "peft" / "model"))
+    assert report.steps[1].details["distillation"]["from"] == str(tmp_path / "peft" / "model")

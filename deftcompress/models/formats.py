@@ -32,9 +32,9 @@ from typing import Any
 
 from torch import nn
 
+from deftcompress.core.model_refs import SAVED_MODEL_MANIFEST as MANIFEST
 from deftcompress.errors import CheckpointError
 
-MANIFEST = "deftcompress_model.json"
 FORMATS = ("plain", "restructured", "torch_int8", "bitsandbytes", "base_adapter")
 
 

@@ -25,14 +25,14 @@ TASK_KINDS = ("classification", "regression")  # heads whose logits the term com
 
 def load_teacher(state: "PipelineState", ref: str) -> nn.Module:
     """The teacher model, frozen, on the pipeline's device; a one-line error when it cannot teach this task."""
-    from deftcompress.core.model_refs import resolve_model_ref
+    from deftcompress.core.model_refs import resolve_saved_model_ref
     from deftcompress.models.formats import load_model
 
     where = "deft: distill_from"
     if state.task.kind not in TASK_KINDS:
         raise DeftcompressError(f"{where}: distillation compares classification or regression logits; task "
                                 f"{state.task.name} is {state.task.kind}")
-    path = resolve_model_ref(ref, where, trust_pickle=state.recipe.trust_pickle)
+    path = resolve_saved_model_ref(ref, where, trust_pickle=state.recipe.trust_pickle)
     teacher, tokenizer, _ = load_model(path, task=None, device=state.device)  # its own trained head
     labels = getattr(teacher.config, "num_labels", None)
     if labels != state.task.num_labels:

@@ -334,11 +334,11 @@ class TrainingOptions:
         if not 0 < self.distill_temperature <= 100:
             return "distill_temperature must be in (0, 100]"
         if self.distill_from is not None:
-            from deftcompress.core.model_refs import resolve_model_ref
+            from deftcompress.core.model_refs import resolve_saved_model_ref
             from deftcompress.errors import DeftcompressError
 
             try:  # a missing teacher is a recipe error, found before anything runs
-                resolve_model_ref(self.distill_from, "distill_from")
+                resolve_saved_model_ref(self.distill_from, "distill_from")
             except DeftcompressError as exc:
                 return str(exc)
         return None
