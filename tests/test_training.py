@@ -209,3 +209,32 @@ def test_deft_keeps_weights_only_from_after_the_density_ramp(tiny_checkpoint, ti
     assert peft["chosen_step"] == 1
     assert deft["chosen_step"] == 3  # the best of steps 3 and 4 (ceil(0.75 * 4) = 3)
     assert any("after the density ramp" in n for n in deft["notes"])
+
+
+def test_with_a_density_target_deft_keeps_only_weights_that_reach_it(tiny_checkpoint, tiny_data, tmp_path, monkeypatch,
+                                                                     one_thread):
+    """The evaluation at the ramp's end can still be denser than the target (the per-layer multipliers catch up
+    later, as relufy then DEFT showed: 0.142 at the ramp's end, 0.05 later, for a target of 0.08): keep-best
+    considers only evaluations within the target (x 1.1), and keeps the last weights if none is."""
+    from types import SimpleNamespace
+
+    from deftcompress.measurement import evaluation
+
+    def run(name, densities, target):
+        measured = iter(zip([0.9, 0.8, 0.7, 0.6], densities))
+
+        def falling(*args, **kwargs):
+            score, density = next(measured)
+            return SimpleNamespace(task_score=score, density=SimpleNamespace(overall=lambda: density))
+        monkeypatch.setattr(evaluation, "evaluate", falling)
+        details, _ = _options_run(tiny_checkpoint, tiny_data, tmp_path, name, validation_fraction=0.25, eval_steps=1,
+                                  density_ramp_ratio=0.5, density_warmup_ratio=0.0, density_target=target)
+        return details
+
+    reached = run("reached", [1.0, 0.5, 0.4, 0.2], 0.3)  # steps 2 and 3 are after the ramp but above 0.33
+    assert reached["chosen_step"] == 4
+    assert any("with held-out density <= 0.33" in n for n in reached["notes"])
+    early = run("early", [1.0, 0.3, 0.2, 0.1], 0.3)  # within the target from the ramp's end: the best of 2-4
+    assert early["chosen_step"] == 2
+    never = run("never", [1.0, 0.9, 0.8, 0.7], 0.3)
+    assert never["chosen_step"] == 4 and any("none was eligible" in n for n in never["notes"])

@@ -14,6 +14,10 @@ from typing import Any
 
 from deftcompress.training.options import GateSettings
 
+# Keep-best with a density target: only evaluations whose held-out density is at most the target times this
+# (per-layer targets, an overall density: a little slack for layers that end a bit apart)
+SELECT_DENSITY_SLACK = 1.1
+
 
 def run_deft(state, c, pass_name: str, gate_settings: GateSettings | None = None,
              gate_lr: float | None = None) -> dict[str, Any]:
@@ -68,7 +72,9 @@ def run_deft(state, c, pass_name: str, gate_settings: GateSettings | None = None
         ramp_end = c.density_warmup_ratio + c.density_ramp_ratio
         if gate_settings is not None:
             ramp_end = max(ramp_end, gate_settings.decision_ratio)  # ADA-DEFT: after the skips are fixed
-        settings = dataclasses.replace(settings, select_from_ratio=ramp_end)
+        settings = dataclasses.replace(settings, select_from_ratio=ramp_end,
+                                       select_max_density=c.density_target * SELECT_DENSITY_SLACK
+                                       if c.density_target is not None else None)
     density = DensityLoss(mlp_blocks(model, state.arch), c.density_loss_settings(density_mode))
     if scales is not None and c.density_grad == "scale_only":
         density.scale_only = scales.scale_of

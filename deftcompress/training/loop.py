@@ -229,6 +229,12 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
     epochs_to_run = math.ceil(total_steps / steps_per_epoch)
     evaluate_epochs = settings.eval_every_epoch and epochs_to_run > 1
     select_from = math.ceil(settings.select_from_ratio * total_steps)  # earlier evaluations are logged, not kept
+
+    def eligible(at_step: int, density: float | None) -> bool:
+        """Whether an evaluation may be kept: after `select_from`, and within the density bound where one is set."""
+        if at_step < select_from:
+            return False
+        return settings.select_max_density is None or density is None or density <= settings.select_max_density
     selection_rows = validation or state.eval_examples()
 
     optimizer = torch.optim.AdamW(parameter_groups or default_parameter_groups(model, settings.weight_decay),
@@ -332,7 +338,7 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                     if trackers:
                         accelerator.log({"held_out_score": score, **({"held_out_density": density} if density is not None else {})},
                                         step=step)
-                    if step >= select_from and sign * score > best_step_score:  # ties keep the earlier step
+                    if eligible(step, density) and sign * score > best_step_score:  # ties keep the earlier step
                         best_step, best_step_score = step, sign * score
                         best_step_weights = _snapshot(params)
                 step_start = time.perf_counter()  # after any evaluation: step times are optimisation only
@@ -345,7 +351,7 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
                            seconds=epoch_seconds)
             if evaluate_epochs and not settings.eval_steps:
                 log.eval_score, log.eval_density = held_out_score(f"eval epoch {epoch + 1}")
-                if step >= select_from and sign * log.eval_score > best_score:  # ties keep the earlier epoch
+                if eligible(step, log.eval_density) and sign * log.eval_score > best_score:  # ties keep the earlier epoch
                     best_score, best_epoch = sign * log.eval_score, epoch + 1
                     best_weights = _snapshot(params) if epoch + 1 < epochs_to_run else None
             epochs.append(log)
@@ -369,8 +375,11 @@ def train(state: "PipelineState", model: nn.Module, examples: list[dict], settin
             _restore(params, best_step_weights)
             state.enforce_constraints(model)
         among = f", among steps >= {select_from} (after the density ramp)" if select_from else ""
+        if settings.select_max_density is not None:
+            among += f" with held-out density <= {settings.select_max_density:.4g}"
         if best_step_weights is None:  # no evaluation was eligible: the last weights stay
             best_step = step
+            among += "; none was eligible, so the last step's weights stay"
         notes.append(f"kept step {best_step} of {step} (best {state.task.metric} on {where}, every "
                      f"{settings.eval_steps} steps{among})")
     model = accelerator.unwrap_model(ddp_model)

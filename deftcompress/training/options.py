@@ -83,6 +83,9 @@ class TrainSettings:
     # Keep-best considers only evaluations from this fraction of the steps on (DEFT: after the density ramp,
     # when the model is held to its target; an earlier, denser checkpoint would score better and undo DEFT)
     select_from_ratio: float = 0.0
+    # ... and, with a density target, only evaluations whose held-out density is within the target (x 1.1): the
+    # evaluation at the ramp's end can still be above it while the per-layer multipliers catch up
+    select_max_density: float | None = None
 
 
 @dataclass(frozen=True)
