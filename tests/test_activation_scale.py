@@ -117,7 +117,11 @@ def test_deft_with_scales_cuts_density_and_saves_a_plain_checkpoint(tiny_checkpo
     again = evaluate(model, tok, get_task("glue/sst2"), load_examples(get_task("glue/sst2"), "validation", tiny_data), arch,
                      progress=False)
     assert again.task_score == final.task_score
-    assert again.density.encoder == pytest.approx(final.density["encoder"], abs=1e-6)
+    # LoRA's final model is the folded one itself. QLoRA's final measurement ran on the 4-bit base with the scales as
+    # a module; the saved float model has them folded into dequantized weights: equal up to rounding, so an activation
+    # that sits at the exact-zero point can land on either side (one of ~40,000 flipped in a CI run: 3e-5)
+    tolerance = {"lora": 1e-6, "qlora": 1e-4}[method]
+    assert again.density.encoder == pytest.approx(final.density["encoder"], abs=tolerance)
     assert not any("activation_scales" in k for k in json.loads((out / "model" / "config.json").read_text()))
 
 
