@@ -76,6 +76,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def run_folder_name(args, method: str, seed: int, density: bool) -> str:
+    """The run folder of one side of a pair (rows from older runs: `_run_name` rebuilds it from the row)."""
+    task_tag = "" if args.task == "glue/sst2" else args.task.split("/")[-1] + "_"
+    budget = "" if args.steps == 250 and args.train_rows == 8000 else (f"_st{args.steps}" if args.steps else f"_ep{args.epochs}")
+    variant = f"_{args.variant}" if args.variant and density else ""
+    pair = f"_{args.pair_tag}" if args.pair_tag else ""
+    return (f"{task_tag}{method}{pair}_{'deft' if density else 'peft'}{variant}_s{seed}{budget}"
+            f"{'_sel' if args.validation_fraction else ''}")
+
+
 def run_one(method: str, seed: int, density: bool, args, deft_options: dict, out_dir: Path) -> dict:
     from deftcompress import Recipe, run_recipe
 
@@ -87,14 +97,9 @@ def run_one(method: str, seed: int, density: bool, args, deft_options: dict, out
     options.update(deft_options if density else {})
     if not density:
         options["density_weight"] = 0.0
-    task_tag = "" if args.task == "glue/sst2" else args.task.split("/")[-1] + "_"
-    budget = "" if args.steps == 250 and args.train_rows == 8000 else (f"_st{args.steps}" if args.steps else f"_ep{args.epochs}")
-    variant = f"_{args.variant}" if args.variant and density else ""
-    pair = f"_{args.pair_tag}" if args.pair_tag else ""
-    name = (f"{task_tag}{method}{pair}_{'deft' if density else 'peft'}{variant}_s{seed}{budget}"
-            f"{'_sel' if args.validation_fraction else ''}")
+    name = run_folder_name(args, method, seed, density)
     if density and args.distill:
-        teacher = out_dir / f"{task_tag}{method}{pair}_peft_s{seed}{budget}{'_sel' if args.validation_fraction else ''}" / "model"
+        teacher = out_dir / run_folder_name(args, method, seed, density=False) / "model"
         if not teacher.is_dir():
             raise SystemExit(f"deft_vs_peft.py: --distill needs the PEFT run of this pair first ({teacher} is missing)")
         options["distill_from"] = str(teacher)

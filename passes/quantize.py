@@ -185,10 +185,11 @@ class Quantize(Pass):
         import dataclasses
 
         state.onnx = dataclasses.replace(graph, folder=str(target), quantized="ort_int8")
+        before, after = directory_bytes(source), directory_bytes(target)
         return {"backend": "ort_int8", "weights": "int8 per output channel (onnxruntime quantize_dynamic); "
                                                   "activations quantized per batch",
-                "files": graph.files, "size_bytes_before": directory_bytes(source), "size_bytes_after": directory_bytes(target),
-                "size_ratio": round(directory_bytes(target) / max(directory_bytes(source), 1), 4),
+                "files": graph.files, "size_bytes_before": before, "size_bytes_after": after,
+                "size_ratio": round(after / max(before, 1), 4),
                 "quantize_seconds": round(time.perf_counter() - t0, 3),
                 "note": "the PyTorch model is unchanged; this step is measured in onnxruntime"}
 

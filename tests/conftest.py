@@ -153,6 +153,24 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def resume_after_boom(recipe, out: Path, fails_once: list[int], at: int):
+    """Run `recipe` (with `test_fails_once` at step `at`) into `out`: it fails, then resumes there; the report."""
+    from deftcompress.pipeline.runner import run_recipe
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_recipe(recipe, output_dir=out, quiet=True)
+    report = run_recipe(recipe, output_dir=out, quiet=True)
+    assert report.resumed_from == at and fails_once == [at, at]
+    return report
+
+
+def assert_measured_again_alike(trained, evaluated) -> None:
+    """`evaluated` measured the reloaded state afresh (not the earlier measurement reused) and found `trained`'s numbers."""
+    assert "evaluation" not in evaluated.details
+    assert evaluated.task_score == trained.task_score
+    assert evaluated.density["encoder"] == pytest.approx(trained.density["encoder"], abs=1e-6)
+
+
 @pytest.fixture
 def fails_once():
     """A pass `test_fails_once` that raises RuntimeError("boom") the first time it runs; yields the step indexes it ran at."""

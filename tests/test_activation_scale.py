@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from conftest import assert_measured_again_alike, build_tiny_model, resume_after_boom
 from deftcompress import Recipe, run_recipe
 from deftcompress.training.activation_scale import ActivationScales
 from deftcompress.architecture import mlp_blocks
@@ -192,13 +192,8 @@ def test_qlora_scales_survive_the_saved_state_a_resumed_run_starts_from(tiny_che
     recipe = Recipe.build(name="q", model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data), eval_batch_size=8,
                           passes=[{"deft": deft}, "test_fails_once",
                                   {"evaluate": {"density_tau": 0.02}}])  # another tau: measured again, not reused
-    with pytest.raises(RuntimeError, match="boom"):
-        run_recipe(recipe, output_dir=tmp_path / "out", quiet=True)
-    report = run_recipe(recipe, output_dir=tmp_path / "out", quiet=True)
-    assert report.resumed_from == 2 and fails_once == [2, 2]
+    report = resume_after_boom(recipe, tmp_path / "out", fails_once, at=2)
     trained, evaluated = report.steps[1], report.steps[3]
     assert trained.details["activation_scales"]["fold"] == "module"
-    assert "evaluation" not in evaluated.details  # measured on the reloaded state, not the earlier measurement reused
-    assert evaluated.task_score == trained.task_score
-    assert evaluated.density["encoder"] == pytest.approx(trained.density["encoder"], abs=1e-6)
+    assert_measured_again_alike(trained, evaluated)
     assert trained.density["encoder"] < report.steps[0].density["encoder"] - 0.2  # the scales are really there

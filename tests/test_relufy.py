@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_measured_again_alike, resume_after_boom
 from deftcompress import Recipe, run_recipe
 from deftcompress.architecture import mlp_blocks
 from deftcompress.architecture.activation import ShiftedReLU
@@ -116,12 +117,7 @@ def test_a_shifted_relu_qlora_state_reloads_with_its_activation_and_scales(tiny_
                           passes=[{"relufy": {"activation": "shifted_relu", "threshold": 0.05}}, {"deft": deft},
                                   "test_fails_once",
                                   {"evaluate": {"density_tau": 0.02}}])  # another tau: measured again, not reused
-    with pytest.raises(RuntimeError, match="boom"):
-        run_recipe(recipe, output_dir=tmp_path / "out", quiet=True)
-    report = run_recipe(recipe, output_dir=tmp_path / "out", quiet=True)
-    assert report.resumed_from == 3 and fails_once == [3, 3]
+    report = resume_after_boom(recipe, tmp_path / "out", fails_once, at=3)
     trained, evaluated = report.steps[2], report.steps[4]
     assert trained.details["activation_scales"]["fold"] == "module"
-    assert "evaluation" not in evaluated.details  # measured on the reloaded state, not the earlier measurement reused
-    assert evaluated.task_score == trained.task_score
-    assert evaluated.density["encoder"] == pytest.approx(trained.density["encoder"], abs=1e-6)
+    assert_measured_again_alike(trained, evaluated)

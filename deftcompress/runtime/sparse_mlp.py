@@ -374,7 +374,7 @@ class _Swapped(nn.Module):
         tokens, width = pattern.shape
         dense = lambda: self.linear(flat)  # noqa: E731
         costs, give_up, always = self._plan(tokens, flat.shape[-1])
-        timed = self.timer is not None and self.timer.wants(self.stats)
+        timed = self._timed()
         if always and not timed and not self._dropped(tokens, "per_token"):  # timed calls are counted
             self.stats.uncounted_kernel += 1
             return self._verified(tokens, "per_token", sparse_paths(None)["per_token"], dense)
@@ -408,11 +408,15 @@ class _Swapped(nn.Module):
         at this token count and the call is not one the report times. Checked first in `forward`, before any other
         work: on a small layer the Python around a dense call is a visible part of its time."""
         left = self._streaks.get(tokens, 0)
-        if left <= 0 or (self.timer is not None and self.timer.wants(self.stats)):
+        if left <= 0 or self._timed():
             return False
         self._streaks[tokens] = left - 1
         self.stats.unchecked += 1
         return True
+
+    def _timed(self) -> bool:
+        """Whether this call is one of the first the report times (dense and chosen path on the same input)."""
+        return self.timer is not None and self.timer.wants(self.stats)
 
     def _plan(self, tokens: int, d_in: int) -> tuple[LayerCosts, float, bool]:
         """(cost model, give-up density, kernel always) at `tokens` tokens, looked up once per token count.

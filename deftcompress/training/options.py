@@ -78,7 +78,7 @@ class TrainSettings:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast through accelerate
     eval_steps: int | None = None  # evaluate on the held-out rows every N optimizer steps, keep the best
     report_to: tuple[str, ...] = ()  # accelerate trackers (tensorboard, wandb, ...)
-    distill_weight: float = 0.0  # with a teacher (see training.distillation): weight of its term beside the task loss
+    distill_weight: float = 1.0  # weight of the teacher's term beside the task loss (read only when there is a teacher)
     distill_temperature: float = 2.0
     # Keep-best considers only evaluations from this fraction of the steps on (DEFT: after the density ramp,
     # when the model is held to its target; an earlier, denser checkpoint would score better and undo DEFT)
@@ -356,7 +356,7 @@ class TrainingOptions:
                              gradient_accumulation_steps=self.gradient_accumulation_steps,
                              mixed_precision=self.mixed_precision, eval_steps=self.eval_steps,
                              report_to=tuple(self.report_to),
-                             distill_weight=self.distill_weight if self.distill_from else 0.0,
+                             distill_weight=self.distill_weight,
                              distill_temperature=self.distill_temperature)
 
 
