@@ -132,9 +132,90 @@ def test_evaluate_with_the_sparse_runtime_scores_as_dense_and_reports_each_layer
     assert "Sparse MLP execution in step 2" in text and "dense / per-token / union calls" in text
 
 
-def test_a_clearly_dense_layer_stops_counting_for_a_while():
-    """The count that decides costs time too: a layer above its crossover skips it for DENSE_STREAK calls."""
+def test_the_kernels_build_where_a_compiler_is_found():
+    """Every kernel test skips where the kernels cannot build; a build error must not pass for a missing compiler."""
+    import shutil
+
+    from deftcompress.runtime import sparse_kernels
+
+    if shutil.which("c++") is None or shutil.which("ninja") is None:
+        pytest.skip("no C++ compiler or ninja on this machine")
+    assert sparse_kernels.load() is not None, sparse_kernels.why_not()
+
+
+class _SparseBelowTenth:  # a calibration: the per-token kernel pays below 10% density, the union never
+    def costs(self, d_in, d_out, tokens, gated):
+        return LayerCosts(dense=1.0, per_token=(0.0, 9.0), union=None)
+
+
+def _needs_kernels():
+    from deftcompress.runtime import sparse_kernels
+
+    if sparse_kernels.load() is None:
+        pytest.skip(f"no compiled kernels here: {sparse_kernels.why_not()}")
+
+
+def test_the_count_and_the_choice_run_inside_the_kernel():
+    """Where only dense and the kernel compete, one compiled call counts, chooses and computes: dense above the
+    calibrated limit (0.9 / 9 = 10% here), sparse below, for the down-projection and a gated projection alike."""
+    from deftcompress.runtime.sparse_mlp import LayerStats, SparseDown, SparseGate
+
+    _needs_kernels()
+    torch.manual_seed(0)
+    down_linear, gate_linear = torch.nn.Linear(32, 8), torch.nn.Linear(8, 32)
+    down = SparseDown(down_linear, _SparseBelowTenth(), LayerStats("x", "down"), None)
+    gate = SparseGate(gate_linear, _SparseBelowTenth(), LayerStats("x", "gate"), None)
+    dense_h = torch.relu(torch.randn(2, 32)) + 0.1
+    sparse_h = torch.zeros(2, 32)
+    sparse_h[0, 3], sparse_h[1, 7], sparse_h[1, 20] = 1.5, -2.0, 0.5  # 3 of 64
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        for h in (dense_h, sparse_h, sparse_h):
+            torch.testing.assert_close(down(h), down_linear(h), atol=1e-6, rtol=0)
+            gate.take_pattern(h)
+            torch.testing.assert_close(gate(x), gate_linear(x) * (h != 0), atol=1e-6, rtol=0)
+    for module in (down, gate):
+        report = module.stats.to_dict()
+        assert report["counted_in_kernel_calls"] == report["calls"] == 3
+        assert report["paths"] == {"dense": 1, "per_token": 2, "union": 0}
+        assert report["unchecked_dense_calls"] == 0  # the count costs nothing here: no dense streak
+
+
+def test_a_kernel_that_loses_in_place_is_dropped_there_too(monkeypatch):
+    from deftcompress.runtime import sparse_mlp
+    from deftcompress.runtime.sparse_mlp import VERIFY_CALLS, LayerStats, SparseDown
+
+    _needs_kernels()
+    real = sparse_mlp._kernels()
+
+    class SlowKernels:
+        def down_auto(self, *args):
+            import time as _time
+
+            _time.sleep(0.002)
+            return real.down_auto(*args)
+
+    monkeypatch.setattr(sparse_mlp, "_kernels", lambda: SlowKernels())
+    linear = torch.nn.Linear(16, 4)
+    down = SparseDown(linear, _SparseBelowTenth(), LayerStats("x", "down"), None)
+    h = torch.zeros(3, 16)
+    h[:, 0] = 1.0  # 1/16 active: the kernel's side
+    with torch.no_grad():
+        for _ in range(VERIFY_CALLS + 2):
+            torch.testing.assert_close(down(h), linear(h), atol=1e-6, rtol=0)
+    report = down.stats.to_dict()
+    assert report["counted_in_kernel_calls"] == VERIFY_CALLS and report["paths"]["per_token"] == VERIFY_CALLS
+    assert report["dropped_in_place"][0]["path"] == "per_token" and report["paths"]["dense"] == 2
+
+
+def test_a_clearly_dense_layer_stops_counting_for_a_while(monkeypatch):
+    """The count that decides costs time too: a layer above its crossover skips it for DENSE_STREAK calls (where
+    the count runs in Python: without the kernels, or where the union may win)."""
+    from deftcompress.runtime import sparse_kernels
     from deftcompress.runtime.sparse_mlp import DENSE_STREAK, LayerStats, SparseDown
+
+    monkeypatch.setattr(sparse_kernels, "_loaded", None)
+    monkeypatch.setattr(sparse_kernels, "_why_not", "disabled by the test")
 
     class Costs:  # sparse pays only below 10% density here
         def costs(self, d_in, d_out, tokens, gated):

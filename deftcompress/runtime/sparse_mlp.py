@@ -161,7 +161,7 @@ class SparseCalibration:
         self.path = Path(path) if path else default
         self.repeats = repeats
         self.progress = progress
-        kernels = "C++ kernels" if _kernels() is not None else "PyTorch only"  # cold-cache timing (format 2)
+        kernels = "C++ kernels v4" if _kernels() is not None else "PyTorch only"  # v4: rows prefetched ahead
         self.key = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} {_cpu_name()}, "
                     f"{kernels}, cold caches (read)")
         self._costs: dict[str, LayerCosts] = {}
@@ -297,6 +297,7 @@ class LayerStats:
     union_calls: int = 0  # calls that measured the union (the others went dense after the count)
     unchecked: int = 0  # calls run dense without a count (a clearly dense layer, see DENSE_STREAK)
     uncounted_kernel: int = 0  # calls sent to the compiled kernel without a count (it never loses here)
+    counted_in_kernel: int = 0  # calls whose count and choice ran inside the compiled kernel (see `_Swapped._fused`)
     dropped: list = field(default_factory=list)  # paths that lost to dense in place (see VERIFY_CALLS)
     paths: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PATHS})
     timed_dense: list[float] = field(default_factory=list)
@@ -316,6 +317,7 @@ class LayerStats:
         width = getattr(self, "_width", 1)
         out = {"layer": self.label, "role": self.role, "calls": self.calls + self.unchecked + self.uncounted_kernel,
                "unchecked_dense_calls": self.unchecked, "uncounted_kernel_calls": self.uncounted_kernel,
+               "counted_in_kernel_calls": self.counted_in_kernel,
                "density": round(self.nonzero / (self.tokens * width), 4) if self.tokens else None,
                "union_density": round(self.union_sum / self.union_calls, 4) if self.union_calls else None,
                "paths": {**self.paths, "dense": self.paths["dense"] + self.unchecked,
@@ -356,7 +358,7 @@ class _Swapped(nn.Module):
         super().__init__()
         self.linear = linear
         self.calibration, self.stats, self.timer = calibration, stats, timer
-        self._plans: dict[int, tuple[LayerCosts, float, bool]] = {}  # tokens -> (costs, give-up density, kernel always)
+        self._plans: dict[int, tuple[LayerCosts, float, bool, float | None]] = {}  # tokens -> see `_plan`
         self._streaks: dict[int, int] = {}  # tokens -> calls left that skip the count (a layer found dense)
         self._verdicts: dict[tuple[int, str], list | str] = {}  # (token bucket, path) -> timings, or "dropped"
 
@@ -373,7 +375,7 @@ class _Swapped(nn.Module):
         `sparse_paths(nonzero)` gives {"per_token": fn, "union": fn} (nonzero: `pattern != 0` where measured)."""
         tokens, width = pattern.shape
         dense = lambda: self.linear(flat)  # noqa: E731
-        costs, give_up, always = self._plan(tokens, flat.shape[-1])
+        costs, give_up, always, _ = self._plan(tokens, flat.shape[-1])
         timed = self._timed()
         if always and not timed and not self._dropped(tokens, "per_token"):  # timed calls are counted
             self.stats.uncounted_kernel += 1
@@ -418,17 +420,45 @@ class _Swapped(nn.Module):
         """Whether this call is one of the first the report times (dense and chosen path on the same input)."""
         return self.timer is not None and self.timer.wants(self.stats)
 
-    def _plan(self, tokens: int, d_in: int) -> tuple[LayerCosts, float, bool]:
-        """(cost model, give-up density, kernel always) at `tokens` tokens, looked up once per token count.
+    def _plan(self, tokens: int, d_in: int) -> tuple[LayerCosts, float, bool, float | None]:
+        """(cost model, give-up density, kernel always, kernel limit) at `tokens` tokens, looked up once per token count.
         "Kernel always": the compiled per-token kernel was measured faster than dense even at full density, so the
-        call goes straight to it, without counting zeros first (the count would cost more than it saves)."""
+        call goes straight to it, without counting zeros first (the count would cost more than it saves).
+        "Kernel limit": where only dense and the per-token kernel compete (the union cannot win at any density), the
+        per-token density up to which the kernel is chosen; the count and the choice then run inside the kernel."""
         if tokens not in self._plans:
             costs = self.calibration.costs(d_in, self.linear.out_features, tokens, gated=self.gated)
-            always = _kernels() is not None and costs.per_token is not None and \
-                costs.predict("per_token", 1.0, 1.0) <= ALWAYS_MARGIN * costs.dense and \
+            calibrated = _kernels() is not None and costs.per_token is not None and \
                 not isinstance(self.calibration, FixedChoice)
-            self._plans[tokens] = (costs, costs.give_up_density(), always)
+            always = calibrated and costs.predict("per_token", 1.0, 1.0) <= ALWAYS_MARGIN * costs.dense
+            limit = None
+            if calibrated and not _union_may_win(costs, 0.0):
+                a, b = costs.per_token
+                limit = 1.0 if b <= 0 else min((MARGIN * costs.dense - a) / b, 1.0)
+                limit = limit if limit > 0 else None
+            self._plans[tokens] = (costs, costs.give_up_density(), always, limit)
         return self._plans[tokens]
+
+    def _fused(self, tokens: int, width: int, d_in: int, kernel_call, dense) -> torch.Tensor | None:
+        """This call through the compiled kernel that counts, chooses and computes at once (`down_auto`/`gate_auto`:
+        on one token the Python around a count costs as much as the sparse product), or None where the choice needs
+        Python (report timing, a union that may win, a path dropped in place, a fixed choice) or no count is made
+        (kernel always). The first
+        VERIFY_CALLS calls that go sparse are checked against dense in place, as in `_verified`."""
+        _, _, always, limit = self._plan(tokens, d_in)
+        if limit is None or always or self._timed() or self._dropped(tokens, "per_token"):  # always: not even a count
+            return None
+        samples = self._verdicts.setdefault((tokens.bit_length(), "per_token"), [])
+        start = time.perf_counter()
+        out, count = kernel_call(limit)
+        sparse = count <= limit * tokens * width  # the kernel's own test
+        if sparse and len(samples) < VERIFY_CALLS:
+            middle = time.perf_counter()
+            dense()
+            self._check_in_place(tokens, "per_token", middle - start, time.perf_counter() - middle)
+        self.stats.counted_in_kernel += 1
+        self.stats.record(tokens, width, count, None, "per_token" if sparse else "dense")
+        return out
 
     def _dropped(self, tokens: int, path: str) -> bool:
         """True if `path` lost to dense in place for this layer at this token-count bucket (see VERIFY_CALLS)."""
@@ -447,7 +477,15 @@ class _Swapped(nn.Module):
         out = run()
         middle = time.perf_counter()
         dense()
-        samples.append((middle - start, time.perf_counter() - middle))
+        self._check_in_place(tokens, path, middle - start, time.perf_counter() - middle)
+        return out
+
+    def _check_in_place(self, tokens: int, path: str, sparse_seconds: float, dense_seconds: float) -> None:
+        """One in-place timing of `path` against dense; after VERIFY_CALLS of them the path is dropped for the
+        token-count bucket if its median time was not below dense's."""
+        key = (tokens.bit_length(), path)
+        samples = self._verdicts.setdefault(key, [])
+        samples.append((sparse_seconds, dense_seconds))
         if len(samples) == VERIFY_CALLS:
             sparse_time = statistics.median(t for t, _ in samples)
             dense_time = statistics.median(t for _, t in samples)
@@ -456,7 +494,6 @@ class _Swapped(nn.Module):
                 self.stats.dropped.append({"tokens_bucket": f"{2 ** (key[0] - 1)}-{2 ** key[0] - 1}", "path": path,
                                            "sparse_ms": round(1e3 * sparse_time, 4),
                                            "dense_ms": round(1e3 * dense_time, 4)})
-        return out
 
 
 class SparseDown(_Swapped):
@@ -465,17 +502,23 @@ class SparseDown(_Swapped):
     def __init__(self, linear: nn.Linear, calibration, stats: LayerStats, timer: _Timer | None):
         super().__init__(linear, calibration, stats, timer)
         self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)
+        self._kernel_args = (linear.weight.detach(), linear.bias.detach() if linear.bias is not None else _EMPTY)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.requires_grad or h.dtype != self.weight_t.dtype:
             return self.linear(h)
         flat = h.reshape(-1, h.shape[-1])
-        if self._skips_count(flat.shape[0]):
+        tokens, width = flat.shape
+        if self._skips_count(tokens):
             return F.linear(h, self.linear.weight, self.linear.bias)
-        bias = self.linear.bias
-        out = self._run(flat, flat, lambda nonzero: {
-            "per_token": lambda: _down_per_token(flat, self.weight_t, bias, nonzero),
-            "union": lambda: _down_union(flat, self.weight_t, bias, nonzero)})
+        out = self._fused(tokens, width, width,
+                          lambda limit: _kernels().down_auto(flat, self.weight_t, *self._kernel_args, limit),
+                          lambda: self.linear(flat))
+        if out is None:
+            bias = self.linear.bias
+            out = self._run(flat, flat, lambda nonzero: {
+                "per_token": lambda: _down_per_token(flat, self.weight_t, bias, nonzero),
+                "union": lambda: _down_union(flat, self.weight_t, bias, nonzero)})
         return out.reshape(*h.shape[:-1], out.shape[-1])
 
 
@@ -492,6 +535,7 @@ class SparseGate(_Swapped):
     def __init__(self, linear: nn.Linear, calibration, stats: LayerStats, timer: _Timer | None):
         super().__init__(linear, calibration, stats, timer)
         self.active: torch.Tensor | None = None
+        self._kernel_args = (linear.weight.detach(), linear.bias.detach() if linear.bias is not None else _EMPTY)
 
     def take_pattern(self, act_output: torch.Tensor) -> None:
         self.active = act_output  # its zeros are counted only when the gate runs
@@ -506,10 +550,14 @@ class SparseGate(_Swapped):
         if self._skips_count(flat.shape[0]):
             return F.linear(x, self.linear.weight, self.linear.bias)
         pattern = act_output.reshape(flat.shape[0], width)
-        weight, bias = self.linear.weight, self.linear.bias
-        out = self._run(flat, pattern, lambda nonzero: {
-            "per_token": lambda: _gated_per_token(flat, weight, bias, pattern),
-            "union": lambda: _gated_union(flat, weight, bias, nonzero)})
+        out = self._fused(flat.shape[0], width, flat.shape[1],
+                          lambda limit: _kernels().gate_auto(flat, pattern, *self._kernel_args, limit),
+                          lambda: self.linear(flat))
+        if out is None:
+            weight, bias = self.linear.weight, self.linear.bias
+            out = self._run(flat, pattern, lambda nonzero: {
+                "per_token": lambda: _gated_per_token(flat, weight, bias, pattern),
+                "union": lambda: _gated_union(flat, weight, bias, nonzero)})
         return out.reshape(*x.shape[:-1], width)
 
 
