@@ -7,7 +7,7 @@
    hidden states of SST-2 dev tokens; up 384->1536, down 1536->384; non-gated), a BERT-base-shaped
    one, and gated blocks of the tiny Llama-style decoder's shape (256 -> 1024) and of a 1B-class
    decoder (2048 -> 8192), random weights, gate ReLU; at 1 and 8 tokens, densities 50% down to 2%
-   (a per-neuron shift of the ReLU input sets the density). Dense = the block's own Linear layers; sparse = the same block
+   (a per-neuron shift of the ReLU input, folded into the up-projection bias, sets the density). Dense = the block's own Linear layers; sparse = the same block
    under `SparseMLPRuntime` (calibrated choice). Outputs checked equal (max |difference|).
 2. Whole MiniLM on SST-2 dev sentences at batch 1 and 8: stock (GELU: no exact zeros, so what the runtime
    costs a dense model), relufied (no training), with shifted ReLU thresholds that bring density near 4%
@@ -115,28 +115,33 @@ def block_curve(torch, args, calibration) -> list[dict]:
             for density in DENSITIES:
                 # per-neuron shift: `density` of the activations are positive on these inputs
                 shift = torch.quantile(pre_sample, 1.0 - density, dim=0)
+                # folded into the up-projection's bias: a ReLU block at this density, with no extra operation
+                up_shifted = torch.nn.Linear(up.in_features, up.out_features)
+                with torch.no_grad():
+                    up_shifted.weight.copy_(up.weight)
+                    up_shifted.bias.copy_((up.bias if up.bias is not None else 0.0) - shift)
                 stats_d = LayerStats("b", "down")
                 sparse_down = SparseDown(down, calibration, stats_d, None)
                 if gate is not None:
                     sparse_gate = SparseGate(gate, calibration, LayerStats("b", "gate"), None)
 
                     def dense_fn():
-                        return down(F.relu(up(x) - shift) * gate(x))
+                        return down(F.relu(up_shifted(x)) * gate(x))
 
                     def sparse_fn():
-                        a = F.relu(up(x) - shift)
+                        a = F.relu(up_shifted(x))
                         sparse_gate.take_pattern(a)
                         return sparse_down(a * sparse_gate(x))
                 else:
                     def dense_fn():
-                        return down(F.relu(up(x) - shift))
+                        return down(F.relu(up_shifted(x)))
 
                     def sparse_fn():
-                        return sparse_down(F.relu(up(x) - shift))
+                        return sparse_down(F.relu(up_shifted(x)))
                 with torch.no_grad():
                     reference = dense_fn()
                     diff = float((reference - sparse_fn()).abs().max())
-                    measured = float((F.relu(up(x) - shift) != 0).float().mean())
+                    measured = float((F.relu(up_shifted(x)) != 0).float().mean())
                     t = alternate({"dense": dense_fn, "sparse": sparse_fn}, args.repeats, None if args.hot else _evict_caches)
                 rows.append({"block": kind, "tokens": tokens, "density": density, "measured_density": round(measured, 4),
                              "dense_us": 1e6 * t["dense"], "sparse_us": 1e6 * t["sparse"],

@@ -106,7 +106,9 @@ def test_calibration_is_measured_once_and_cached(tmp_path, monkeypatch):
     first = SparseCalibration(path, repeats=2)
     costs = first.costs(64, 16, tokens=5, gated=False)  # between the 1- and 8-token buckets
     assert len(calls) == 2 and path.is_file()
-    assert costs.dense > 0 and costs.per_token is not None and costs.union is not None
+    assert costs.dense > 0 and costs.per_token is not None
+    # the union path only where the kernel is missing: the kernel reads each active row once per call anyway
+    assert (costs.union is None) == (sparse_mlp._kernels() is not None)
     again = SparseCalibration(path, repeats=2).costs(64, 16, tokens=5, gated=False)
     assert len(calls) == 2  # read from the cache
     assert again.dense == pytest.approx(costs.dense)
@@ -158,7 +160,7 @@ def _needs_kernels():
 def test_the_count_and_the_choice_run_inside_the_kernel():
     """Where only dense and the kernel compete, one compiled call counts, chooses and computes: dense above the
     calibrated limit (0.9 / 9 = 10% here), sparse below, for the down-projection and a gated projection alike."""
-    from deftcompress.runtime.sparse_mlp import LayerStats, SparseDown, SparseGate
+    from deftcompress.runtime.sparse_mlp import VERIFY_CALLS, LayerStats, SparseDown, SparseGate
 
     _needs_kernels()
     torch.manual_seed(0)
@@ -179,6 +181,19 @@ def test_the_count_and_the_choice_run_inside_the_kernel():
         assert report["counted_in_kernel_calls"] == report["calls"] == 3
         assert report["paths"] == {"dense": 1, "per_token": 2, "union": 0}
         assert report["unchecked_dense_calls"] == 0  # the count costs nothing here: no dense streak
+        assert report["density"] == round((64 + 3 + 3) / (3 * 64), 4)
+    # once the in-place checks are done, the bound kernel call is the whole forward: same outputs, same bookkeeping
+    with torch.no_grad():
+        for h in [sparse_h] * VERIFY_CALLS + [dense_h, sparse_h.unsqueeze(0)]:
+            torch.testing.assert_close(down(h), down_linear(h), atol=1e-6, rtol=0)
+            gate.take_pattern(h)
+            torch.testing.assert_close(gate(x.reshape(h.shape[:-1] + (8,))), gate_linear(x).reshape(h.shape[:-1] + (32,))
+                                       * (h != 0), atol=1e-6, rtol=0)
+    for module in (down, gate):
+        assert set(module._fast_calls) == {2}
+        report = module.stats.to_dict()
+        assert report["counted_in_kernel_calls"] == report["calls"] == 5 + VERIFY_CALLS
+        assert report["paths"] == {"dense": 2, "per_token": 3 + VERIFY_CALLS, "union": 0}
 
 
 def test_a_kernel_that_loses_in_place_is_dropped_there_too(monkeypatch):
@@ -279,23 +294,17 @@ def test_entering_the_runtime_again_reuses_its_modules_and_statistics():
     assert all(type(b.down) is torch.nn.Linear and type(b.gate) is torch.nn.Linear for b in mlp_blocks(model))
 
 
-def test_the_kernel_goes_uncounted_once_the_report_timing_is_done():
-    """Timed calls (for the report) count and time both paths; after them the calibrated fast path applies."""
-    from deftcompress.runtime import sparse_kernels
+def test_after_the_report_timing_calls_go_through_the_counting_kernel():
+    """Timed calls (for the report) count in Python and time both paths; after them the kernel counts and chooses."""
     from deftcompress.runtime.sparse_mlp import LayerStats, SparseDown, _Timer
 
-    if sparse_kernels.load() is None:
-        pytest.skip(f"no compiled kernels here: {sparse_kernels.why_not()}")
-
-    class KernelPays:  # what a calibration says where the kernel beats dense at every density
-        def costs(self, d_in, d_out, tokens, gated):
-            return LayerCosts(dense=1.0, per_token=(0.0, 0.1), union=None)
-
+    _needs_kernels()
     linear = torch.nn.Linear(16, 4)
-    down = SparseDown(linear, KernelPays(), LayerStats("x", "down"), _Timer(2))
-    h = torch.relu(torch.randn(3, 16))
+    down = SparseDown(linear, _SparseBelowTenth(), LayerStats("x", "down"), _Timer(2))
+    h = torch.zeros(3, 16)
+    h[:, 0] = 1.0
     with torch.no_grad():
         for _ in range(5):
             torch.testing.assert_close(down(h), linear(h), atol=1e-6, rtol=0)
     report = down.stats.to_dict()
-    assert report["timed_calls"] == 2 and report["uncounted_kernel_calls"] == 3
+    assert report["timed_calls"] == 2 and report["counted_in_kernel_calls"] == 3 and report["calls"] == 5

@@ -9,9 +9,10 @@ overhead (benchmarks/results/sparse_mlp.md has both). These kernels do the skipp
   so each active row is read once per call and multiplied only into the tokens that use it;
 - `gate_rows(x, a, w, bias)`: u[t, k] = dot(w[k], x[t]) + bias[k] where a[t, k] != 0, else 0: a gated
   MLP's multiplied projection computed only for the (token, neuron) pairs the activation left nonzero;
-- `down_auto(h, w_t, w, bias, max_density)` and `gate_auto(x, a, w, bias, max_density)`: the same, or the
-  layer's dense product where the counted density is above `max_density`, in one call that also returns the
-  count: the runtime's choice without the Python around a count (as long as the product, cold, on one token).
+- `down_auto(w_t, w, bias, max_density, tally, h)` and `gate_auto(w, bias, max_density, tally, x, a)`: the
+  same, or the layer's dense product where the counted density is above `max_density`, in one call that adds
+  what it did to `tally`: the runtime's choice without Python on the call (cold, the Python around a count
+  took longer than a one-token sparse product).
 
 They need a C++ compiler and ninja (`pip install ninja`) at first use; the build is cached by torch
 under ~/.cache/torch_extensions. Without them (or with DEFTCOMPRESS_NO_KERNELS=1) `load()` returns
@@ -154,30 +155,50 @@ torch::Tensor gate_rows(torch::Tensor x, torch::Tensor a, torch::Tensor w, torch
   return gated_rows(x.contiguous(), a.contiguous(), w.contiguous(), bias.numel() ? bias.contiguous() : bias);
 }
 
-// The count and the choice in the same call as the product (Python around a one-token call costs as much as the
-// sparse product itself): dense (the layer's own linear) if the density of h is above max_density, else sparse.
-// Returns the output and the number of nonzero activations counted.
-std::tuple<torch::Tensor, int64_t> down_auto(torch::Tensor h, torch::Tensor w_t, torch::Tensor w, torch::Tensor bias,
-                                             double max_density) {
-  TORCH_CHECK(h.dim() == 2 && w_t.dim() == 2 && h.size(1) == w_t.size(0), "down_auto: shapes");
-  check_float(h, "down_auto"); check_float(w_t, "down_auto");
-  h = h.contiguous();
-  const int64_t count = nonzero_count(h);
-  if (count > max_density * h.numel())
-    return {at::linear(h, w, bias.numel() ? c10::optional<torch::Tensor>(bias) : c10::nullopt), count};
-  return {down_rows(h, w_t.contiguous(), bias.numel() ? bias.contiguous() : bias), count};
+// The count and the choice in the same call as the product (the Python around a one-token call costs more than
+// the sparse product itself): the layer's own dense product if the counted density is above max_density, else
+// the sparse one. Inputs of any leading shape; what was done goes into `tally` (int64: calls, tokens, nonzeros
+// counted, sparse calls), so the runtime keeps its statistics without Python on the call.
+torch::Tensor dense_product(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& bias) {
+  return at::linear(x, w, bias.numel() ? c10::optional<torch::Tensor>(bias) : c10::nullopt);
 }
 
-std::tuple<torch::Tensor, int64_t> gate_auto(torch::Tensor x, torch::Tensor a, torch::Tensor w, torch::Tensor bias,
-                                             double max_density) {
-  TORCH_CHECK(x.dim() == 2 && a.dim() == 2 && w.dim() == 2 && x.size(0) == a.size(0) && a.size(1) == w.size(0)
-              && x.size(1) == w.size(1), "gate_auto: shapes");
-  check_float(x, "gate_auto"); check_float(a, "gate_auto"); check_float(w, "gate_auto");
-  a = a.contiguous();
-  const int64_t count = nonzero_count(a);
-  if (count > max_density * a.numel())
-    return {at::linear(x, w, bias.numel() ? c10::optional<torch::Tensor>(bias) : c10::nullopt), count};
-  return {gated_rows(x.contiguous(), a, w.contiguous(), bias.numel() ? bias.contiguous() : bias), count};
+void add_to_tally(torch::Tensor& tally, int64_t tokens, int64_t count, bool sparse) {
+  int64_t* t = tally.data_ptr<int64_t>();
+  t[0] += 1; t[1] += tokens; t[2] += count; t[3] += sparse;
+}
+
+// Arguments in this order so that everything but the input binds once (functools.partial) per layer.
+torch::Tensor down_auto(torch::Tensor w_t, torch::Tensor w, torch::Tensor bias, double max_density, torch::Tensor tally,
+                        torch::Tensor h) {
+  const int64_t f = w_t.size(0), d = w_t.size(1);
+  if (h.scalar_type() != torch::kFloat || !h.device().is_cpu() || h.dim() < 1 || h.size(-1) != f)
+    return dense_product(h, w, bias);  // not this kernel's case: exactly what the layer computes
+  auto flat = h.reshape({-1, f}).contiguous();
+  const int64_t count = nonzero_count(flat);
+  const bool sparse = count <= max_density * flat.numel();
+  add_to_tally(tally, flat.size(0), count, sparse);
+  if (!sparse) return dense_product(h, w, bias);
+  auto sizes = h.sizes().vec();
+  sizes.back() = d;
+  return down_rows(flat, w_t, bias).view(sizes);
+}
+
+torch::Tensor gate_auto(torch::Tensor w, torch::Tensor bias, double max_density, torch::Tensor tally, torch::Tensor x,
+                        torch::Tensor a) {
+  const int64_t f = w.size(0), din = w.size(1);
+  if (x.scalar_type() != torch::kFloat || a.scalar_type() != torch::kFloat || !x.device().is_cpu() || x.dim() < 1
+      || x.size(-1) != din || a.numel() != x.numel() / din * f)
+    return dense_product(x, w, bias);
+  auto flat = x.reshape({-1, din}).contiguous();
+  auto pattern = a.reshape({-1, f}).contiguous();
+  const int64_t count = nonzero_count(pattern);
+  const bool sparse = count <= max_density * pattern.numel();
+  add_to_tally(tally, flat.size(0), count, sparse);
+  if (!sparse) return dense_product(x, w, bias);
+  auto sizes = x.sizes().vec();
+  sizes.back() = f;
+  return gated_rows(flat, pattern, w, bias).view(sizes);
 }
 """
 
@@ -196,7 +217,7 @@ def load():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        _loaded = load_inline(name="deftcompress_sparse_mlp_v4", cpp_sources=[_SOURCE],
+        _loaded = load_inline(name="deftcompress_sparse_mlp_v5", cpp_sources=[_SOURCE],
                               functions=["sparse_down", "gate_rows", "down_auto", "gate_auto"],
                               extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
                               verbose=False)

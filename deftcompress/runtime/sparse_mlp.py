@@ -23,6 +23,7 @@ Outputs equal the dense ones up to float summation order.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -51,7 +52,9 @@ DENSE_STREAK = 8
 # The cost model predicts; the first calls check it in place: per layer, token-count bucket and path, the
 # first VERIFY_CALLS sparse calls also time dense on the same input, and a path slower in place is dropped.
 VERIFY_CALLS = 5
-ALWAYS_MARGIN = 0.8  # the kernel goes uncounted only where predicted 20% faster than dense even at full density
+# A token count whose calls through the counting kernel all went dense binds the kernel call after this many anyway:
+# its count is what keeps it honest from then on, and the sparse calls it may make later go unchecked.
+FAST_AFTER = 4 * VERIFY_CALLS
 
 
 # ---- cost model ---------------------------------------------------------------------------------
@@ -132,25 +135,28 @@ def measure_costs(d_in: int, d_out: int, tokens: int, gated: bool, repeats: int 
         for density in DENSITIES:
             act = _random_activations(tokens, d_out, density, g)
             active = act != 0
-            us.append(float(active.any(0).float().mean()))
-            ts.append(_median_seconds(lambda: _gated_union(x, weight, None, active), repeats))
-            if kernel:
+            if kernel:  # it reads each active row once per call: the union's gain without its copies
                 per.append(float(active.float().mean()))
                 pts.append(_median_seconds(lambda: _gated_per_token(x, weight, None, act), repeats))
-        return LayerCosts(dense, _fit(per, pts) if kernel else None, _fit(us, ts))
+            else:
+                us.append(float(active.any(0).float().mean()))
+                ts.append(_median_seconds(lambda: _gated_union(x, weight, None, active), repeats))
+        return LayerCosts(dense, _fit(per, pts), None) if kernel else LayerCosts(dense, None, _fit(us, ts))
     weight = torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)  # down: [d_model, d_ff]
     weight_t = weight.t().contiguous()
     per, pts, us, uts = [], [], [], []
     dense = None
+    kernel = _kernels() is not None
     for density in DENSITIES:
         h = _random_activations(tokens, d_in, density, g)
         if dense is None:
             dense = _median_seconds(lambda: F.linear(h, weight), repeats)
         per.append(float((h != 0).float().mean()))
         pts.append(_median_seconds(lambda: _down_per_token(h, weight_t, None, h != 0), repeats))
-        us.append(float((h != 0).any(0).float().mean()))
-        uts.append(_median_seconds(lambda: _down_union(h, weight_t, None, h != 0), repeats))
-    return LayerCosts(dense, _fit(per, pts), _fit(us, uts))
+        if not kernel:  # the kernel reads each active row once per call: the union's gain without its copies
+            us.append(float((h != 0).any(0).float().mean()))
+            uts.append(_median_seconds(lambda: _down_union(h, weight_t, None, h != 0), repeats))
+    return LayerCosts(dense, _fit(per, pts), None if kernel else _fit(us, uts))
 
 
 class SparseCalibration:
@@ -161,7 +167,7 @@ class SparseCalibration:
         self.path = Path(path) if path else default
         self.repeats = repeats
         self.progress = progress
-        kernels = "C++ kernels v4" if _kernels() is not None else "PyTorch only"  # v4: rows prefetched ahead
+        kernels = "C++ kernels v5" if _kernels() is not None else "PyTorch only"  # v5: no union path beside them
         self.key = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} {_cpu_name()}, "
                     f"{kernels}, cold caches (read)")
         self._costs: dict[str, LayerCosts] = {}
@@ -296,8 +302,10 @@ class LayerStats:
     union_sum: float = 0.0
     union_calls: int = 0  # calls that measured the union (the others went dense after the count)
     unchecked: int = 0  # calls run dense without a count (a clearly dense layer, see DENSE_STREAK)
-    uncounted_kernel: int = 0  # calls sent to the compiled kernel without a count (it never loses here)
-    counted_in_kernel: int = 0  # calls whose count and choice ran inside the compiled kernel (see `_Swapped._fused`)
+    width: int = 0  # activations per token
+    # calls whose count and choice ran inside the compiled kernel (see `_Swapped._fused`), kept by the kernel itself:
+    # calls, tokens, nonzero activations counted, calls that went sparse
+    tally: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.int64))
     dropped: list = field(default_factory=list)  # paths that lost to dense in place (see VERIFY_CALLS)
     paths: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PATHS})
     timed_dense: list[float] = field(default_factory=list)
@@ -311,17 +319,18 @@ class LayerStats:
             self.union_sum += union
             self.union_calls += 1
         self.paths[path] += 1
-        self._width = width
+        self.width = width
 
     def to_dict(self) -> dict[str, Any]:
-        width = getattr(self, "_width", 1)
-        out = {"layer": self.label, "role": self.role, "calls": self.calls + self.unchecked + self.uncounted_kernel,
-               "unchecked_dense_calls": self.unchecked, "uncounted_kernel_calls": self.uncounted_kernel,
-               "counted_in_kernel_calls": self.counted_in_kernel,
-               "density": round(self.nonzero / (self.tokens * width), 4) if self.tokens else None,
+        in_kernel, kernel_tokens, kernel_nonzero, kernel_sparse = (int(v) for v in self.tally)
+        tokens, nonzero = self.tokens + kernel_tokens, self.nonzero + kernel_nonzero
+        out = {"layer": self.label, "role": self.role,
+               "calls": self.calls + self.unchecked + in_kernel, "unchecked_dense_calls": self.unchecked,
+               "counted_in_kernel_calls": in_kernel,
+               "density": round(nonzero / (tokens * max(self.width, 1)), 4) if tokens else None,
                "union_density": round(self.union_sum / self.union_calls, 4) if self.union_calls else None,
-               "paths": {**self.paths, "dense": self.paths["dense"] + self.unchecked,
-                         "per_token": self.paths["per_token"] + self.uncounted_kernel}}
+               "paths": {**self.paths, "dense": self.paths["dense"] + self.unchecked + in_kernel - kernel_sparse,
+                         "per_token": self.paths["per_token"] + kernel_sparse}}
         if self.dropped:
             out["dropped_in_place"] = list(self.dropped)
         if self.timed_dense:
@@ -361,6 +370,9 @@ class _Swapped(nn.Module):
         self._plans: dict[int, tuple[LayerCosts, float, bool, float | None]] = {}  # tokens -> see `_plan`
         self._streaks: dict[int, int] = {}  # tokens -> calls left that skip the count (a layer found dense)
         self._verdicts: dict[tuple[int, str], list | str] = {}  # (token bucket, path) -> timings, or "dropped"
+        self._fast_calls: dict[int, Any] = {}  # tokens -> the bound kernel call that is the whole forward (`_fused`)
+        self._fused_seen: dict[int, int] = {}  # tokens -> calls through `_fused` before its call was bound
+        stats.width = linear.in_features if not self.gated else linear.out_features
 
     @property
     def weight(self) -> torch.Tensor:
@@ -375,11 +387,8 @@ class _Swapped(nn.Module):
         `sparse_paths(nonzero)` gives {"per_token": fn, "union": fn} (nonzero: `pattern != 0` where measured)."""
         tokens, width = pattern.shape
         dense = lambda: self.linear(flat)  # noqa: E731
-        costs, give_up, always, _ = self._plan(tokens, flat.shape[-1])
+        costs, give_up, _ = self._plan(tokens, flat.shape[-1])
         timed = self._timed()
-        if always and not timed and not self._dropped(tokens, "per_token"):  # timed calls are counted
-            self.stats.uncounted_kernel += 1
-            return self._verified(tokens, "per_token", sparse_paths(None)["per_token"], dense)
         count = int(torch.count_nonzero(pattern))
         per_token = count / max(pattern.numel(), 1)
         if per_token > give_up:  # one count, then dense: what the decision costs a dense batch
@@ -420,44 +429,44 @@ class _Swapped(nn.Module):
         """Whether this call is one of the first the report times (dense and chosen path on the same input)."""
         return self.timer is not None and self.timer.wants(self.stats)
 
-    def _plan(self, tokens: int, d_in: int) -> tuple[LayerCosts, float, bool, float | None]:
-        """(cost model, give-up density, kernel always, kernel limit) at `tokens` tokens, looked up once per token count.
-        "Kernel always": the compiled per-token kernel was measured faster than dense even at full density, so the
-        call goes straight to it, without counting zeros first (the count would cost more than it saves).
-        "Kernel limit": where only dense and the per-token kernel compete (the union cannot win at any density), the
-        per-token density up to which the kernel is chosen; the count and the choice then run inside the kernel."""
+    def _plan(self, tokens: int, d_in: int) -> tuple[LayerCosts, float, float | None]:
+        """(cost model, give-up density, kernel limit) at `tokens` tokens, looked up once per token count. "Kernel
+        limit": where only dense and the compiled kernel compete (the calibration has no union beside the kernel), the
+        density up to which the kernel is predicted faster by MARGIN; the count and the choice then run inside it."""
         if tokens not in self._plans:
             costs = self.calibration.costs(d_in, self.linear.out_features, tokens, gated=self.gated)
-            calibrated = _kernels() is not None and costs.per_token is not None and \
-                not isinstance(self.calibration, FixedChoice)
-            always = calibrated and costs.predict("per_token", 1.0, 1.0) <= ALWAYS_MARGIN * costs.dense
             limit = None
-            if calibrated and not _union_may_win(costs, 0.0):
+            if _kernels() is not None and costs.per_token is not None and costs.union is None \
+                    and not isinstance(self.calibration, FixedChoice):
                 a, b = costs.per_token
                 limit = 1.0 if b <= 0 else min((MARGIN * costs.dense - a) / b, 1.0)
                 limit = limit if limit > 0 else None
-            self._plans[tokens] = (costs, costs.give_up_density(), always, limit)
+            self._plans[tokens] = (costs, costs.give_up_density(), limit)
         return self._plans[tokens]
 
-    def _fused(self, tokens: int, width: int, d_in: int, kernel_call, dense) -> torch.Tensor | None:
-        """This call through the compiled kernel that counts, chooses and computes at once (`down_auto`/`gate_auto`:
-        on one token the Python around a count costs as much as the sparse product), or None where the choice needs
-        Python (report timing, a union that may win, a path dropped in place, a fixed choice) or no count is made
-        (kernel always). The first
-        VERIFY_CALLS calls that go sparse are checked against dense in place, as in `_verified`."""
-        _, _, always, limit = self._plan(tokens, d_in)
-        if limit is None or always or self._timed() or self._dropped(tokens, "per_token"):  # always: not even a count
+    def _fused(self, tokens: int, d_in: int, inputs: tuple, dense) -> torch.Tensor | None:
+        """This call through the compiled kernel that counts, chooses and computes at once (`down_auto`/`gate_auto`),
+        or None where the choice needs Python (report timing, a union that may win, a path dropped in place, a
+        fixed choice). Its first VERIFY_CALLS calls that go sparse are checked
+        against dense in place, as in `_verified`; after them (or after FAST_AFTER calls at this token count that
+        all went dense) the bound kernel call is all a forward does at this token count (`_fast_calls`)."""
+        limit = self._plan(tokens, d_in)[2]
+        if limit is None or self._timed() or self._dropped(tokens, "per_token"):
             return None
+        call = functools.partial(self._kernel, *self._kernel_args, limit, self.stats.tally)
         samples = self._verdicts.setdefault((tokens.bit_length(), "per_token"), [])
+        seen = self._fused_seen.get(tokens, 0)
+        if len(samples) >= VERIFY_CALLS or seen >= FAST_AFTER:
+            self._fast_calls[tokens] = call
+            return call(*inputs)
+        self._fused_seen[tokens] = seen + 1
+        sparse_before = int(self.stats.tally[3])
         start = time.perf_counter()
-        out, count = kernel_call(limit)
-        sparse = count <= limit * tokens * width  # the kernel's own test
-        if sparse and len(samples) < VERIFY_CALLS:
+        out = call(*inputs)
+        if int(self.stats.tally[3]) > sparse_before:  # it went sparse: time dense on the same input
             middle = time.perf_counter()
             dense()
             self._check_in_place(tokens, "per_token", middle - start, time.perf_counter() - middle)
-        self.stats.counted_in_kernel += 1
-        self.stats.record(tokens, width, count, None, "per_token" if sparse else "dense")
         return out
 
     def _dropped(self, tokens: int, path: str) -> bool:
@@ -502,18 +511,22 @@ class SparseDown(_Swapped):
     def __init__(self, linear: nn.Linear, calibration, stats: LayerStats, timer: _Timer | None):
         super().__init__(linear, calibration, stats, timer)
         self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)
-        self._kernel_args = (linear.weight.detach(), linear.bias.detach() if linear.bias is not None else _EMPTY)
+        kernels = _kernels()
+        self._kernel = kernels.down_auto if kernels is not None else None
+        self._kernel_args = (self.weight_t, linear.weight.detach(),
+                             linear.bias.detach() if linear.bias is not None else _EMPTY)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        fast = self._fast_calls.get(h.numel() // h.shape[-1])
+        if fast is not None and not h.requires_grad:  # as little Python as possible: cold, it costs as much as the product
+            return fast(h)
         if h.requires_grad or h.dtype != self.weight_t.dtype:
             return self.linear(h)
         flat = h.reshape(-1, h.shape[-1])
         tokens, width = flat.shape
         if self._skips_count(tokens):
             return F.linear(h, self.linear.weight, self.linear.bias)
-        out = self._fused(tokens, width, width,
-                          lambda limit: _kernels().down_auto(flat, self.weight_t, *self._kernel_args, limit),
-                          lambda: self.linear(flat))
+        out = self._fused(tokens, width, (flat,), lambda: self.linear(flat))
         if out is None:
             bias = self.linear.bias
             out = self._run(flat, flat, lambda nonzero: {
@@ -535,6 +548,8 @@ class SparseGate(_Swapped):
     def __init__(self, linear: nn.Linear, calibration, stats: LayerStats, timer: _Timer | None):
         super().__init__(linear, calibration, stats, timer)
         self.active: torch.Tensor | None = None
+        kernels = _kernels()
+        self._kernel = kernels.gate_auto if kernels is not None else None
         self._kernel_args = (linear.weight.detach(), linear.bias.detach() if linear.bias is not None else _EMPTY)
 
     def take_pattern(self, act_output: torch.Tensor) -> None:
@@ -542,6 +557,9 @@ class SparseGate(_Swapped):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act_output, self.active = self.active, None
+        fast = self._fast_calls.get(x.numel() // x.shape[-1])
+        if fast is not None and act_output is not None and not x.requires_grad:  # the kernel checks the sizes
+            return fast(x, act_output)
         flat = x.reshape(-1, x.shape[-1])
         width = self.linear.out_features
         if x.requires_grad or act_output is None or act_output.numel() != flat.shape[0] * width \
@@ -550,9 +568,7 @@ class SparseGate(_Swapped):
         if self._skips_count(flat.shape[0]):
             return F.linear(x, self.linear.weight, self.linear.bias)
         pattern = act_output.reshape(flat.shape[0], width)
-        out = self._fused(flat.shape[0], width, flat.shape[1],
-                          lambda limit: _kernels().gate_auto(flat, pattern, *self._kernel_args, limit),
-                          lambda: self.linear(flat))
+        out = self._fused(flat.shape[0], flat.shape[1], (flat, pattern), lambda: self.linear(flat))
         if out is None:
             weight, bias = self.linear.weight, self.linear.bias
             out = self._run(flat, pattern, lambda nonzero: {
