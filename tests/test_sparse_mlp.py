@@ -221,6 +221,7 @@ def test_a_kernel_that_loses_in_place_is_dropped_there_too(monkeypatch):
     report = down.stats.to_dict()
     assert report["counted_in_kernel_calls"] == VERIFY_CALLS and report["paths"]["per_token"] == VERIFY_CALLS
     assert report["dropped_in_place"][0]["path"] == "per_token" and report["paths"]["dense"] == 2
+    assert report["unchecked_dense_calls"] == 2 and report["calls"] == VERIFY_CALLS + 2  # plain dense, not even a count
 
 
 def test_a_clearly_dense_layer_stops_counting_for_a_while(monkeypatch):

@@ -301,7 +301,7 @@ class LayerStats:
     nonzero: int = 0  # activations (down) or active neuron-token pairs seen
     union_sum: float = 0.0
     union_calls: int = 0  # calls that measured the union (the others went dense after the count)
-    unchecked: int = 0  # calls run dense without a count (a clearly dense layer, see DENSE_STREAK)
+    unchecked: int = 0  # calls run dense without a count (a clearly dense layer, see DENSE_STREAK; a dropped kernel)
     width: int = 0  # activations per token
     # calls whose count and choice ran inside the compiled kernel (see `_Swapped._fused`), kept by the kernel itself:
     # calls, tokens, nonzero activations counted, calls that went sparse
@@ -449,10 +449,14 @@ class _Swapped(nn.Module):
         or None where the choice needs Python (report timing, a union that may win, a path dropped in place, a
         fixed choice). Its first VERIFY_CALLS calls that go sparse are checked
         against dense in place, as in `_verified`; after them (or after FAST_AFTER calls at this token count that
-        all went dense) the bound kernel call is all a forward does at this token count (`_fast_calls`)."""
+        all went dense) the bound kernel call is all a forward does at this token count (`_fast_calls`); where
+        they found it slower, the layer's plain dense product is."""
         limit = self._plan(tokens, d_in)[2]
-        if limit is None or self._timed() or self._dropped(tokens, "per_token"):
+        if limit is None or self._timed():
             return None
+        if self._dropped(tokens, "per_token"):  # the kernel lost in place: plain dense from now on, not even a count
+            self._fast_calls[tokens] = self._dense_uncounted
+            return self._dense_uncounted(*inputs)
         call = functools.partial(self._kernel, *self._kernel_args, limit, self.stats.tally)
         samples = self._verdicts.setdefault((tokens.bit_length(), "per_token"), [])
         seen = self._fused_seen.get(tokens, 0)
@@ -468,6 +472,10 @@ class _Swapped(nn.Module):
             dense()
             self._check_in_place(tokens, "per_token", middle - start, time.perf_counter() - middle)
         return out
+
+    def _dense_uncounted(self, x: torch.Tensor, *pattern) -> torch.Tensor:
+        self.stats.unchecked += 1
+        return F.linear(x, self.linear.weight, self.linear.bias)
 
     def _dropped(self, tokens: int, path: str) -> bool:
         """True if `path` lost to dense in place for this layer at this token-count bucket (see VERIFY_CALLS)."""
