@@ -446,11 +446,11 @@ class _Swapped(nn.Module):
 
     def _fused(self, tokens: int, d_in: int, inputs: tuple, dense) -> torch.Tensor | None:
         """This call through the compiled kernel that counts, chooses and computes at once (`down_auto`/`gate_auto`),
-        or None where the choice needs Python (report timing, a union that may win, a path dropped in place, a
-        fixed choice). Its first VERIFY_CALLS calls that go sparse are checked
-        against dense in place, as in `_verified`; after them (or after FAST_AFTER calls at this token count that
-        all went dense) the bound kernel call is all a forward does at this token count (`_fast_calls`); where
-        they found it slower, the layer's plain dense product is."""
+        or None where the choice needs Python (no kernels, report timing, a union in the cost model, a fixed choice).
+        Its first VERIFY_CALLS calls that go sparse are checked against dense in place, as in `_verified`; after
+        them (or after FAST_AFTER calls at this token count that all went dense) the bound kernel call is all a
+        forward does at this token count (`_fast_calls`); where they found the kernel slower, the plain dense
+        product is."""
         limit = self._plan(tokens, d_in)[2]
         if limit is None or self._timed():
             return None
