@@ -122,6 +122,7 @@ def block_curve(torch, args, calibration) -> list[dict]:
                     up_shifted.bias.copy_((up.bias if up.bias is not None else 0.0) - shift)
                 stats_d = LayerStats("b", "down")
                 sparse_down = SparseDown(down, calibration, stats_d, None)
+                sparse_gate = None
                 if gate is not None:
                     sparse_gate = SparseGate(gate, calibration, LayerStats("b", "gate"), None)
 
@@ -147,7 +148,8 @@ def block_curve(torch, args, calibration) -> list[dict]:
                              "dense_us": 1e6 * t["dense"], "sparse_us": 1e6 * t["sparse"],
                              "speedup": t["dense"] / t["sparse"], "max_abs_diff": diff,
                              "max_abs_output": float(reference.abs().max()),
-                             "paths": stats_d.to_dict()["paths"]})
+                             "paths": stats_d.to_dict()["paths"],
+                             "gate_paths": sparse_gate.stats.to_dict()["paths"] if gate is not None else None})
                 print(f"{kind} tokens {tokens} density {density}: {rows[-1]['speedup']:.2f}x "
                       f"(paths {rows[-1]['paths']})", flush=True)
     return rows
@@ -215,7 +217,7 @@ def whole_model(torch, args, calibration) -> list[dict]:
                 t = alternate({"dense": dense_fn, "sparse": sparse_fn}, args.model_repeats)
             paths = {}
             for s in runtime.stats:
-                for k, v in s.paths.items():
+                for k, v in s.to_dict()["paths"].items():  # with the calls the kernels counted themselves
                     paths[k] = paths.get(k, 0) + v
             results.append({"model": label, "batch": batch, "density": round(density, 4),
                             "dense_ms": 1e3 * t["dense"] / len(batches), "sparse_ms": 1e3 * t["sparse"] / len(batches),
@@ -289,13 +291,14 @@ def render(data: dict, out: Path) -> None:
              "## MLP blocks", "",
              f"Caches: {data.get('block_caches', 'hot')}. Targets at density <= 10%, batch 1 (one token): non-gated >= 1.5x (limit 2x), gated >= 2.2x (limit 3x), "
              "never slower than dense (speed-up >= 0.95 allowing timing noise), max |difference| <= 1e-5.", "",
-             "| block | tokens | density | dense us | sparse us | speed-up | max abs diff (largest output) | down paths (dense/per-token/union) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| block | tokens | density | dense us | sparse us | speed-up | max abs diff (largest output) | down paths (dense/per-token/union) | gate paths (dense/per-token/union) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in data["blocks"]:
         p = r["paths"]
         lines.append(f"| {r['block']} | {r['tokens']} | {r['measured_density']:.3f} | {r['dense_us']:.1f} | "
                      f"{r['sparse_us']:.1f} | {r['speedup']:.2f}x | {r['max_abs_diff']:.1e} ({r['max_abs_output']:.1f}) | "
-                     f"{p['dense']}/{p['per_token']}/{p['union']} |")
+                     f"{p['dense']}/{p['per_token']}/{p['union']} | "
+                     + (f"{g['dense']}/{g['per_token']}/{g['union']} |" if (g := r.get("gate_paths")) else "- |"))
     lines += ["", "## Whole MiniLM (SST-2 dev rows, ms per batch)", "",
               "| model | batch | density | dense ms | sparse ms | speed-up | max abs logit diff |", "|---|---|---|---|---|---|---|"]
     for r in data["models"]:
