@@ -366,6 +366,9 @@ class _Swapped(nn.Module):
     def __init__(self, linear: nn.Linear, calibration, stats: LayerStats, timer: _Timer | None):
         super().__init__()
         self.linear = linear
+        # Plain attributes for the per-call path: a submodule or parameter read through nn.Module's __getattr__, or
+        # a tensor attribute written through its __setattr__, costs microseconds per call, tens with cold caches.
+        self._dense = functools.partial(F.linear, weight=linear.weight, bias=linear.bias)
         self.calibration, self.stats, self.timer = calibration, stats, timer
         self._plans: dict[int, tuple[LayerCosts, float, bool, float | None]] = {}  # tokens -> see `_plan`
         self._streaks: dict[int, int] = {}  # tokens -> calls left that skip the count (a layer found dense)
@@ -475,7 +478,7 @@ class _Swapped(nn.Module):
 
     def _dense_uncounted(self, x: torch.Tensor, *pattern) -> torch.Tensor:
         self.stats.unchecked += 1
-        return F.linear(x, self.linear.weight, self.linear.bias)
+        return self._dense(x)
 
     def _dropped(self, tokens: int, path: str) -> bool:
         """True if `path` lost to dense in place for this layer at this token-count bucket (see VERIFY_CALLS)."""
@@ -533,7 +536,7 @@ class SparseDown(_Swapped):
         flat = h.reshape(-1, h.shape[-1])
         tokens, width = flat.shape
         if self._skips_count(tokens):
-            return F.linear(h, self.linear.weight, self.linear.bias)
+            return self._dense(h)
         out = self._fused(tokens, width, (flat,), lambda: self.linear(flat))
         if out is None:
             bias = self.linear.bias
@@ -555,16 +558,16 @@ class SparseGate(_Swapped):
 
     def __init__(self, linear: nn.Linear, calibration, stats: LayerStats, timer: _Timer | None):
         super().__init__(linear, calibration, stats, timer)
-        self.active: torch.Tensor | None = None
+        self._pattern: list[torch.Tensor | None] = [None]  # the activation's output, handed over by `take_pattern`
         kernels = _kernels()
         self._kernel = kernels.gate_auto if kernels is not None else None
         self._kernel_args = (linear.weight.detach(), linear.bias.detach() if linear.bias is not None else _EMPTY)
 
     def take_pattern(self, act_output: torch.Tensor) -> None:
-        self.active = act_output  # its zeros are counted only when the gate runs
+        self._pattern[0] = act_output  # its zeros are counted only when the gate runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act_output, self.active = self.active, None
+        act_output, self._pattern[0] = self._pattern[0], None
         fast = self._fast_calls.get(x.numel() // x.shape[-1])
         if fast is not None and act_output is not None and not x.requires_grad:  # the kernel checks the sizes
             return fast(x, act_output)
@@ -574,7 +577,7 @@ class SparseGate(_Swapped):
                 or x.dtype != self.linear.weight.dtype:
             return self.linear(x)
         if self._skips_count(flat.shape[0]):
-            return F.linear(x, self.linear.weight, self.linear.bias)
+            return self._dense(x)
         pattern = act_output.reshape(flat.shape[0], width)
         out = self._fused(flat.shape[0], flat.shape[1], (flat, pattern), lambda: self.linear(flat))
         if out is None:
