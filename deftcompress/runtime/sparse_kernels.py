@@ -168,6 +168,22 @@ void add_to_tally(torch::Tensor& tally, int64_t tokens, int64_t count, bool spar
   t[0] += 1; t[1] += tokens; t[2] += count; t[3] += sparse;
 }
 
+// What down_auto and gate_auto share once their inputs are flat: count the nonzeros of `pattern` [tokens, width],
+// tally the call, and return the layer's dense product of `x` above max_density, else `sparse()` in x's leading
+// shape with `out_width` features.
+template <typename Sparse>
+torch::Tensor counted_choice(const torch::Tensor& x, const torch::Tensor& pattern, const torch::Tensor& w,
+                             const torch::Tensor& bias, double max_density, torch::Tensor& tally, int64_t out_width,
+                             Sparse sparse) {
+  const int64_t count = nonzero_count(pattern);
+  const bool is_sparse = count <= max_density * pattern.numel();
+  add_to_tally(tally, pattern.size(0), count, is_sparse);
+  if (!is_sparse) return dense_product(x, w, bias);
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_width;
+  return sparse().view(sizes);
+}
+
 // Arguments in this order so that everything but the input binds once (functools.partial) per layer.
 torch::Tensor down_auto(torch::Tensor w_t, torch::Tensor w, torch::Tensor bias, double max_density, torch::Tensor tally,
                         torch::Tensor h) {
@@ -175,13 +191,7 @@ torch::Tensor down_auto(torch::Tensor w_t, torch::Tensor w, torch::Tensor bias, 
   if (h.scalar_type() != torch::kFloat || !h.device().is_cpu() || h.dim() < 1 || h.size(-1) != f)
     return dense_product(h, w, bias);  // not this kernel's case: exactly what the layer computes
   auto flat = h.reshape({-1, f}).contiguous();
-  const int64_t count = nonzero_count(flat);
-  const bool sparse = count <= max_density * flat.numel();
-  add_to_tally(tally, flat.size(0), count, sparse);
-  if (!sparse) return dense_product(h, w, bias);
-  auto sizes = h.sizes().vec();
-  sizes.back() = d;
-  return down_rows(flat, w_t, bias).view(sizes);
+  return counted_choice(h, flat, w, bias, max_density, tally, d, [&] { return down_rows(flat, w_t, bias); });
 }
 
 torch::Tensor gate_auto(torch::Tensor w, torch::Tensor bias, double max_density, torch::Tensor tally, torch::Tensor x,
@@ -192,13 +202,8 @@ torch::Tensor gate_auto(torch::Tensor w, torch::Tensor bias, double max_density,
     return dense_product(x, w, bias);
   auto flat = x.reshape({-1, din}).contiguous();
   auto pattern = a.reshape({-1, f}).contiguous();
-  const int64_t count = nonzero_count(pattern);
-  const bool sparse = count <= max_density * pattern.numel();
-  add_to_tally(tally, flat.size(0), count, sparse);
-  if (!sparse) return dense_product(x, w, bias);
-  auto sizes = x.sizes().vec();
-  sizes.back() = f;
-  return gated_rows(flat, pattern, w, bias).view(sizes);
+  return counted_choice(x, pattern, w, bias, max_density, tally, f,
+                        [&] { return gated_rows(flat, pattern, w, bias); });
 }
 """
 

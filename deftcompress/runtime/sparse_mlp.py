@@ -362,6 +362,7 @@ class _Swapped(nn.Module):
     (family forwards read e.g. `wo.weight.dtype`)."""
 
     gated = False  # which cost model: the down-projection's or the gated side's
+    kernel_name = "down_auto"  # the compiled call that counts, chooses and computes (see `_fused`)
 
     def __init__(self, linear: nn.Linear, calibration, stats: LayerStats, timer: _Timer | None):
         super().__init__()
@@ -369,8 +370,11 @@ class _Swapped(nn.Module):
         # Plain attributes for the per-call path: a submodule or parameter read through nn.Module's __getattr__, or
         # a tensor attribute written through its __setattr__, costs microseconds per call, tens with cold caches.
         self._dense = functools.partial(F.linear, weight=linear.weight, bias=linear.bias)
+        kernels = _kernels()
+        self._kernel = getattr(kernels, self.kernel_name) if kernels is not None else None
+        self._weight_bias = (linear.weight.detach(), linear.bias.detach() if linear.bias is not None else _EMPTY)
         self.calibration, self.stats, self.timer = calibration, stats, timer
-        self._plans: dict[int, tuple[LayerCosts, float, bool, float | None]] = {}  # tokens -> see `_plan`
+        self._plans: dict[int, tuple[LayerCosts, float, float | None]] = {}  # tokens -> see `_plan`
         self._streaks: dict[int, int] = {}  # tokens -> calls left that skip the count (a layer found dense)
         self._verdicts: dict[tuple[int, str], list | str] = {}  # (token bucket, path) -> timings, or "dropped"
         self._fast_calls: dict[int, Any] = {}  # tokens -> the bound kernel call that is the whole forward (`_fused`)
@@ -522,10 +526,7 @@ class SparseDown(_Swapped):
     def __init__(self, linear: nn.Linear, calibration, stats: LayerStats, timer: _Timer | None):
         super().__init__(linear, calibration, stats, timer)
         self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)
-        kernels = _kernels()
-        self._kernel = kernels.down_auto if kernels is not None else None
-        self._kernel_args = (self.weight_t, linear.weight.detach(),
-                             linear.bias.detach() if linear.bias is not None else _EMPTY)
+        self._kernel_args = (self.weight_t, *self._weight_bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         fast = self._fast_calls.get(h.numel() // h.shape[-1])
@@ -555,13 +556,12 @@ class SparseGate(_Swapped):
     """
 
     gated = True
+    kernel_name = "gate_auto"
 
     def __init__(self, linear: nn.Linear, calibration, stats: LayerStats, timer: _Timer | None):
         super().__init__(linear, calibration, stats, timer)
         self._pattern: list[torch.Tensor | None] = [None]  # the activation's output, handed over by `take_pattern`
-        kernels = _kernels()
-        self._kernel = kernels.gate_auto if kernels is not None else None
-        self._kernel_args = (linear.weight.detach(), linear.bias.detach() if linear.bias is not None else _EMPTY)
+        self._kernel_args = self._weight_bias
 
     def take_pattern(self, act_output: torch.Tensor) -> None:
         self._pattern[0] = act_output  # its zeros are counted only when the gate runs
