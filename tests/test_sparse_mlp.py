@@ -196,6 +196,32 @@ def test_the_count_and_the_choice_run_inside_the_kernel():
         assert report["paths"] == {"dense": 2, "per_token": 3 + VERIFY_CALLS, "union": 0}
 
 
+def test_dense_calls_of_many_lengths_bind_the_kernel_call_per_length_bucket():
+    """Sentences of many lengths: after FAST_AFTER dense calls in a token-count bucket (4-7 tokens here), a length
+    never seen before is bound on its first call, not after FAST_AFTER calls of its own (the watched calls cost
+    time with cold caches)."""
+    from deftcompress.runtime.sparse_mlp import FAST_AFTER, LayerStats, SparseDown
+
+    _needs_kernels()
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 8)
+    down = SparseDown(linear, _SparseBelowTenth(), LayerStats("x", "down"), None)
+    with torch.no_grad():
+        for i in range(FAST_AFTER):
+            h = torch.relu(torch.randn(4 + i % 3, 32)) + 0.1  # 4, 5 or 6 tokens: all dense
+            torch.testing.assert_close(down(h), linear(h), atol=1e-6, rtol=0)
+        assert not down._fast_calls  # each call so far was watched
+        h = torch.relu(torch.randn(7, 32)) + 0.1
+        torch.testing.assert_close(down(h), linear(h), atol=1e-6, rtol=0)
+        assert set(down._fast_calls) == {7}
+        h = torch.relu(torch.randn(9, 32)) + 0.1  # another bucket (8-15): watched again
+        down(h)
+        assert 9 not in down._fast_calls
+    report = down.stats.to_dict()
+    assert report["counted_in_kernel_calls"] == report["calls"] == FAST_AFTER + 2
+    assert report["paths"]["dense"] == FAST_AFTER + 2
+
+
 def test_a_kernel_that_loses_in_place_is_dropped_there_too(monkeypatch):
     from deftcompress.runtime import sparse_mlp
     from deftcompress.runtime.sparse_mlp import VERIFY_CALLS, LayerStats, SparseDown

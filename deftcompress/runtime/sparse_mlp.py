@@ -52,9 +52,11 @@ DENSE_STREAK = 8
 # The cost model predicts; the first calls check it in place: per layer, token-count bucket and path, the
 # first VERIFY_CALLS sparse calls also time dense on the same input, and a path slower in place is dropped.
 VERIFY_CALLS = 5
-# A token count whose calls through the counting kernel all went dense binds the kernel call after this many anyway:
-# its count is what keeps it honest from then on, and the sparse calls it may make later go unchecked.
-FAST_AFTER = 4 * VERIFY_CALLS
+# A token-count bucket whose calls through the counting kernel all went dense binds the kernel call after this many anyway:
+# its count is what keeps it honest from then on, and the sparse calls it may make later go unchecked. Few, because
+# cold each call through the Python that watches costs ~70 us (a sixth of a one-token MiniLM block): with 20, a
+# dense block was still 0.86x after 43 calls.
+FAST_AFTER = VERIFY_CALLS
 
 
 # ---- cost model ---------------------------------------------------------------------------------
@@ -378,7 +380,10 @@ class _Swapped(nn.Module):
         self._streaks: dict[int, int] = {}  # tokens -> calls left that skip the count (a layer found dense)
         self._verdicts: dict[tuple[int, str], list | str] = {}  # (token bucket, path) -> timings, or "dropped"
         self._fast_calls: dict[int, Any] = {}  # tokens -> the bound kernel call that is the whole forward (`_fused`)
-        self._fused_seen: dict[int, int] = {}  # tokens -> calls through `_fused` before its call was bound
+        # token-count bucket -> calls through `_fused` before binding: per bucket, not per token count, so a model fed
+        # sentences of many lengths binds after FAST_AFTER calls of similar length, not of each exact length
+        self._fused_seen: dict[int, int] = {}
+        self._sparse_calls = stats.tally.numpy()[3:]  # a view: read without a tensor op (cold, one costs ~20 us)
         stats.width = linear.in_features if not self.gated else linear.out_features
 
     @property
@@ -455,7 +460,7 @@ class _Swapped(nn.Module):
         """This call through the compiled kernel that counts, chooses and computes at once (`down_auto`/`gate_auto`),
         or None where the choice needs Python (no kernels, report timing, a union in the cost model, a fixed choice).
         Its first VERIFY_CALLS calls that go sparse are checked against dense in place, as in `_verified`; after
-        them (or after FAST_AFTER calls at this token count that all went dense) the bound kernel call is all a
+        them (or after FAST_AFTER calls in this token-count bucket that all went dense) the bound kernel call is all a
         forward does at this token count (`_fast_calls`); where they found the kernel slower, the plain dense
         product is."""
         limit = self._plan(tokens, d_in)[2]
@@ -465,16 +470,17 @@ class _Swapped(nn.Module):
             self._fast_calls[tokens] = self._dense_uncounted
             return self._dense_uncounted(*inputs)
         call = functools.partial(self._kernel, *self._kernel_args, limit, self.stats.tally)
-        samples = self._verdicts.setdefault((tokens.bit_length(), "per_token"), [])
-        seen = self._fused_seen.get(tokens, 0)
+        bucket = tokens.bit_length()
+        samples = self._verdicts.setdefault((bucket, "per_token"), [])
+        seen = self._fused_seen.get(bucket, 0)
         if len(samples) >= VERIFY_CALLS or seen >= FAST_AFTER:
             self._fast_calls[tokens] = call
             return call(*inputs)
-        self._fused_seen[tokens] = seen + 1
-        sparse_before = int(self.stats.tally[3])
+        self._fused_seen[bucket] = seen + 1
+        sparse_before = int(self._sparse_calls[0])
         start = time.perf_counter()
         out = call(*inputs)
-        if int(self.stats.tally[3]) > sparse_before:  # it went sparse: time dense on the same input
+        if int(self._sparse_calls[0]) > sparse_before:  # it went sparse: time dense on the same input
             middle = time.perf_counter()
             dense()
             self._check_in_place(tokens, "per_token", middle - start, time.perf_counter() - middle)
