@@ -222,6 +222,34 @@ def test_dense_calls_of_many_lengths_bind_the_kernel_call_per_length_bucket():
     assert report["paths"]["dense"] == FAST_AFTER + 2
 
 
+def test_hooks_on_a_swapped_projection_still_run():
+    """The swapped modules skip nn.Module.__call__ only where it has nothing to do: a forward hook registered on one
+    (or a global module hook) still runs, with the same output."""
+    from deftcompress.runtime.sparse_mlp import LayerStats, SparseDown
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 8)
+    down = SparseDown(linear, _SparseBelowTenth(), LayerStats("x", "down"), None)
+    h = torch.zeros(2, 32)
+    h[0, 3] = 1.0
+    seen = []
+    with torch.no_grad():
+        for _ in range(12):  # past the watched calls: the bound call would otherwise be made directly
+            down(h)
+        handle = down.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+        out = down(h)
+        handle.remove()
+        glob = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append("global"))
+        try:
+            down(h)
+        finally:
+            glob.remove()
+        down(h)
+    torch.testing.assert_close(seen[0], out)
+    torch.testing.assert_close(out, linear(h), atol=1e-6, rtol=0)
+    assert seen[1:] == ["global"]
+
+
 def test_a_kernel_that_loses_in_place_is_dropped_there_too(monkeypatch):
     from deftcompress.runtime import sparse_mlp
     from deftcompress.runtime.sparse_mlp import VERIFY_CALLS, LayerStats, SparseDown
