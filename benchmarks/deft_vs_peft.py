@@ -70,6 +70,8 @@ def parse_args(argv=None):
                    help="DEFT runs learn from their PEFT partner's logits too (distill_from: that run's model/, same "
                         "seed and budget); needs --variant")
     p.add_argument("--skip-peft", action="store_true", help="run only DEFT (the PEFT rows of the same budget exist)")
+    p.add_argument("--skip-deft", action="store_true",
+                   help="run only PEFT (e.g. beside its DEFT partner, started with --skip-peft, on another core)")
     p.add_argument("--out", default=str(HERE / "results" / "deft_vs_peft"))
     p.add_argument("--smoke", action="store_true", help="2 steps, 64 train rows, 32 dev rows, one seed; nothing appended")
     p.add_argument("--summarize", action="store_true")
@@ -264,8 +266,8 @@ def summarize(rows: list[dict]) -> str:
     lines += ["", "## Means over seeds, against the targets (>= 60% masked density cut at <= 1.0 point loss of the "
               "task metric, QLoRA: >= 50% at <= 1.5 points; step time <= 1.10x PEFT, measured side by side by "
               "`deft_step_time.py` where it was run)", "",
-              "| task | method | run | seeds | score | d score (pts) | density masked | rel. cut | time ratio | targets |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| task | method | run | steps | seeds | score | d score (pts) | density masked | rel. cut | time ratio | targets |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r.get("task", "glue/sst2"), r["method"], _label(r), r["steps"]), []).append(r)
@@ -291,7 +293,7 @@ def summarize(rows: list[dict]) -> str:
             verdict = "met" if not misses else "missed: " + ", ".join(misses)
         else:
             cut, ratio = "-", "-"
-        lines.append(f"| {task} | {method} | {run} | {len(rs)} | {acc:.4f} | {dacc} | {dens:.4f} | {cut} | {ratio} | {verdict} |")
+        lines.append(f"| {task} | {method} | {run} | {steps} | {len(rs)} | {acc:.4f} | {dacc} | {dens:.4f} | {cut} | {ratio} | {verdict} |")
     lines += ["", "Where a target is missed, what was tried is in `deft_research.md` (same data and budget): the paper's "
               "loss a^2/(a^2+eps) at weights 1-10, ramps and eps schedules (density barely moves or accuracy collapses), "
               "pre-activation losses with a trainable bias (collapse at fixed weight), a density target via "
@@ -321,7 +323,7 @@ def main(argv=None) -> None:
     rows = []
     for method in args.methods.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            for density in (True,) if args.skip_peft else (False, True):
+            for density in [False] * (not args.skip_peft) + [True] * (not args.skip_deft):  # PEFT, then DEFT
                 row = run_one(method, seed, density, args, deft_options, out_dir)
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("method", "seed", "run", "accuracy", "density_masked",
