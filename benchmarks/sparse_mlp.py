@@ -350,13 +350,14 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     calibration = SparseCalibration(progress=print)
-    env = "THP_MEM_ALLOC_ENABLE=1 " if os.environ.get("THP_MEM_ALLOC_ENABLE", "") not in ("", "0") else ""
-    data = {"command": f"{env}DEFTCOMPRESS_DATA_DIR=../shared/data python benchmarks/sparse_mlp.py " + " ".join(sys.argv[1:]),
+    # PyTorch's own switch (read once, at its first allocation): weights on 2 MB pages, fewer TLB misses when the
+    # sparse paths jump between scattered rows
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "") not in ("", "0")
+    data = {"command": ("THP_MEM_ALLOC_ENABLE=1 " if thp else "") + "DEFTCOMPRESS_DATA_DIR=../shared/data python "
+                       "benchmarks/sparse_mlp.py " + " ".join(sys.argv[1:]),
             "threads": args.threads, "machine": calibration.key, "torch": torch.__version__,
             "block_caches": "hot (repeated calls)" if args.hot else "cold (32 MB read before each call, as in a model)",
-            # PyTorch's own switch (read once, at its first allocation): weights on 2 MB pages, fewer TLB misses
-            # when the sparse paths jump between scattered rows
-            "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "") not in ("", "0")}
+            "thp_alloc": thp}
     data["blocks"] = block_curve(torch, args, calibration)
     data["models"] = whole_model(torch, args, calibration)
     data["decoding"] = decoding(torch, args, calibration)

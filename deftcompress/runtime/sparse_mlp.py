@@ -371,9 +371,6 @@ class _Swapped(nn.Module):
 
     gated = False  # which cost model: the down-projection's or the gated side's
     kernel_name = "down_auto"  # the compiled call that counts, chooses and computes (see `_fused`)
-    # whether a bound compiled call needs only the input (the down-projection), so `__call__` can make it itself;
-    # a gate's call also needs the activation's output, which its forward takes
-    input_only_fast_call = True
 
     def __init__(self, linear: nn.Linear, calibration, stats: LayerStats, timer: _Timer | None):
         super().__init__()
@@ -397,14 +394,9 @@ class _Swapped(nn.Module):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # nn.Module.__call__ adds two Python frames and its hook bookkeeping: about 19 us a call with cold caches,
-        # as long as a one-token sparse product on MiniLM. Inference with no hook to run skips it, and a bound
-        # compiled call (see `_fused`) is made from here, with no further frame.
+        # as long as a one-token sparse product on MiniLM. Inference with no hook to run goes to forward directly.
         if self._forward_hooks or self._forward_pre_hooks or any(_GLOBAL_HOOKS) or x.requires_grad:
             return super().__call__(x)  # hooks to run, or gradients (backward hooks): nn.Module's whole call
-        if self.input_only_fast_call:
-            fast = self._fast_calls.get(x.numel() // x.shape[-1])
-            if fast is not None:
-                return fast(x)
         return self.forward(x)
 
     @property
@@ -584,7 +576,6 @@ class SparseGate(_Swapped):
 
     gated = True
     kernel_name = "gate_auto"
-    input_only_fast_call = False
 
     def __init__(self, linear: nn.Linear, calibration, stats: LayerStats, timer: _Timer | None):
         super().__init__(linear, calibration, stats, timer)
