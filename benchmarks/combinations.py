@@ -22,7 +22,7 @@ import yaml
 
 from deftcompress.measurement.evaluation import EvalSettings, evaluate
 from deftcompress.pipeline.runner import Pipeline
-from deftcompress.core.recipe import Recipe
+from deftcompress.pipeline.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

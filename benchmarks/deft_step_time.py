@@ -70,7 +70,8 @@ def breakdown(args) -> dict:
     from deftcompress.peft_methods.wrapping import wrap_model
     from deftcompress.training.activation_scale import ActivationScales
     from deftcompress.training.density_loss import DensityLoss
-    from deftcompress.training.options import DensityOptions, PeftSettings
+    from deftcompress.training.options import DensityOptions
+    from deftcompress.peft_methods.settings import PeftSettings
 
     task = get_task(args.task)
     model, _, arch = load_model_and_tokenizer(resolve_model_ref("minilm"), task)

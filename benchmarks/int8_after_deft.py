@@ -45,7 +45,7 @@ def main() -> None:
     from deftcompress.models.loading import load_model_and_tokenizer
     from deftcompress.quantization.torch_int8 import quantize_dynamic_
     from deftcompress.runtime.onnxruntime import SessionSettings, evaluate_onnx
-    from deftcompress.training.activation_scale import wrap_activation
+    from deftcompress.architecture.activation_scale import wrap_activation
 
     task = get_task("glue/sst2")
     rows = load_examples(task, "validation", None, args.rows)

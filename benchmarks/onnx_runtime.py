@@ -60,7 +60,7 @@ def main() -> None:
     rows = load_examples(task, "validation", None)
     model, tokenizer, arch = load_model_and_tokenizer(str(args.run / "model"), task)
     scales = load_file(str(next(args.run.glob("passes/*_deft/adapter/activation_scales.safetensors"))))
-    from deftcompress.training.activation_scale import wrap_activation
+    from deftcompress.architecture.activation_scale import wrap_activation
 
     with torch.no_grad():
         for block in mlp_blocks(model, arch):

@@ -9,7 +9,7 @@ Python API::
 """
 
 from deftcompress.errors import DeftcompressError, RecipeError
-from deftcompress.core.recipe import Recipe, load_recipe
+from deftcompress.pipeline.recipe import Recipe, load_recipe
 
 __version__ = "0.1.0"
 __all__ = ["Recipe", "load_recipe", "run_recipe", "load_model", "Pipeline", "Report", "DeftcompressError", "RecipeError", "__version__"]

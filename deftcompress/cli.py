@@ -60,7 +60,7 @@ def apply(recipe: Path, output_dir: Path | None, data_dir: str | None, restart: 
     Every finished pass is kept in the output folder: after an error, Ctrl-C or a kill, the same
     command resumes after the last finished pass.
     """
-    from deftcompress.core.recipe import Recipe
+    from deftcompress.pipeline.recipe import Recipe
 
     pipeline = None
     try:
@@ -125,7 +125,7 @@ def _sigterm_as_interrupt():
 @click.option("--trust-pickle", is_flag=True, help="Accept checkpoints that have only pickled weights.")
 def validate(recipes: tuple[Path, ...], trust_pickle: bool) -> None:
     """Check RECIPES without loading any model; exit 2 if any is invalid."""
-    from deftcompress.core.recipe import Recipe
+    from deftcompress.pipeline.recipe import Recipe
 
     failed = 0
     for path in recipes:
@@ -145,7 +145,7 @@ def validate(recipes: tuple[Path, ...], trust_pickle: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_passes(as_json: bool) -> None:
     """List every pass with its config fields, types, defaults and meaning."""
-    from deftcompress.core.recipe import RecipeSettings
+    from deftcompress.pipeline.recipe import RecipeSettings
     from deftcompress.core.config import describe_fields
     from deftcompress.core.registry import all_passes, describe_pass
 

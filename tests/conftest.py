@@ -129,7 +129,7 @@ def pipeline_state(tiny_checkpoint, tiny_data, tmp_path):
     """
     from deftcompress.models.loading import load_model_and_tokenizer
     from deftcompress.pipeline.runner import PipelineState
-    from deftcompress.core.recipe import Recipe
+    from deftcompress.pipeline.recipe import Recipe
     from deftcompress.data.tasks import get_task
 
     def make(family: str, task: str = "glue/sst2", **settings) -> "PipelineState":

@@ -140,7 +140,7 @@ def test_int8_keeps_predictions_when_1_over_s_stays_after_the_activation():
     import copy
 
     from deftcompress.quantization.torch_int8 import quantize_dynamic_
-    from deftcompress.training.activation_scale import ScaledActivation
+    from deftcompress.architecture.activation_scale import ScaledActivation
 
     base, _ = build_tiny_model("bert")
     base.eval()
@@ -163,7 +163,7 @@ def test_int8_keeps_predictions_when_1_over_s_stays_after_the_activation():
 
 def test_deft_with_separate_scales_saves_reloads_and_quantizes(tiny_checkpoint, tiny_data, tmp_path):
     from deftcompress.models.formats import load_model
-    from deftcompress.training.activation_scale import ScaledActivation
+    from deftcompress.architecture.activation_scale import ScaledActivation
 
     recipe = Recipe.build(name="sep", model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data), max_eval_samples=8,
                           passes=[{"deft": {"max_steps": 3, "batch_size": 8, "max_train_samples": 24, "merge": True,

@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner
 
 from deftcompress.cli import main
-from deftcompress.core.recipe import Recipe, RecipeSettings
+from deftcompress.pipeline.recipe import Recipe, RecipeSettings
 from deftcompress.core.sweep import expand_sweep
 from deftcompress.errors import RecipeError
 from deftcompress.reporting.compare import CompareRow, pareto_front

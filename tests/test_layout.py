@@ -73,7 +73,7 @@ def test_selectors_take_class_names_name_components_and_regexes():
 
 
 def _plan_error(passes):
-    from deftcompress.core.recipe import Recipe
+    from deftcompress.pipeline.recipe import Recipe
     from deftcompress.errors import RecipeError
 
     with pytest.raises(RecipeError) as info:
@@ -190,6 +190,68 @@ def test_no_import_cycles_between_modules():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def _layers_from_docs() -> dict[str, int]:
+    """Package -> layer, read from the table in docs/architecture.md (the one place the order is written)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    layers = {}
+    for number, packages in re.findall(r"^\| (\d+) \| ([^|]+) \|", text, flags=re.M):
+        for package in re.findall(r"`([a-z_]+)`", packages):
+            layers[package] = int(number)
+    return layers
+
+
+def _package_of(module: str) -> str:
+    parts = module.split(".")
+    return "__init__" if len(parts) == 1 else parts[1]
+
+
+def _climbing_imports(project, layers: dict[str, int]) -> list[str]:
+    """Imports (TYPE_CHECKING and function bodies included) that do not go to a strictly lower layer."""
+    import ast
+
+    sources = [(p, "passes" if p.parent.name == "passes" else _package_of(".".join(p.relative_to(project).with_suffix("").parts)))
+               for p in [*(project / "deftcompress").rglob("*.py"), *(project / "passes").glob("*.py")]]
+    missing = sorted({package for _, package in sources} - set(layers))
+    climbing = [f"package {name} is missing from docs/architecture.md" for name in missing]
+    for path, package in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                if name.split(".")[0] != "deftcompress" or _package_of(name) == package:
+                    continue
+                target = _package_of(name)
+                if layers.get(target, 99) >= layers.get(package, -1):
+                    climbing.append(f"{path.relative_to(project)}:{node.lineno}: {package} (layer {layers.get(package)}) "
+                                    f"imports {name} (layer {layers.get(target)})")
+    return climbing
+
+
+def test_packages_depend_one_way():
+    from pathlib import Path
+
+    climbing = _climbing_imports(Path(__file__).resolve().parents[1], _layers_from_docs())
+    assert not climbing, "imports against docs/architecture.md:\n" + "\n".join(climbing)
+
+
+def test_the_layer_check_catches_climbing_and_sibling_imports(tmp_path):
+    layers = _layers_from_docs()
+    (tmp_path / "deftcompress" / "core").mkdir(parents=True)
+    (tmp_path / "deftcompress" / "measurement").mkdir()
+    (tmp_path / "passes").mkdir()
+    (tmp_path / "deftcompress" / "errors.py").write_text("from deftcompress.core import config\n")
+    (tmp_path / "deftcompress" / "core" / "a.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from deftcompress.pipeline.state import PipelineState\n")
+    (tmp_path / "deftcompress" / "measurement" / "b.py").write_text("def f():\n    import deftcompress.quantization.bnb\n")
+    (tmp_path / "passes" / "ok.py").write_text("from deftcompress.training import loop\nfrom deftcompress.core import a\n")
+    found = _climbing_imports(tmp_path, layers)
+    assert sorted(line.split(":")[0] for line in found) == sorted(["deftcompress/errors.py", "deftcompress/core/a.py",
+                                                               "deftcompress/measurement/b.py"])
 
 
 def test_no_pass_imports_another_pass_or_names_a_family():

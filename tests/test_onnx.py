@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deftcompress.core.config import parse_config
-from deftcompress.core.recipe import Recipe
+from deftcompress.pipeline.recipe import Recipe
 from deftcompress.core.registry import get_pass
 from deftcompress.errors import RecipeError
 from deftcompress.pipeline.runner import run_recipe

@@ -10,7 +10,7 @@ import torch
 from deftcompress.architecture import attention_blocks, mlp_blocks
 from deftcompress.errors import ArchitectureError, RecipeError
 from deftcompress.models.loading import load_model_and_tokenizer
-from deftcompress.core.recipe import Recipe
+from deftcompress.pipeline.recipe import Recipe
 from deftcompress.core.registry import get_pass
 from deftcompress.architecture.layout import block_key, check_structure, layout_of
 from deftcompress.core.selectors import matches, select_modules

@@ -12,7 +12,7 @@ from deftcompress.errors import RecipeError
 from deftcompress.models.formats import save_model
 from deftcompress.models.loading import load_model_and_tokenizer
 from deftcompress.measurement.size import count_parameters, state_dict_bytes
-from deftcompress.core.recipe import Recipe
+from deftcompress.pipeline.recipe import Recipe
 from deftcompress.core.registry import get_pass
 
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from deftcompress.cli import main
 from deftcompress.errors import RecipeError
-from deftcompress.core.recipe import Recipe
+from deftcompress.pipeline.recipe import Recipe
 
 
 def write(tmp_path: Path, data, name="r.yaml") -> Path:

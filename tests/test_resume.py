@@ -115,7 +115,7 @@ def test_sigterm_and_ctrl_c_stop_with_one_line_keep_finished_passes_and_resume(t
 
 def test_an_error_in_a_pass_keeps_the_earlier_passes(tiny_checkpoint, tiny_data, tmp_path, fails_once):
     """The pass after a finished one fails: the finished one is not redone when the run resumes."""
-    from deftcompress.core.recipe import Recipe
+    from deftcompress.pipeline.recipe import Recipe
     from deftcompress.pipeline.runner import run_recipe
 
     recipe = Recipe.build(name="r", model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data), max_eval_samples=8,
@@ -135,7 +135,7 @@ def test_an_error_in_a_pass_keeps_the_earlier_passes(tiny_checkpoint, tiny_data,
 
 
 def test_another_recipe_is_refused_unless_restart(tiny_checkpoint, tiny_data, tmp_path):
-    from deftcompress.core.recipe import Recipe
+    from deftcompress.pipeline.recipe import Recipe
     from deftcompress.pipeline.run_folder import RunFolderError
     from deftcompress.pipeline.runner import run_recipe
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from deftcompress.cli import main
 from deftcompress.errors import RecipeError
-from deftcompress.core.recipe import Recipe
+from deftcompress.pipeline.recipe import Recipe
 from deftcompress.pipeline.run_folder import MARKER, RunFolderError, run_lock
 
 

@@ -13,12 +13,10 @@ that changes `state.model` and returns what it really did. Passes never import e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 from deftcompress.core.config import PassConfig
-
-if TYPE_CHECKING:
-    from deftcompress.pipeline.state import PipelineState
 
 # Facts about the model that passes leave behind and later passes depend on.
 ADAPTER = "adapter"  # an unmerged PEFT adapter wraps the model
@@ -59,6 +57,35 @@ class PlannedPass:
     config: Any
     cls: type["Pass"]
     where: str  # location for error messages, e.g. "recipe.yaml: passes[1].deft"
+
+
+class PassState(Protocol):
+    """What a pass sees and changes: the model and what travels with it through a run.
+
+    `deftcompress.pipeline.state.PipelineState` is the implementation; core names only what passes use,
+    so the vocabulary of passes does not depend on the pipeline that runs them.
+    """
+
+    recipe: Any  # the run's recipe (settings: model, task, seed, evaluation options)
+    task: Any  # deftcompress.data.tasks.TaskSpec
+    arch: Any  # deftcompress.architecture.ArchSpec of the model's family
+    model: Any  # the torch model a pass changes or replaces
+    tokenizer: Any
+    device: Any  # torch.device
+    quiet: bool  # no progress bars
+    constraints: list["Constraint"]  # promises of earlier passes that bind this one
+    onnx: Any  # the exported graph once an export pass ran
+
+    @property
+    def seed(self) -> int: ...
+
+    def examples(self, split: str, max_samples: int | None = None) -> list[dict]: ...
+
+    def eval_examples(self) -> list[dict]: ...
+
+    def eval_settings(self) -> Any: ...
+
+    def pass_dir(self, name: str) -> Path: ...
 
 
 class Pass:
@@ -110,7 +137,7 @@ class Pass:
         """Evaluation settings for the measurement after this pass (default: the recipe's)."""
         return base
 
-    def run(self, state: "PipelineState") -> dict[str, Any]:
+    def run(self, state: PassState) -> dict[str, Any]:
         """Apply the pass to `state.model` (replace it if needed); return details for the report."""
         raise NotImplementedError
 

@@ -93,7 +93,7 @@ def save_model(model: nn.Module, folder: str | os.PathLike, merge_adapters: bool
         # ask for quantization (a quantize pass records that it did)
         from deftcompress.quantization.bnb import dequantize_linear_layers
 
-        from deftcompress.training.activation_scale import fold_module_scales_into_weights
+        from deftcompress.architecture.activation_scale import fold_module_scales_into_weights
 
         model = copy.deepcopy(model)
         dequantize_linear_layers(model)

@@ -107,7 +107,7 @@ def load_model_and_tokenizer(ref: str, task: TaskSpec | None, device: torch.devi
             _check_loading_info(ref, arch, info, notes)
             if rebuilt:  # a 4-bit QLoRA-DEFT base: a relufied activation, scales beside the activations
                 from deftcompress.architecture.activation import apply_recorded_activation
-                from deftcompress.training.activation_scale import load_scaled_activations
+                from deftcompress.architecture.activation_scale import load_scaled_activations
 
                 apply_recorded_activation(model)
                 load_scaled_activations(model, Path(ref))
@@ -206,7 +206,7 @@ def load_restructured(auto, ref: str, config, kwargs: dict[str, Any]) -> nn.Modu
     if getattr(config, "deftcompress_layout", None) is not None:
         apply_layout(model, config.deftcompress_layout)
     from deftcompress.architecture.activation import apply_recorded_activation
-    from deftcompress.training.activation_scale import wrap_recorded_activations
+    from deftcompress.architecture.activation_scale import wrap_recorded_activations
 
     apply_recorded_activation(model)  # a shifted ReLU put in by relufy
     wrap_recorded_activations(model)  # DEFT's 1/s kept after the activation: buffers loaded below

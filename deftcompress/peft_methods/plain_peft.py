@@ -39,7 +39,7 @@ def save_plain_peft_adapter(model: nn.Module, folder: str | Path, mlp_layer_name
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     from deftcompress.peft_methods.saving import plain_base_copy
-    from deftcompress.training.activation_scale import fold_module_scales_into_weights
+    from deftcompress.architecture.activation_scale import fold_module_scales_into_weights
 
     if not is_peft_model(model):
         raise PeftMethodError(f"{type(model).__name__}: a plain-peft adapter needs a peft model")

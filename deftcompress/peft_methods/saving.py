@@ -22,7 +22,7 @@ from deftcompress.errors import CheckpointError
 from deftcompress.peft_methods.wrapping import PeftMethodError, is_adapters_model, is_peft_model, \
     patch_prefix_classification, unwrap_trained_heads
 from deftcompress.quantization.bnb import dequantize_linear_layers, dequantized_weight, is_bnb_linear, to_float_linear
-from deftcompress.training.activation_scale import fold_module_scales_into_weights
+from deftcompress.architecture.activation_scale import fold_module_scales_into_weights
 
 
 def save_adapter(model: nn.Module, folder: str | Path, trained_biases: list[tuple[str, nn.Parameter]] | None = None) -> Path:
@@ -65,7 +65,7 @@ def load_adapter_into(base: nn.Module, folder: str | Path, library: str, adapter
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    from deftcompress.training.activation_scale import SAVED_SCALES_FILE, apply_saved_scales
+    from deftcompress.architecture.activation_scale import SAVED_SCALES_FILE, apply_saved_scales
 
     if (folder / SAVED_SCALES_FILE).is_file():  # the adapter was trained on rescaled MLPs: rescale the base first
         apply_saved_scales(base, load_file(str(folder / SAVED_SCALES_FILE)))

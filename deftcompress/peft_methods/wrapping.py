@@ -28,7 +28,7 @@ from deftcompress.architecture import ArchSpec, mlp_blocks
 from deftcompress.data.tasks import TaskSpec
 from deftcompress.errors import DeftcompressError
 from deftcompress.quantization.bnb import marked_as_quantized, quantize_linear_layers
-from deftcompress.training.options import MERGEABLE, METHODS, PeftSettings  # noqa: F401  (torch-free)
+from deftcompress.peft_methods.settings import MERGEABLE, METHODS, PeftSettings  # noqa: F401  (torch-free)
 
 
 class PeftMethodError(DeftcompressError):

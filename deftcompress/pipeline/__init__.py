@@ -1,6 +1,7 @@
 """Running a recipe: the state passes share, the runner, the run folder.
 
-- `state`: `PipelineState`, what every pass sees and changes;
+- `recipe`: reading and validating a recipe (YAML or `Recipe.build`; torch-free: `validate` uses it);
+- `state`: `PipelineState`, what every pass sees and changes (core's `PassState`);
 - `runner`: `Pipeline` and `run_recipe` (baseline, one measured step per pass, report, save);
 - `run_folder`: output folders that are recognisably ours, and the lock against concurrent runs;
 - `compare`: `deftcompress compare` (run, reuse or resume recipes; shared leading passes of a sweep);

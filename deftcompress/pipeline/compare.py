@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from deftcompress.core.model_refs import resolve_model_ref
-from deftcompress.core.recipe import Recipe
+from deftcompress.pipeline.recipe import Recipe
 from deftcompress.errors import DeftcompressError
 from deftcompress.pipeline.progress import PROGRESS, recipe_hash
 from deftcompress.pipeline.run_folder import is_run_folder, write_marker

@@ -27,7 +27,7 @@ from deftcompress.pipeline.run_folder import MARKER, RunFolderError, is_run_fold
 from deftcompress.reporting.report import Report, write_atomic
 
 if TYPE_CHECKING:
-    from deftcompress.core.recipe import Recipe
+    from deftcompress.pipeline.recipe import Recipe
     from deftcompress.pipeline.state import PipelineState
 
 PROGRESS = "progress.json"

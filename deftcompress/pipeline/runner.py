@@ -21,7 +21,7 @@ import torch
 
 from deftcompress.core.model_refs import resolve_model_ref
 from deftcompress.core.protocol import Pass
-from deftcompress.core.recipe import Recipe
+from deftcompress.pipeline.recipe import Recipe
 from deftcompress.errors import RecipeError
 from deftcompress.data.tasks import data_root, get_task
 from deftcompress.measurement.evaluation import EvalSettings, Evaluation, evaluate

@@ -18,7 +18,7 @@ import torch
 
 from deftcompress.architecture import ArchSpec
 from deftcompress.core.protocol import Constraint
-from deftcompress.core.recipe import Recipe
+from deftcompress.pipeline.recipe import Recipe
 from deftcompress.data.tasks import TaskSpec, read_split, take_examples
 from deftcompress.measurement.evaluation import EvalSettings
 

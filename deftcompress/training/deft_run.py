@@ -270,7 +270,7 @@ def _save_adapter(state, pass_name, model, trained_biases, scale_state):
     """The adapter in its library's format under passes/NN_<pass>/adapter/, with the scales it was trained on."""
     from deftcompress.peft_methods.saving import save_adapter
     from deftcompress.training import distributed
-    from deftcompress.training.activation_scale import SAVED_SCALES_FILE
+    from deftcompress.architecture.activation_scale import SAVED_SCALES_FILE
 
     adapter_dir = state.pass_dir(pass_name) / "adapter"
     if distributed.is_main_process():

@@ -15,30 +15,14 @@ from typing import Literal
 from deftcompress.core.config import option
 from deftcompress.core.protocol import ADAPTER, QUANTIZED, SCALES_IN_WEIGHTS, Need
 from deftcompress.core.selectors import kept_module_patterns, patterns_problem
+from deftcompress.peft_methods.settings import MERGEABLE, METHODS, TARGETED, PeftSettings
 
-METHODS: tuple[str, ...] = ("lora", "qlora", "adapter", "prompt", "prefix", "ia3")
 # report_to: the experiment trackers accelerate logs to, and the package each needs
 TRACKER_PACKAGES: dict[str, str] = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow",
                                     "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
-MERGEABLE: tuple[str, ...] = ("lora", "qlora", "ia3")  # adapters that fold into the weights
-TARGETED: tuple[str, ...] = ("lora", "qlora", "ia3")  # methods that take target_modules
 
 
 # ---- settings: what the training code reads ---------------------------------------------------
-
-@dataclass(frozen=True)
-class PeftSettings:
-    method: str = "lora"
-    r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = None  # None: from the architecture table
-    target_mlp_up: bool = True  # default targets include the MLP up-projection(s)
-    reduction_factor: int = 16
-    num_virtual_tokens: int = 20
-    adapter_name: str | None = None  # None: peft's "default" (saved at the folder's top) / "deft" for adapters
-    quantize_skip: tuple[str, ...] = field(default_factory=lambda: tuple(kept_module_patterns()))  # selectors
-
 
 @dataclass(frozen=True)
 class DensityLossSettings:
