@@ -29,7 +29,7 @@ from typing import Any, Callable
 from deftcompress.core.model_refs import resolve_model_ref
 from deftcompress.pipeline.recipe import Recipe
 from deftcompress.errors import DeftcompressError
-from deftcompress.pipeline.progress import PROGRESS, recipe_hash
+from deftcompress.pipeline.progress import PROGRESS, run_digest
 from deftcompress.pipeline.run_folder import is_run_folder, write_marker
 from deftcompress.reporting.compare import CompareRow, load_rows, row_from_run, set_report_ratios, write_outputs
 from deftcompress.reporting.report import write_atomic
@@ -89,7 +89,7 @@ def resolve_inputs(arguments: list[str], trust_pickle: bool = False) -> list[Ent
             entries.append(Entry(recipe=None, folder=path))
         elif path.is_file():
             for recipe in Recipe.all_from_file(path, trust_pickle=trust_pickle):
-                digest = recipe_hash(recipe, resolve_model_ref(recipe.model, trust_pickle=trust_pickle))
+                digest = run_digest(recipe, resolve_model_ref(recipe.model, trust_pickle=trust_pickle))
                 entries.append(Entry(recipe=recipe, folder=recipe.output_dir(), digest=digest,
                                      sweep=dict(recipe.sweep_values)))
         else:
@@ -197,6 +197,8 @@ class SharedStates:
         for item in snapshot.iterdir():
             if item.is_dir():
                 shutil.copytree(item, entry.folder / item.name)
+        data["files"] = {name: e for name, e in data.get("files", {}).items() if (entry.folder / name).is_file()}
+        data.update({"pending": [], "garbage": []})
         data.update({"recipe_hash": entry.digest, "status": "running",
                      "shared_from": {"run": source_name, "steps": start[1] + 1}})
         write_atomic(entry.folder / PROGRESS, json.dumps(data, indent=1, default=str) + "\n")

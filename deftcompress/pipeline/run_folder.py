@@ -12,28 +12,24 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from deftcompress.errors import DeftcompressError
+from deftcompress.core.files import write_atomic
+from deftcompress.pipeline.run_files import RunFolderError, refuse_odd_entries
 
 MARKER = ".deftcompress-run"
 # What a run writes into its folder; anything else found there was put in by someone else.
-RUN_ENTRIES = frozenset({MARKER, "progress.json", "report.json", "report.md", "density.png", "recipe.resolved.yaml",
+RUN_ENTRIES = frozenset({MARKER, "progress.json", "report.json", "report.md", "density.png", "recipe.resolved.yaml", "model.partial",
                          "model", "passes", "state"})
 
 
 def is_run_entry(name: str) -> bool:
     """A file or folder a run writes (or a temporary one a killed atomic write left: `.<name>.tmp-<pid>`)."""
     return name in RUN_ENTRIES or (name.startswith(".") and ".tmp-" in name and name[1:].split(".tmp-")[0] in RUN_ENTRIES)
-
-
-class RunFolderError(DeftcompressError):
-    """The output folder is not one this program may write or replace."""
-
-    exit_code = 2
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -48,7 +44,7 @@ def write_marker(folder: Path) -> None:
     except PackageNotFoundError:  # running from a source tree that is not installed
         ours = "unknown"
     info = {"created_by": "deftcompress", "version": ours, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (folder / MARKER).write_text(json.dumps(info) + "\n")
+    write_atomic(folder / MARKER, json.dumps(info) + "\n")
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -96,6 +92,7 @@ def check_output_dir(out: Path, protected: dict[str, Path]) -> None:
     if foreign:
         raise RunFolderError(f"{out}: run folder holds files a run did not write ({', '.join(foreign[:3])}); "
                              "move them out or choose another output folder")
+    refuse_odd_entries(out_abs)  # a link inside would let a resume write or delete outside the run folder
 
 
 @contextmanager
@@ -131,7 +128,15 @@ def _locked(out: Path) -> Iterator[None]:
         yield
         return
     while True:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:  # never through a link: a planted lock link would have the PID written over its target
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise RunFolderError(f"{path}: cannot use this lock file ({exc.strerror}); a lock must be a plain file "
+                                 "that deftcompress created: remove it") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise RunFolderError(f"{path}: not a plain lock file (a hard link or special file); remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -147,6 +152,7 @@ def _locked(out: Path) -> Iterator[None]:
             break
         os.close(fd)
     try:
+        os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:

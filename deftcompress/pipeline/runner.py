@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import os
 import platform
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -22,13 +21,14 @@ import torch
 from deftcompress.core.model_refs import resolve_model_ref
 from deftcompress.core.protocol import Pass
 from deftcompress.pipeline.recipe import Recipe
-from deftcompress.errors import RecipeError
+from deftcompress.errors import DeftcompressError, RecipeError
 from deftcompress.data.tasks import data_root, get_task
 from deftcompress.measurement.evaluation import EvalSettings, Evaluation, evaluate
 from deftcompress.measurement.size import count_parameters, directory_bytes, state_dict_bytes
 from deftcompress.models.formats import save_model
 from deftcompress.models.loading import load_model_and_tokenizer
-from deftcompress.pipeline.progress import RunProgress, recipe_hash
+from deftcompress.pipeline.progress import RunProgress, data_identity, recipe_hash, recipe_splits
+from deftcompress.pipeline.run_files import RunFolderError, remove_own_folder
 from deftcompress.pipeline.run_folder import check_output_dir, run_lock, usual_permissions
 from deftcompress.pipeline.state import PipelineState
 from deftcompress.reporting.model_card import write_model_card
@@ -144,8 +144,9 @@ class Pipeline:
         self.device = self._device()
         self.splits = self._read_data()  # bad data fails here, before any model loads or any file is written
         with run_lock(out) if main else nullcontext():
-            progress = RunProgress.open(out, recipe_hash(self.recipe, self.model_ref), restart=self.restart, main=main,
-                                        recipe_yaml=self.recipe.to_yaml())
+            data_id = data_identity(self.splits)
+            progress = RunProgress.open(out, recipe_hash(self.recipe, self.model_ref, data_id), restart=self.restart,
+                                        main=main, recipe_yaml=self.recipe.to_yaml(), data_id=data_id)
             if progress.finished:
                 self.reused_finished_run = True
                 self.log(f"{out}: this recipe already finished there; nothing to do (--restart runs it again)")
@@ -166,13 +167,7 @@ class Pipeline:
 
     def _read_data(self) -> dict[str, list]:
         """The evaluation split, and the training split if a pass reads it: read (and checked) once, up front."""
-        from deftcompress.data.tasks import read_split
-
-        recipe, task = self.recipe, get_task(self.recipe.task)
-        splits = {"validation": read_split(task, "validation", recipe.data_dir)}
-        if any(p.cls.needs_train_data(p.config) for p in recipe.plan):
-            splits["train"] = read_split(task, "train", recipe.data_dir)  # every row parses: no failure an hour in
-        return splits
+        return recipe_splits(self.recipe)
 
     def _run(self, progress: "RunProgress") -> Report:
         recipe = self.recipe
@@ -201,7 +196,7 @@ class Pipeline:
         if report.steps:
             report.resumed_from = len(report.steps)
         state.step_index = len(report.steps) - 1 if report.steps else 0
-        progress.clear_unfinished_pass_dirs()
+        progress.clear_unfinished()
 
         settings = state.eval_settings()
         if not report.steps:
@@ -218,6 +213,7 @@ class Pipeline:
             p: Pass = planned.cls(planned.config)
             self.log(f"[{state.step_index}/{len(recipe.plan)}] {planned.name}")
             torch.manual_seed(recipe.seed + state.step_index)  # a resumed pass draws what an uninterrupted one drew
+            progress.begin(f"passes/{state.step_index:02d}_{planned.name}")  # deleted as recorded if killed
             t0 = time.perf_counter()
             details = p.run(state) or {}
             seconds = time.perf_counter() - t0
@@ -238,7 +234,7 @@ class Pipeline:
             self._committed(progress, out)
 
         if main:
-            self._save(state, report, out)
+            self._save(state, report, out, progress)
             progress.finish(report)
             usual_permissions(out)
         distributed.barrier()
@@ -251,11 +247,20 @@ class Pipeline:
         if self.on_commit is not None and progress.main:
             self.on_commit(len(progress.steps) - 1, out, progress.data)
 
-    def _save(self, state: PipelineState, report: Report, out: Path) -> None:
-        model_dir = out / "model"
-        if model_dir.exists():  # a final save that a kill interrupted: ours, written again
-            shutil.rmtree(model_dir)
-        manifest = save_model(state.model, model_dir, merge_adapters=True, tokenizer=state.tokenizer)
+    def _save(self, state: PipelineState, report: Report, out: Path, progress: RunProgress) -> None:
+        model_dir, partial = out / "model", out / "model.partial"
+        if model_dir.exists() or model_dir.is_symlink():
+            raise RunFolderError(f"{model_dir}: exists, but this run did not write it; move it out and run again")
+        progress.begin("model.partial", "model")  # a kill during the save leaves them to be deleted on resume
+        try:
+            manifest = save_model(state.model, partial, merge_adapters=True, tokenizer=state.tokenizer)
+        except Exception as exc:  # noqa: BLE001  a full disk surfaces as OSError or as a library's own error
+            storage = _storage_error(exc)
+            if storage is None:
+                raise
+            remove_own_folder(out, "model.partial")
+            raise storage from None
+        partial.rename(model_dir)
         final = report.steps[-1].to_dict()
         final["saved_model_bytes"] = directory_bytes(model_dir)
         final["saved_model_format"] = manifest["format"]
@@ -276,6 +281,21 @@ class Pipeline:
         dens_text = f"{dens:.4f}" if dens is not None else "-"
         self.log(f"  step {step.index} {step.pass_name}: {step.task_metric}={step.task_score:.4f} density={dens_text} "
                  f"({step.eval_examples} ex, {step.latency_ms_per_example:.2f} ms/ex)")
+
+
+def _storage_error(exc: BaseException) -> DeftcompressError | None:
+    """A one-line error for a save that the machine could not complete (disk full, quota, read-only), else None."""
+    import errno
+
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+        why = exc.strerror or text
+    elif "No space left" in text or "os error 28" in text or "Disk quota" in text:
+        why = "no space left on the device"
+    else:
+        return None
+    return DeftcompressError(f"saving the final model failed: {why}; the run's finished passes are kept: free some "
+                             "space and run the same command again to resume")
 
 
 def _reused_step(previous: StepRecord, state: PipelineState, name: str, seconds: float, details: dict) -> StepRecord:

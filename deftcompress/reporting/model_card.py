@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from deftcompress.reporting.report import Report, write_atomic
+from deftcompress.reporting.text import md_cell, md_code, md_fence, md_text, yaml_scalar
 
 
 def model_card(report: Report, manifest: dict[str, Any], passes: str, recipe_yaml: str) -> str:
@@ -18,18 +19,19 @@ def model_card(report: Report, manifest: dict[str, Any], passes: str, recipe_yam
     lines = [
         "---",
         "library_name: transformers" if not needs_us else "library_name: deftcompress",
-        f"base_model: {report.model}",
+        f"base_model: {yaml_scalar(report.model)}",
         "tags: [deftcompress, activation-sparsity, deft]",
         "---",
         "",
-        f"# {report.name}",
+        f"# {md_text(report.name)}",
         "",
-        f"`{report.model}` compressed by deftcompress with the recipe below ({passes}), for `{report.task}`.",
+        f"{md_code(report.model)} compressed by deftcompress with the recipe below ({md_text(passes)}), for "
+        f"{md_code(report.task)}.",
         "",
         "| | base (step 0) | this model |",
         "|---|---|---|",
-        f"| {last.task_metric} | {base.task_score:.4f} | {last.task_score:.4f} |",
-        f"| MLP activation density ({density.get('mode')}) | "
+        f"| {md_cell(last.task_metric)} | {base.task_score:.4f} | {last.task_score:.4f} |",
+        f"| MLP activation density ({md_cell(density.get('mode'))}) | "
         f"{' / '.join(f'{n} {base.density[n]:.4f}' for n in ('encoder', 'decoder') if base.density.get(n) is not None) or '-'} | "
         f"{' / '.join(stacks) or '-'} |",
         f"| parameters (nonzero) | {base.params / 1e6:.2f}M ({base.nonzero_params / 1e6:.2f}M) | "
@@ -41,16 +43,16 @@ def model_card(report: Report, manifest: dict[str, Any], passes: str, recipe_yam
         "",
         "## How to load",
         "",
-        f"Format `{manifest.get('format')}`: {load}",
+        f"Format {md_code(manifest.get('format'))}: {md_text(load)}",
         "",
     ]
     if manifest.get("not_merged_because"):
-        lines += [f"The adapter is kept apart from the base model: {manifest['not_merged_because']}.", ""]
+        lines += [f"The adapter is kept apart from the base model: {md_text(manifest['not_merged_because'])}.", ""]
     lines += report.plain_peft_lines()
     if needs_us:
         lines += ["This folder needs deftcompress to load (`pip install deftcompress`, then "
                   "`deftcompress.load_model(path)`): stock `from_pretrained` cannot build its layout.", ""]
-    lines += ["## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
+    lines += ["## Recipe", "", *md_fence(recipe_yaml, "yaml"), ""]
     return "\n".join(lines)
 
 

@@ -42,6 +42,17 @@ def plot_density(report: Report, path: Path) -> Path | None:
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_figure(fig, path, **options) -> None:
+    """Render to memory, then write atomically: a link at `path` is replaced, never followed."""
+    import io
+
+    from deftcompress.core.files import write_atomic
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=str(path).rsplit(".", 1)[-1].lower() if "." in str(path) else "png", **options)
+    write_atomic(path, buffer.getvalue())

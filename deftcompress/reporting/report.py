@@ -224,9 +224,11 @@ class Report:
         return "\n".join(lines)
 
     def markdown(self) -> str:
-        out = [f"# {self.name}: {self.model} on {self.task}", ""]
+        from deftcompress.reporting.text import md_code, md_text
+
+        out = [f"# {md_text(self.name)}: {md_text(self.model)} on {md_text(self.task)}", ""]
         if self.status != "finished":
-            out += [f"Status: **{self.status}**" + (f" ({self.error})" if self.error else "")
+            out += [f"Status: **{md_text(self.status)}**" + (f" ({md_text(self.error)})" if self.error else "")
                     + " (finished passes are kept; `deftcompress apply` with the same recipe resumes)", ""]
         if self.resumed_from is not None:
             out += [f"Resumed at step {self.resumed_from}: earlier steps were computed by an earlier run.", ""]
@@ -237,7 +239,7 @@ class Report:
                     "`deftcompress compare`, which times them side by side in one process.", ""]
         if self.steps:
             s = self.steps[-1]
-            out += [f"Per-layer density after step {s.index} ({s.pass_name}), mode `{s.density.get('mode')}`:", "",
+            out += [f"Per-layer density after step {s.index} ({md_text(s.pass_name)}), mode {md_code(s.density.get('mode'))}:", "",
                     _md([["layer", "density", "|a|>tau", "width"]] + self.per_layer_rows(s)), ""]
             for step in self.steps:
                 speed = self.speed_rows(step)
@@ -256,7 +258,8 @@ class Report:
             out += self.plain_peft_lines()
             for step in self.steps:
                 if step.details:
-                    out.append(f"- step {step.index} `{step.pass_name}`: " + json.dumps(step.details, default=_json_default)[:2000])
+                    out.append(f"- step {step.index} {md_code(step.pass_name)}: "
+                               + md_code(json.dumps(step.details, default=_json_default)[:2000]))
             out.append("")
         return "\n".join(out)
 
@@ -266,24 +269,25 @@ def plain_peft_line(step: StepRecord) -> str | None:
     plain = (step.details or {}).get("plain_peft")
     if not plain:
         return None
+    from deftcompress.reporting.text import md_code, md_text
+
     if plain.get("dir") is None:
-        return f"Adapter of step {step.index} ({step.pass_name}) with plain peft: not possible: {plain['why_not']}."
+        return f"Adapter of step {step.index} ({md_text(step.pass_name)}) with plain peft: not possible: {md_text(plain['why_not'])}."
     size = f"{plain['bytes'] / 1e6:.2f} MB" if plain.get("bytes") else "size unknown"
-    line = (f"Adapter of step {step.index} ({step.pass_name}) with plain peft: "
-            f"`PeftModel.from_pretrained(base, \"{plain['dir']}\")` onto {plain['loads_onto']} ({size})")
+    call = f"PeftModel.from_pretrained(base, {json.dumps(str(plain['dir']))})"
+    line = (f"Adapter of step {step.index} ({md_text(step.pass_name)}) with plain peft: {md_code(call)} onto "
+            f"{md_text(plain['loads_onto'])} ({size})")
     if plain.get("modules_to_save"):
-        line += (f"; {plain['why']}, so its {plain['modules_to_save']} MLP projections are saved whole "
+        line += (f"; {md_text(plain['why'])}, so its {md_text(plain['modules_to_save'])} MLP projections are saved whole "
                  "(peft modules_to_save), and the library adapter beside it needs deftcompress")
     return line + "."
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
-    import os
+    """Write `text` beside `path`, then rename it over `path`, never through a link (`core.files.write_atomic`)."""
+    from deftcompress.core.files import write_atomic as write
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write(path, text)
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -297,7 +301,9 @@ def _align(rows: list[list[str]]) -> str:
 
 def _md(rows: list[list[str]]) -> str:
     """A Markdown table; pipes inside cells (`|a|>0.01`) are escaped so that every row keeps its columns."""
-    head, *body = [[str(c).replace("|", "\\|") for c in row] for row in rows]
+    from deftcompress.reporting.text import md_cell
+
+    head, *body = [[md_cell(c) for c in row] for row in rows]
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body])
 
 
