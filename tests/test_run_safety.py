@@ -229,3 +229,12 @@ def test_a_full_disk_while_model_is_written_is_one_line_and_leaves_no_half_model
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "no space left" in result.output
     assert not (out / "model.partial").exists() and not (out / "model").exists()
     assert json.loads((out / "progress.json").read_text())["status"] == "failed"
+
+
+def test_max_seq_length_past_the_models_positions_is_one_line_and_writes_nothing(tiny_checkpoint, tiny_data, tmp_path):
+    from transformers import AutoConfig
+
+    limit = AutoConfig.from_pretrained(tiny_checkpoint("bert")).max_position_embeddings
+    recipe = recipe_file(tmp_path, tiny_checkpoint("bert"), tiny_data, max_seq_length=limit + 8)
+    one_line_error(apply(str(recipe), "-o", str(tmp_path / "run")), f"past the {limit} positions")
+    assert not (tmp_path / "run").exists()

@@ -96,8 +96,18 @@ class ArchSpec:
     # The config field naming the MLP activation (relufy sets "relu" there, so stock from_pretrained rebuilds it),
     # and the prefix gated MLPs use in it (T5: feed_forward_proj "gated-gelu").
     activation_attr: str | None = "hidden_act"
+    # Learned absolute position embeddings: inputs longer than config.max_position_embeddings minus this offset fail
+    # inside the model (RoBERTa's positions start after the padding index: 2). None: relative or rotary positions.
+    learned_positions_offset: int | None = None
     gated_activation_prefix: str = ""
     notes: str = ""
+
+    def max_input_tokens(self, config) -> int | None:
+        """The longest input the model's position embeddings allow, or None where positions do not limit it."""
+        size = getattr(config, "max_position_embeddings", None)
+        if self.learned_positions_offset is None or not isinstance(size, int):
+            return None
+        return size - self.learned_positions_offset
 
     def stack(self, name: str) -> StackSpec:
         for s in self.stacks:

@@ -147,7 +147,11 @@ def describe(cfg: DataTask, where: str) -> tuple[str, int, tuple[str, ...], dict
         return name, 1, (), {}
     if any(v is None for v in labels_seen):
         raise RecipeError(f"{where}.label: some rows have no label")
-    found = sorted(set(labels_seen), key=lambda v: (isinstance(v, str), v))
+    odd = next((v for v in labels_seen if isinstance(v, bool) or not isinstance(v, (str, int, float))), None)
+    if odd is not None:
+        raise RecipeError(f"{where}.label: classification labels are names or integers, found "
+                          f"{type(odd).__name__} {str(odd)[:60]}")
+    found = sorted(set(labels_seen), key=lambda v: (isinstance(v, str), v if isinstance(v, str) else float(v)))
     if any(isinstance(v, float) and not float(v).is_integer() for v in found):
         raise RecipeError(f"{where}.label: classification labels are names or integers, found {found[:3]}; "
                           "use type: regression for numeric targets")

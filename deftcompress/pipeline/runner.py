@@ -193,6 +193,7 @@ class Pipeline:
         state.preload_splits(self.splits)
         if progress.model_state is not None:
             state.restore(out / progress.model_state)
+        _check_sequence_lengths(recipe, state)
         if report.steps:
             report.resumed_from = len(report.steps)
         state.step_index = len(report.steps) - 1 if report.steps else 0
@@ -281,6 +282,21 @@ class Pipeline:
         dens_text = f"{dens:.4f}" if dens is not None else "-"
         self.log(f"  step {step.index} {step.pass_name}: {step.task_metric}={step.task_score:.4f} density={dens_text} "
                  f"({step.eval_examples} ex, {step.latency_ms_per_example:.2f} ms/ex)")
+
+
+def _check_sequence_lengths(recipe: Recipe, state: PipelineState) -> None:
+    """A length past the model's learned positions fails deep inside the first long batch; say so up front."""
+    from deftcompress.architecture import model_config
+
+    limit = state.arch.max_input_tokens(model_config(state.model))
+    if limit is None:
+        return
+    asked = [(recipe.source + ": max_seq_length", recipe.max_seq_length)]
+    asked += [(p.where + ".max_seq_length", getattr(p.config, "max_seq_length", None)) for p in recipe.plan]
+    for where, value in asked:
+        if isinstance(value, int) and value > limit:
+            raise RecipeError(f"{where}: {value} is past the {limit} positions of this {state.arch.family} model; "
+                              f"use at most {limit}")
 
 
 def _storage_error(exc: BaseException) -> DeftcompressError | None:

@@ -18,8 +18,9 @@ ENCODER = StackSpec(
 
 FAMILIES = (
     ArchSpec(family="bert", model_types=("bert",), kind="encoder", stacks=(ENCODER,), trained_heads=("classifier",),
-             kept_modules=("classifier", "pooler")),
+             kept_modules=("classifier", "pooler"), learned_positions_offset=0),
     ArchSpec(family="roberta", model_types=("roberta", "xlm-roberta"), kind="encoder", stacks=(ENCODER,),
              trained_heads=("classifier",), kept_modules=("classifier", "pooler"), prefix_tuning_drops_backbone_cache=True,
+             learned_positions_offset=2,
              notes="No pooler in the classification model: the head pools the first token itself."),
 )
