@@ -97,18 +97,18 @@ def test_the_choice_is_dense_where_sparse_is_not_clearly_faster():
 
 
 def test_calibration_is_measured_once_and_cached(tmp_path, monkeypatch):
-    from deftcompress.runtime import sparse_mlp
+    from deftcompress.runtime import cost_model
 
     calls = []
-    real = sparse_mlp.measure_costs
-    monkeypatch.setattr(sparse_mlp, "measure_costs", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = cost_model.measure_costs
+    monkeypatch.setattr(cost_model, "measure_costs", lambda *a, **k: calls.append(a) or real(*a, **k))
     path = tmp_path / "cache.json"
     first = SparseCalibration(path, repeats=2)
     costs = first.costs(64, 16, tokens=5, gated=False)  # between the 1- and 8-token buckets
     assert len(calls) == 2 and path.is_file()
     assert costs.dense > 0 and costs.per_token is not None
     # the union path only where the kernel is missing: the kernel reads each active row once per call anyway
-    assert (costs.union is None) == (sparse_mlp._kernels() is not None)
+    assert (costs.union is None) == (cost_model._kernels() is not None)
     again = SparseCalibration(path, repeats=2).costs(64, 16, tokens=5, gated=False)
     assert len(calls) == 2  # read from the cache
     assert again.dense == pytest.approx(costs.dense)
@@ -251,11 +251,11 @@ def test_hooks_on_a_swapped_projection_still_run():
 
 
 def test_a_kernel_that_loses_in_place_is_dropped_there_too(monkeypatch):
-    from deftcompress.runtime import sparse_mlp
+    from deftcompress.runtime import sparse_projections
     from deftcompress.runtime.sparse_mlp import VERIFY_CALLS, LayerStats, SparseDown
 
     _needs_kernels()
-    real = sparse_mlp._kernels()
+    real = sparse_projections._kernels()
 
     class SlowKernels:
         def down_auto(self, *args):
@@ -264,7 +264,7 @@ def test_a_kernel_that_loses_in_place_is_dropped_there_too(monkeypatch):
             _time.sleep(0.002)
             return real.down_auto(*args)
 
-    monkeypatch.setattr(sparse_mlp, "_kernels", lambda: SlowKernels())
+    monkeypatch.setattr(sparse_projections, "_kernels", lambda: SlowKernels())
     linear = torch.nn.Linear(16, 4)
     down = SparseDown(linear, _SparseBelowTenth(), LayerStats("x", "down"), None)
     h = torch.zeros(3, 16)
@@ -309,10 +309,10 @@ def test_a_path_that_loses_in_place_is_dropped_after_a_few_calls(monkeypatch):
     """The cost model said sparse; in place it is slower: after VERIFY_CALLS timed calls the layer goes dense."""
     import time as _time
 
-    from deftcompress.runtime import sparse_mlp
+    from deftcompress.runtime import sparse_projections
     from deftcompress.runtime.sparse_mlp import VERIFY_CALLS, LayerStats, SparseDown
 
-    real = sparse_mlp._down_union
+    real = sparse_projections._down_union
 
     def slow_union(*args):
         _time.sleep(0.002)
@@ -322,7 +322,7 @@ def test_a_path_that_loses_in_place_is_dropped_after_a_few_calls(monkeypatch):
         def costs(self, d_in, d_out, tokens, gated):
             return LayerCosts(dense=1.0, per_token=None, union=(0.0, 0.0))
 
-    monkeypatch.setattr(sparse_mlp, "_down_union", slow_union)
+    monkeypatch.setattr(sparse_projections, "_down_union", slow_union)
     linear = torch.nn.Linear(16, 4)
     down = SparseDown(linear, UnionPays(), LayerStats("x", "down"), None)
     h = torch.relu(torch.randn(3, 16))

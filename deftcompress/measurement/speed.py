@@ -3,8 +3,8 @@
     result = compare_speed({"before": old, "after": new}, tokenizer, task, arch, rows, batch_sizes=(1, 32))
     latency = step_latency(model, tokenizer, task, arch, rows, eval_batch_size=64)   # one model, one run's steps
 
-A "model" is a torch module or any callable that runs a `Batch` (e.g. `onnx_forward(...)` for an
-exported graph); memory is measured for torch modules only.
+A "model" is a torch module or any callable that runs a `Batch` (e.g. `runtime.onnxruntime.onnx_forward(...)` for
+an exported graph: measurement times PyTorch, runtime builds the rest); memory is measured for torch modules only.
 
 Timing on a shared machine is only comparable within one process and one stretch of time, so the
 models take turns (the order alternates every repetition) on the same batches (same rows, same
@@ -142,19 +142,6 @@ def fixed_batches(tokenizer, task, arch, rows: list[dict], batch_size: int, max_
 
 
 Forward = Callable[[Batch], Any]
-
-
-def onnx_forward(folder: str, file: str, threads: int = 0, optimization: str = "all", spinning: bool = True) -> Forward:
-    """A callable that runs a classifier graph on a `Batch` through onnxruntime (what `evaluate_onnx` runs).
-
-    `spinning=False` when PyTorch models are timed in the same process: onnxruntime's idle threads
-    would otherwise spin on the cores the next model needs (measured: a 0.79x model timed as 1.09x)."""
-    from pathlib import Path
-
-    from deftcompress.runtime.onnxruntime import SessionSettings, classifier_outputs, session
-
-    sess = session(Path(folder) / file, SessionSettings(threads, optimization, spinning))
-    return lambda batch: classifier_outputs(sess, {k: v for k, v in batch.inputs.items() if k != "labels"})
 
 
 def step_latency(model: nn.Module | Forward, tokenizer, task, arch, rows: list[dict], eval_batch_size: int,

@@ -75,7 +75,8 @@ def _step(state: PipelineState, name: str, evaluation: Evaluation, seconds: floa
 
 def _fixed_latency(state: PipelineState, settings: EvalSettings, sparse_runtime=None) -> dict[str, Any]:
     """The step's model timed on the same workload as every other step of the run (see measurement.speed)."""
-    from deftcompress.measurement.speed import onnx_forward, step_latency
+    from deftcompress.measurement.speed import step_latency
+    from deftcompress.runtime.onnxruntime import onnx_forward
 
     repeats = state.recipe.latency_repeats
     if not repeats:

@@ -25,9 +25,10 @@ def time_runs(rows: list[CompareRow], workload, progress: bool = True) -> dict[s
     from deftcompress.architecture import spec_for_model_type
     from deftcompress.data.tasks import get_task, load_examples
     from deftcompress.export.onnx import CLASSIFIER_FILE
-    from deftcompress.measurement.speed import compare_speed, onnx_forward
+    from deftcompress.measurement.speed import compare_speed
     from deftcompress.models.formats import load_model
     from deftcompress.reporting.report import Report
+    from deftcompress.runtime.onnxruntime import onnx_forward
 
     if workload.threads:
         torch.set_num_threads(workload.threads)
