@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deftcompress.core.config import PassConfig
-from deftcompress.core.protocol import Need, Pass
+from deftcompress.core.protocol import Need, Pass, PassState
 from deftcompress.core.registry import register_pass
 from deftcompress.training.options import (AdaOptions, DensityOptions, PeftOptions, TrainingOptions, deft_leaves,
                                            deft_needs)
@@ -58,17 +58,20 @@ class AdaDeft(Pass):
     def needs(cls, config: AdaDeftConfig) -> list[Need]:
         return deft_needs()
 
-    def run(self, state) -> dict[str, Any]:
+    def run(self, state: PassState) -> dict[str, Any]:
+        from deftcompress.training.context import TrainingContext
         from deftcompress.training.deft_run import run_deft
 
         c = self.config
         before = copy.deepcopy(state.model) if c.measure_speed else None  # the previous step's model
-        details = run_deft(state, c, self.name, c.gate_settings(), c.gate_lr)
+        result = run_deft(TrainingContext.from_state(state, self.name), c, c.gate_settings(), c.gate_lr)
+        state.model = result.model
+        details = result.details
         if before is not None:
             details["speed"] = self._measure(state, before)
         return details
 
-    def _measure(self, state, before) -> dict[str, Any]:
+    def _measure(self, state: PassState, before) -> dict[str, Any]:
         """Latency and memory of the incoming model and of this pass's model, side by side in this process."""
         from deftcompress.measurement.speed import compare_speed
         from deftcompress.peft_methods.saving import merged_float_copy

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deftcompress.core.config import PassConfig
-from deftcompress.core.protocol import Need, Pass
+from deftcompress.core.protocol import Need, Pass, PassState
 from deftcompress.core.registry import register_pass
 from deftcompress.training.options import DensityOptions, PeftOptions, TrainingOptions, deft_leaves, deft_needs
 
@@ -54,10 +54,13 @@ class Deft(Pass):
     def needs(cls, config: DeftConfig) -> list[Need]:
         return deft_needs()
 
-    def run(self, state) -> dict[str, Any]:
+    def run(self, state: PassState) -> dict[str, Any]:
+        from deftcompress.training.context import TrainingContext
         from deftcompress.training.deft_run import run_deft
 
-        return run_deft(state, self.config, self.name)
+        result = run_deft(TrainingContext.from_state(state, self.name), self.config)
+        state.model = result.model
+        return result.details
 
 
 __all__ = ["Deft", "DeftConfig"]

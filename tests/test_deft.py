@@ -19,6 +19,7 @@ from deftcompress.architecture import MLPBlock, mlp_blocks
 from deftcompress.training.density_loss import DensityLoss, DensityLossSettings, density_loss_value, exact_zero_point
 from deftcompress.core.protocol import Pass
 from deftcompress.core.registry import register_pass, unregister_pass
+from deftcompress.training.context import TrainingContext
 from deftcompress.training.loop import TrainSettings, collate, encode_examples, train
 
 METHODS = ("lora", "qlora", "ia3", "prompt", "prefix", "adapter")
@@ -27,6 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
+
+
+def _ctx(state) -> TrainingContext:
+    return TrainingContext.from_state(state, "test_train")
 
 
 # ---- the loss against hand computation -------------------------------------------------------
@@ -237,7 +242,7 @@ def test_each_method_trains_and_lowers_the_density_loss(pipeline_state, family, 
     lr = 1e-1 if method in ("prompt", "prefix") else 1e-2
     settings = TrainSettings(max_steps=4, batch_size=8, learning_rate=lr, warmup_ratio=0.0, eval_every_epoch=False)
     with loss:
-        result = train(state, model, state.examples("train", 16), settings, extra_loss=loss)
+        result = train(_ctx(state), model, state.examples("train", 16), settings, extra_loss=loss)
     after = _density_loss_on(result.model, state, batch)
     assert result.steps == 4 and result.epochs[0].extra_loss is not None
     assert after < before, f"{family}/{method}: density loss {before:.5f} -> {after:.5f}"
@@ -255,9 +260,9 @@ def test_density_weight_zero_is_plain_peft_through_the_same_code(pipeline_state)
         loss = DensityLoss(mlp_blocks(model, state.arch), DensityLossSettings(weight=0.0)) if extra else None
         settings = TrainSettings(max_steps=3, batch_size=8, eval_every_epoch=False)
         if loss is None:
-            return train(state, model, state.examples("train", 16), settings)
+            return train(_ctx(state), model, state.examples("train", 16), settings)
         with loss:
-            return train(state, model, state.examples("train", 16), settings, extra_loss=loss)
+            return train(_ctx(state), model, state.examples("train", 16), settings, extra_loss=loss)
 
     plain, zero = run(False), run(True)
     assert zero.epochs[0].extra_loss is not None and zero.epochs[0].train_loss == zero.epochs[0].task_loss

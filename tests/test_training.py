@@ -8,10 +8,15 @@ import pytest
 import torch
 
 from deftcompress.core.protocol import Constraint
+from deftcompress.training.context import TrainingContext
 from deftcompress.training.loop import TrainingError, TrainSettings, collate, encode_examples, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
+
+
+def _ctx(state) -> TrainingContext:
+    return TrainingContext.from_state(state, "test_train")
 
 
 def _lora(state):
@@ -51,8 +56,8 @@ def test_classification_batches_for_encoders_and_decoders(pipeline_state):
 
 def test_max_steps_sets_the_length_across_epochs(pipeline_state):
     state = pipeline_state("bert")
-    result = train(state, _lora(state), state.examples("train", 16), TrainSettings(max_steps=5, batch_size=8,
-                                                                                  eval_every_epoch=False))
+    result = train(_ctx(state), _lora(state), state.examples("train", 16), TrainSettings(max_steps=5, batch_size=8,
+                                                                                        eval_every_epoch=False))
     # 16 rows / 8 = 2 steps per epoch: 5 steps take 3 epochs (2 + 2 + 1)
     assert result.steps == 5 and [e.steps for e in result.epochs] == [2, 2, 1]
     assert result.seconds_per_step > 0 and result.world_size == 1
@@ -78,7 +83,7 @@ def test_constraints_are_enforced_after_every_optimizer_step(pipeline_state):
     state = pipeline_state("bert")
     constraint = CountingConstraint()
     state.constraints.append(constraint)
-    train(state, _lora(state), state.examples("train", 16), TrainSettings(max_steps=3, batch_size=8, eval_every_epoch=False))
+    train(_ctx(state), _lora(state), state.examples("train", 16), TrainSettings(max_steps=3, batch_size=8, eval_every_epoch=False))
     assert constraint.calls == {"bind": 0, "enforce": 3, "release": 0}  # binding / releasing is the pass's job
 
 
@@ -96,7 +101,7 @@ def test_keep_best_restores_the_best_epochs_weights(pipeline_state, monkeypatch)
         return Evaluation(task_metric="accuracy", task_score=next(scores), metrics={}, density=None, examples=1, seconds=0.0)
 
     monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
-    result = train(state, model, state.examples("train", 16), TrainSettings(epochs=3, batch_size=8, learning_rate=1e-2))
+    result = train(_ctx(state), model, state.examples("train", 16), TrainSettings(epochs=3, batch_size=8, learning_rate=1e-2))
     assert [e.eval_score for e in result.epochs] == [0.5, 0.9, 0.7] and result.chosen_epoch == 2
     final = {n: p for n, p in result.model.named_parameters() if p.requires_grad}
     assert all(torch.equal(final[n], v) for n, v in seen[1].items())
@@ -115,8 +120,8 @@ def test_extra_loss_is_added_with_its_weight(pipeline_state):
             return torch.tensor(0.25), 0.5
 
     state = pipeline_state("bert")
-    result = train(state, _lora(state), state.examples("train", 16), TrainSettings(max_steps=2, batch_size=8,
-                                                                                  eval_every_epoch=False),
+    result = train(_ctx(state), _lora(state), state.examples("train", 16), TrainSettings(max_steps=2, batch_size=8,
+                                                                                        eval_every_epoch=False),
                    extra_loss=Constant())
     epoch = result.epochs[0]
     assert epoch.train_loss == pytest.approx(epoch.task_loss + 0.25, rel=1e-5) and epoch.extra_loss == 0.5
@@ -127,7 +132,7 @@ def test_a_model_with_nothing_to_train_is_a_clear_error(pipeline_state):
     state = pipeline_state("bert")
     state.model.requires_grad_(False)
     with pytest.raises(TrainingError, match="no trainable parameters"):
-        train(state, state.model, state.examples("train", 8), TrainSettings(max_steps=1, batch_size=4))
+        train(_ctx(state), state.model, state.examples("train", 8), TrainSettings(max_steps=1, batch_size=4))
 
 
 # ---- training options users of Hugging Face tooling expect (issue 12) ---------------------------------

@@ -75,6 +75,8 @@ class PassState(Protocol):
     quiet: bool  # no progress bars
     constraints: list["Constraint"]  # promises of earlier passes that bind this one
     onnx: Any  # the exported graph once an export pass ran
+    work_dir: Path  # the run's folder; reports name a pass's files relative to it
+    step_index: int  # this pass's step in the plan (1 = the first pass)
 
     @property
     def seed(self) -> int: ...

@@ -14,7 +14,7 @@ add and norm stay as they are). Gates start at 1 and train with the PEFT paramet
 
 At `decision_ratio` of the steps the skips are fixed: the k lowest gates of each stack (budget), or
 every gate under `threshold` (penalty), are set to 0 for good; training goes on so the task loss
-recovers without those blocks. `GateRange` (a pipeline constraint) keeps gates in [0, 1] after every
+recovers without those blocks. `GateRange` (a `Constraint` of this training) keeps gates in [0, 1] after every
 optimizer step. Afterwards `finish` folds each kept gate into its down-projection's weights and the
 caller removes the skipped blocks (`deftcompress.architecture.skip`).
 """

@@ -18,27 +18,28 @@ from torch import nn
 from deftcompress.errors import DeftcompressError
 
 if TYPE_CHECKING:
-    from deftcompress.pipeline.state import PipelineState
+    from deftcompress.training.context import TrainingContext
 
 TASK_KINDS = ("classification", "regression")  # heads whose logits the term compares
 
 
-def load_teacher(state: "PipelineState", ref: str) -> nn.Module:
-    """The teacher model, frozen, on the pipeline's device; a one-line error when it cannot teach this task."""
+def load_teacher(ctx: "TrainingContext", ref: str) -> nn.Module:
+    """The teacher model, frozen, on the training's device; a one-line error when it cannot teach this task."""
     from deftcompress.core.model_refs import resolve_saved_model_ref
     from deftcompress.models.formats import load_model
 
     where = "deft: distill_from"
-    if state.task.kind not in TASK_KINDS:
+    task = ctx.task
+    if task.kind not in TASK_KINDS:
         raise DeftcompressError(f"{where}: distillation compares classification or regression logits; task "
-                                f"{state.task.name} is {state.task.kind}")
-    path = resolve_saved_model_ref(ref, where, trust_pickle=state.recipe.trust_pickle)
-    teacher, tokenizer, _ = load_model(path, task=None, device=state.device)  # its own trained head
+                                f"{task.name} is {task.kind}")
+    path = resolve_saved_model_ref(ref, where, trust_pickle=ctx.trust_pickle)
+    teacher, tokenizer, _ = load_model(path, task=None, device=ctx.device)  # its own trained head
     labels = getattr(teacher.config, "num_labels", None)
-    if labels != state.task.num_labels:
-        raise DeftcompressError(f"{where}: {ref} predicts {labels} labels, task {state.task.name} has "
-                                f"{state.task.num_labels}; the teacher must be fine-tuned on the same task")
-    if tokenizer.get_vocab() != state.tokenizer.get_vocab():
+    if labels != task.num_labels:
+        raise DeftcompressError(f"{where}: {ref} predicts {labels} labels, task {task.name} has "
+                                f"{task.num_labels}; the teacher must be fine-tuned on the same task")
+    if tokenizer.get_vocab() != ctx.tokenizer.get_vocab():
         raise DeftcompressError(f"{where}: {ref} has another tokenizer than the model trained; its logits would "
                                 "answer other inputs")
     teacher.eval()

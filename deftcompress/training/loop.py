@@ -1,7 +1,9 @@
 """A reusable training loop for passes that fine-tune (DEFT, ADA-DEFT, Taylor-importance pruning, ...).
 
+    from deftcompress.training.context import TrainingContext
     from deftcompress.training.loop import TrainSettings, train
-    result = train(state, model, state.examples("train", 2000), TrainSettings(epochs=1, batch_size=32),
+    ctx = TrainingContext.from_state(state, "my_pass")  # what training reads of the run
+    result = train(ctx, model, ctx.train_examples(2000), TrainSettings(epochs=1, batch_size=32),
                    extra_loss=my_loss)              # optional; see `ExtraLoss`
     state.model = result.model
 
@@ -11,7 +13,7 @@ What it does:
   `max_target_length` as the DEFT paper's code does;
 - AdamW (no weight decay on biases and norms) with linear warm-up then linear decay
   (`transformers.get_linear_schedule_with_warmup`), gradient clipping;
-- calls `state.enforce_constraints(model)` after every optimizer step (binding and releasing
+- calls `ctx.enforce_constraints(model)` after every optimizer step (binding and releasing
   constraints is the calling pass's job: it knows when the model is built and handed on);
 - an optional extra loss (`ExtraLoss`), shown in the progress bar beside the task loss;
 - an optional teacher (`training.distillation`): its logits on the same batch, matched at a temperature;
@@ -36,18 +38,17 @@ import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from deftcompress.errors import DeftcompressError
 from deftcompress.data.features import Batch, collate, encode_examples
+from deftcompress.training.context import TrainingContext
 from deftcompress.training.distillation import distillation_term, teacher_logits
 from deftcompress.training.options import TrainSettings  # noqa: F401  (the settings live with the options)
 
-if TYPE_CHECKING:
-    from deftcompress.pipeline.runner import PipelineState
 
 
 class TrainingError(DeftcompressError):
@@ -177,220 +178,363 @@ def _forward_loss(model: nn.Module, batch: Batch):
     return loss, out
 
 
-def train(state: "PipelineState", model: nn.Module, examples: list[dict], settings: TrainSettings,
+def train(ctx: TrainingContext, model: nn.Module, examples: list[dict], settings: TrainSettings,
           extra_loss: ExtraLoss | None = None, parameter_groups: list[dict[str, Any]] | None = None,
           validation: list[dict] | None = None, logging_dir: str | None = None,
           teacher: nn.Module | None = None) -> TrainResult:
-    """Train `model`'s trainable parameters on `examples` for `state.task`; see the module docstring.
+    """Train `model`'s trainable parameters on `examples` for `ctx.task`; see the module docstring.
 
     `validation`: held-out training rows for the evaluations that choose weights (`eval_steps`, the
     best epoch); without them the best epoch is chosen on the recipe's evaluation rows. `teacher`: a
     frozen model whose logits are matched too (`training.distillation`, weight `settings.distill_weight`).
     """
-    from contextlib import nullcontext
+    trackers = _check_request(ctx, settings, validation)
+    accelerator = _start_accelerator(ctx, settings, trackers, logging_dir)
+    params = trainable_parameters(model)
+    if not params:
+        raise TrainingError("the model has no trainable parameters")
+    features = encode_examples(ctx.tokenizer, ctx.task, ctx.arch, examples, settings.max_seq_length,
+                               settings.max_target_length)
+    plan = _plan_steps(len(features), settings, accelerator.num_processes)
+    selection_rows = validation or ctx.eval_examples()
+    optimizer, scheduler = _optimizer_and_schedule(model, settings, parameter_groups, plan.total_steps)
+    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    if trackers:
+        accelerator.init_trackers(re.sub(r"[^A-Za-z0-9_.-]+", "_", settings.desc) or "train",
+                                  config={k: v for k, v in asdict(settings).items() if isinstance(v, (int, float, str, bool))})
+    run = _Run(ctx=ctx, settings=settings, plan=plan, accelerator=accelerator, model=model, ddp_model=ddp_model,
+               optimizer=optimizer, scheduler=scheduler, params=params, features=features,
+               selection_rows=selection_rows, trackers=trackers, extra_loss=extra_loss, teacher=teacher)
+    tally = _Tally()
+    _run_epochs(run, tally)
+    notes = _keep_best(run, tally, "held-out training rows" if validation else "the evaluation rows")
+    return _finish(run, tally, notes)
 
-    from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
 
-    from deftcompress.measurement.evaluation import evaluate
+# ---- the stages of `train` ----------------------------------------------------------------------
 
-    if settings.mixed_precision == "fp16" and state.device.type != "cuda":
-        raise TrainingError(f"mixed_precision: fp16 needs a GPU (this run is on {state.device.type}); use bf16")
+@dataclass
+class _Plan:
+    """How long training runs and which evaluations may choose the weights."""
+
+    total_steps: int
+    epochs_to_run: int
+    evaluate_epochs: bool
+    select_from: int  # earlier evaluations are logged, not kept
+    max_density: float | None
+
+    def eligible(self, at_step: int, density: float | None) -> bool:
+        """Whether an evaluation may be kept: after `select_from`, and within the density bound where one is set."""
+        if at_step < self.select_from:
+            return False
+        return self.max_density is None or density is None or density <= self.max_density
+
+
+@dataclass
+class _Run:
+    """What one training holds fixed from the first step to the last."""
+
+    ctx: TrainingContext
+    settings: TrainSettings
+    plan: _Plan
+    accelerator: Any
+    model: nn.Module  # constraints are enforced on it (not on the DDP wrapper)
+    ddp_model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    params: list[tuple[str, nn.Parameter]]
+    features: list[dict]
+    selection_rows: list[dict]
+    trackers: list[str]
+    extra_loss: ExtraLoss | None
+    teacher: nn.Module | None
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def sign(self) -> float:
+        return 1.0 if self.ctx.task.higher_is_better else -1.0  # perplexity: lower is better
+
+
+@dataclass
+class _Tally:
+    """What the step loop accumulates: steps, timings, logs and the best weights so far."""
+
+    step: int = 0
+    train_seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
+    epochs: list[EpochLog] = field(default_factory=list)
+    step_evals: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    best_weights: list[torch.Tensor] | None = None
+    best_step: int = 0
+    best_step_score: float = -math.inf
+    best_step_weights: list[torch.Tensor] | None = None
+
+
+@dataclass
+class _MicroLosses:
+    loss: float
+    task: float
+    extra_raw: float | None
+    distill_raw: float | None
+
+
+def _check_request(ctx: TrainingContext, settings: TrainSettings, validation: list[dict] | None) -> list[str]:
+    """Refuse what cannot run here before anything is built; the trackers to log to."""
+    if settings.mixed_precision == "fp16" and ctx.device.type != "cuda":
+        raise TrainingError(f"mixed_precision: fp16 needs a GPU (this run is on {ctx.device.type}); use bf16")
     if settings.eval_steps and not validation:
         raise TrainingError("eval_steps needs held-out training rows (validation_fraction)")
     trackers = list(settings.report_to)
     _check_trackers(trackers)
+    return trackers
+
+
+def _start_accelerator(ctx: TrainingContext, settings: TrainSettings, trackers: list[str], logging_dir: str | None):
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     # accelerate keeps one state per process; a later pass (or run) may ask for another precision.
     # The process group (PartialState) stays, so this is safe under torchrun as well.
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(cpu=state.device.type == "cpu", mixed_precision=settings.mixed_precision,
+    accelerator = Accelerator(cpu=ctx.device.type == "cpu", mixed_precision=settings.mixed_precision,
                               log_with=trackers or None, project_dir=logging_dir)
-    world, main = accelerator.num_processes, accelerator.is_main_process
+    world = accelerator.num_processes
     if settings.batch_size % world:
         raise TrainingError(f"batch_size {settings.batch_size} does not split over {world} processes; use a multiple of {world}")
-    params = trainable_parameters(model)
-    if not params:
-        raise TrainingError("the model has no trainable parameters")
-    trainable = sum(p.numel() for _, p in params)
+    return accelerator
 
-    features = encode_examples(state.tokenizer, state.task, state.arch, examples, settings.max_seq_length,
-                               settings.max_target_length)
+
+def _plan_steps(n_features: int, settings: TrainSettings, world: int) -> _Plan:
     micro = settings.gradient_accumulation_steps
-    steps_per_epoch = len(_epoch_batches(len(features), settings.batch_size, world, settings.seed, 0)) // micro
+    steps_per_epoch = len(_epoch_batches(n_features, settings.batch_size, world, settings.seed, 0)) // micro
     if steps_per_epoch == 0:
-        raise TrainingError(f"{len(features)} training examples cannot fill one optimizer step ({micro} x "
+        raise TrainingError(f"{n_features} training examples cannot fill one optimizer step ({micro} x "
                             f"{settings.batch_size} rows) over {world} processes")
     # As in transformers' Trainer, max_steps (when set) decides the length, however many epochs that takes.
     total_steps = settings.max_steps if settings.max_steps is not None else settings.epochs * steps_per_epoch
     epochs_to_run = math.ceil(total_steps / steps_per_epoch)
-    evaluate_epochs = settings.eval_every_epoch and epochs_to_run > 1
-    select_from = math.ceil(settings.select_from_ratio * total_steps)  # earlier evaluations are logged, not kept
+    return _Plan(total_steps=total_steps, epochs_to_run=epochs_to_run,
+                 evaluate_epochs=settings.eval_every_epoch and epochs_to_run > 1,
+                 select_from=math.ceil(settings.select_from_ratio * total_steps),
+                 max_density=settings.select_max_density)
 
-    def eligible(at_step: int, density: float | None) -> bool:
-        """Whether an evaluation may be kept: after `select_from`, and within the density bound where one is set."""
-        if at_step < select_from:
-            return False
-        return settings.select_max_density is None or density is None or density <= settings.select_max_density
-    selection_rows = validation or state.eval_examples()
+
+def _optimizer_and_schedule(model: nn.Module, settings: TrainSettings, parameter_groups: list[dict[str, Any]] | None,
+                            total_steps: int):
+    """AdamW with linear warm-up then linear decay over `total_steps`."""
+    from transformers import get_linear_schedule_with_warmup
 
     optimizer = torch.optim.AdamW(parameter_groups or default_parameter_groups(model, settings.weight_decay),
                                   lr=settings.learning_rate, weight_decay=settings.weight_decay)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it once per process).
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(settings.warmup_ratio * total_steps), total_steps)
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
-    if trackers:
-        accelerator.init_trackers(re.sub(r"[^A-Za-z0-9_.-]+", "_", settings.desc) or "train",
-                                  config={k: v for k, v in asdict(settings).items() if isinstance(v, (int, float, str, bool))})
-    sign = 1.0 if state.task.higher_is_better else -1.0  # perplexity: lower is better
+    return optimizer, scheduler
 
-    def held_out_score(desc: str):
-        """(score, density) on the selection rows, computed on rank 0 and shared with every rank."""
-        verdict = [None]
-        if main:
-            ev = evaluate(accelerator.unwrap_model(ddp_model), state.tokenizer, state.task, selection_rows, state.arch,
-                          state.eval_settings(), progress=not state.quiet, desc=desc)
-            verdict = [(ev.task_score, ev.density.overall() if ev.density else None)]
-            ddp_model.train()
-        broadcast_object_list(verdict, from_process=0)
-        return verdict[0]
 
-    epochs: list[EpochLog] = []
-    step_evals: list[dict[str, Any]] = []
-    best_score, best_epoch, best_weights = -math.inf, 0, None
-    best_step, best_step_score, best_step_weights = 0, -math.inf, None
-    step, train_seconds, step_seconds = 0, 0.0, []
-    bar = tqdm(total=total_steps, desc=settings.desc, disable=state.quiet or not main, leave=False, unit="step")
-    ddp_model.train()
+def _run_epochs(run: _Run, tally: _Tally) -> None:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=run.plan.total_steps, desc=run.settings.desc, disable=run.ctx.quiet or not run.main, leave=False,
+               unit="step")
+    run.ddp_model.train()
     try:
-        for epoch in range(epochs_to_run):
-            sums = {"loss": 0.0, "task": 0.0, "extra": 0.0, "extra_n": 0, "distill": 0.0, "n": 0}
-            epoch_start = time.perf_counter()
-            batches = _epoch_batches(len(features), settings.batch_size, world, settings.seed, epoch)
-            batches = batches[:len(batches) // micro * micro]  # whole optimizer steps only
-            step_start = time.perf_counter()
-            for b, global_batch in enumerate(batches):
-                if step >= total_steps:
-                    break
-                mine = global_batch[accelerator.process_index::world]
-                batch = collate(state.tokenizer, state.task, state.arch, [features[i] for i in mine], settings.padding,
-                                settings.max_seq_length, settings.max_target_length).to(device)
-                if extra_loss is not None:
-                    extra_loss.begin_step(batch.token_masks, step, total_steps)
-                last_micro = (b + 1) % micro == 0
-                # DDP: gradients are all-reduced only on the micro-batch that ends an optimizer step
-                with nullcontext() if last_micro or world == 1 else accelerator.no_sync(ddp_model):
-                    task_loss, out = _forward_loss(ddp_model, batch)
-                    loss, extra_raw, distill_raw = task_loss, None, None
-                    if teacher is not None:
-                        distill = distillation_term(out.logits, teacher_logits(teacher, batch.inputs),
-                                                    settings.distill_temperature, state.task.kind == "regression")
-                        distill_raw = float(distill.detach())
-                        loss = loss + settings.distill_weight * distill
-                    if extra_loss is not None:
-                        extra_term, extra_raw = extra_loss.end_step()
-                        if extra_term is not None:
-                            loss = task_loss + extra_term
-                    if not torch.isfinite(loss.detach()):  # stop before a NaN or infinite loss reaches the weights
-                        raise TrainingError(f"training step {step + 1}: the loss is {float(loss.detach())} (task loss "
-                                            f"{float(task_loss.detach())}); stopped, nothing saved from this pass: "
-                                            "lower learning_rate or check the data")
-                    accelerator.backward(loss / micro)
-                loss_value, task_value = float(loss.detach()), float(task_loss.detach())
-                sums["loss"] += loss_value / micro
-                sums["task"] += task_value / micro
-                if distill_raw is not None:
-                    sums["distill"] += distill_raw / micro
-                if extra_raw is not None and not math.isnan(extra_raw):
-                    sums["extra"] += extra_raw
-                    sums["extra_n"] += 1
-                if not last_micro:
-                    continue
-                if settings.max_grad_norm:
-                    accelerator.clip_grad_norm_([p for _, p in params], settings.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.enforce_constraints(model)
-                step += 1
-                sums["n"] += 1
-                step_seconds.append(time.perf_counter() - step_start)
-                postfix = {"loss": f"{loss_value:.4f}", "task": f"{task_value:.4f}"}
-                if distill_raw is not None:
-                    postfix["distill"] = f"{distill_raw:.4f}"
-                if hasattr(extra_loss, "postfix"):  # the loss says what to show (its parts apart)
-                    postfix.update(extra_loss.postfix())
-                elif extra_raw is not None:
-                    postfix[extra_loss.label] = f"{extra_raw:.4f}"
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
-                if trackers:
-                    logged = {"loss": loss_value, "task_loss": task_value, "learning_rate": scheduler.get_last_lr()[0]}
-                    logged.update({k: float(v) for k, v in postfix.items() if k not in ("loss", "task") and _is_number(v)})
-                    accelerator.log(logged, step=step)
-                if settings.eval_steps and step % settings.eval_steps == 0:
-                    score, density = held_out_score(f"eval step {step}")
-                    step_evals.append({"step": step, "score": score, "density": density})
-                    if trackers:
-                        accelerator.log({"held_out_score": score, **({"held_out_density": density} if density is not None else {})},
-                                        step=step)
-                    if eligible(step, density) and sign * score > best_step_score:  # ties keep the earlier step
-                        best_step, best_step_score = step, sign * score
-                        best_step_weights = _snapshot(params)
-                step_start = time.perf_counter()  # after any evaluation: step times are optimisation only
-            epoch_seconds = time.perf_counter() - epoch_start
-            train_seconds += epoch_seconds
-            log = EpochLog(epoch=epoch + 1, steps=sums["n"], train_loss=sums["loss"] / max(sums["n"], 1),
-                           task_loss=sums["task"] / max(sums["n"], 1),
-                           extra_loss=sums["extra"] / sums["extra_n"] if sums["extra_n"] else None,
-                           distill_loss=sums["distill"] / max(sums["n"], 1) if teacher is not None else None,
-                           seconds=epoch_seconds)
-            if evaluate_epochs and not settings.eval_steps:
-                log.eval_score, log.eval_density = held_out_score(f"eval epoch {epoch + 1}")
-                if eligible(step, log.eval_density) and sign * log.eval_score > best_score:  # ties keep the earlier epoch
-                    best_score, best_epoch = sign * log.eval_score, epoch + 1
-                    best_weights = _snapshot(params) if epoch + 1 < epochs_to_run else None
-            epochs.append(log)
-            if step >= total_steps:
+        for epoch in range(run.plan.epochs_to_run):
+            _run_epoch(run, tally, epoch, bar)
+            if tally.step >= run.plan.total_steps:
                 break
     finally:
         bar.close()
-        if trackers:
-            accelerator.end_training()
+        if run.trackers:
+            run.accelerator.end_training()
+
+
+def _run_epoch(run: _Run, tally: _Tally, epoch: int, bar) -> None:
+    settings, micro = run.settings, run.settings.gradient_accumulation_steps
+    sums = {"loss": 0.0, "task": 0.0, "extra": 0.0, "extra_n": 0, "distill": 0.0, "n": 0}
+    epoch_start = time.perf_counter()
+    batches = _epoch_batches(len(run.features), settings.batch_size, run.world, settings.seed, epoch)
+    batches = batches[:len(batches) // micro * micro]  # whole optimizer steps only
+    step_start = time.perf_counter()
+    for b, global_batch in enumerate(batches):
+        if tally.step >= run.plan.total_steps:
+            break
+        last_micro = (b + 1) % micro == 0
+        losses = _micro_step(run, global_batch, tally.step, last_micro)
+        _add_micro(sums, losses, micro)
+        if not last_micro:
+            continue
+        _optimizer_step(run)
+        tally.step += 1
+        sums["n"] += 1
+        tally.step_seconds.append(time.perf_counter() - step_start)
+        _show_step(run, tally.step, losses, bar)
+        if settings.eval_steps and tally.step % settings.eval_steps == 0:
+            _evaluate_step(run, tally)
+        step_start = time.perf_counter()  # after any evaluation: step times are optimisation only
+    epoch_seconds = time.perf_counter() - epoch_start
+    tally.train_seconds += epoch_seconds
+    n = max(sums["n"], 1)
+    log = EpochLog(epoch=epoch + 1, steps=sums["n"], train_loss=sums["loss"] / n, task_loss=sums["task"] / n,
+                   extra_loss=sums["extra"] / sums["extra_n"] if sums["extra_n"] else None,
+                   distill_loss=sums["distill"] / n if run.teacher is not None else None, seconds=epoch_seconds)
+    if run.plan.evaluate_epochs and not settings.eval_steps:
+        _evaluate_epoch(run, tally, log, epoch)
+    tally.epochs.append(log)
+
+
+def _micro_step(run: _Run, global_batch: list[int], step: int, last_micro: bool) -> _MicroLosses:
+    """This rank's share of one micro-batch: forward, the loss terms, backward (scaled for accumulation)."""
+    from contextlib import nullcontext
+
+    ctx, settings, accelerator = run.ctx, run.settings, run.accelerator
+    mine = global_batch[accelerator.process_index::run.world]
+    batch = collate(ctx.tokenizer, ctx.task, ctx.arch, [run.features[i] for i in mine], settings.padding,
+                    settings.max_seq_length, settings.max_target_length).to(accelerator.device)
+    if run.extra_loss is not None:
+        run.extra_loss.begin_step(batch.token_masks, step, run.plan.total_steps)
+    # DDP: gradients are all-reduced only on the micro-batch that ends an optimizer step
+    with nullcontext() if last_micro or run.world == 1 else accelerator.no_sync(run.ddp_model):
+        task_loss, out = _forward_loss(run.ddp_model, batch)
+        loss, extra_raw, distill_raw = task_loss, None, None
+        if run.teacher is not None:
+            distill = distillation_term(out.logits, teacher_logits(run.teacher, batch.inputs),
+                                        settings.distill_temperature, ctx.task.kind == "regression")
+            distill_raw = float(distill.detach())
+            loss = loss + settings.distill_weight * distill
+        if run.extra_loss is not None:
+            extra_term, extra_raw = run.extra_loss.end_step()
+            if extra_term is not None:
+                loss = task_loss + extra_term
+        if not torch.isfinite(loss.detach()):  # stop before a NaN or infinite loss reaches the weights
+            raise TrainingError(f"training step {step + 1}: the loss is {float(loss.detach())} (task loss "
+                                f"{float(task_loss.detach())}); stopped, nothing saved from this pass: "
+                                "lower learning_rate or check the data")
+        accelerator.backward(loss / settings.gradient_accumulation_steps)
+    return _MicroLosses(float(loss.detach()), float(task_loss.detach()), extra_raw, distill_raw)
+
+
+def _add_micro(sums: dict[str, float], losses: _MicroLosses, micro: int) -> None:
+    sums["loss"] += losses.loss / micro
+    sums["task"] += losses.task / micro
+    if losses.distill_raw is not None:
+        sums["distill"] += losses.distill_raw / micro
+    if losses.extra_raw is not None and not math.isnan(losses.extra_raw):
+        sums["extra"] += losses.extra_raw
+        sums["extra_n"] += 1
+
+
+def _optimizer_step(run: _Run) -> None:
+    if run.settings.max_grad_norm:
+        run.accelerator.clip_grad_norm_([p for _, p in run.params], run.settings.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.ctx.enforce_constraints(run.model)
+
+
+def _show_step(run: _Run, step: int, losses: _MicroLosses, bar) -> None:
+    """The progress bar's figures, and the tracker's log of this step."""
+    postfix = {"loss": f"{losses.loss:.4f}", "task": f"{losses.task:.4f}"}
+    if losses.distill_raw is not None:
+        postfix["distill"] = f"{losses.distill_raw:.4f}"
+    if hasattr(run.extra_loss, "postfix"):  # the loss says what to show (its parts apart)
+        postfix.update(run.extra_loss.postfix())
+    elif losses.extra_raw is not None:
+        postfix[run.extra_loss.label] = f"{losses.extra_raw:.4f}"
+    bar.set_postfix(postfix, refresh=False)
+    bar.update(1)
+    if run.trackers:
+        logged = {"loss": losses.loss, "task_loss": losses.task, "learning_rate": run.scheduler.get_last_lr()[0]}
+        logged.update({k: float(v) for k, v in postfix.items() if k not in ("loss", "task") and _is_number(v)})
+        run.accelerator.log(logged, step=step)
+
+
+def _held_out_score(run: _Run, desc: str) -> tuple[float, float | None]:
+    """(score, density) on the selection rows, computed on rank 0 and shared with every rank."""
+    from accelerate.utils import broadcast_object_list
+
+    from deftcompress.measurement.evaluation import evaluate
+
+    ctx = run.ctx
+    verdict = [None]
+    if run.main:
+        ev = evaluate(run.accelerator.unwrap_model(run.ddp_model), ctx.tokenizer, ctx.task, run.selection_rows,
+                      ctx.arch, ctx.eval_settings, progress=not ctx.quiet, desc=desc)
+        verdict = [(ev.task_score, ev.density.overall() if ev.density else None)]
+        run.ddp_model.train()
+    broadcast_object_list(verdict, from_process=0)
+    return verdict[0]
+
+
+def _evaluate_step(run: _Run, tally: _Tally) -> None:
+    """`eval_steps`: score the weights now; keep them if they are the best eligible so far."""
+    step = tally.step
+    score, density = _held_out_score(run, f"eval step {step}")
+    tally.step_evals.append({"step": step, "score": score, "density": density})
+    if run.trackers:
+        run.accelerator.log({"held_out_score": score, **({"held_out_density": density} if density is not None else {})},
+                            step=step)
+    if run.plan.eligible(step, density) and run.sign * score > tally.best_step_score:  # ties keep the earlier step
+        tally.best_step, tally.best_step_score = step, run.sign * score
+        tally.best_step_weights = _snapshot(run.params)
+
+
+def _evaluate_epoch(run: _Run, tally: _Tally, log: EpochLog, epoch: int) -> None:
+    """Score the epoch's weights into its log; keep them if they are the best eligible so far."""
+    log.eval_score, log.eval_density = _held_out_score(run, f"eval epoch {epoch + 1}")
+    if run.plan.eligible(tally.step, log.eval_density) and run.sign * log.eval_score > tally.best_score:
+        tally.best_score, tally.best_epoch = run.sign * log.eval_score, epoch + 1  # ties keep the earlier epoch
+        tally.best_weights = _snapshot(run.params) if epoch + 1 < run.plan.epochs_to_run else None
+
+
+def _keep_best(run: _Run, tally: _Tally, where: str) -> list[str]:
+    """Restore the chosen epoch's or step's weights (constraints enforced again); notes saying which."""
+    settings, metric = run.settings, run.ctx.task.metric
     notes = []
-    chosen = epochs[-1].epoch
-    where = "held-out training rows" if validation else "the evaluation rows"
-    if evaluate_epochs and not settings.eval_steps:
-        chosen = best_epoch or chosen  # 0 only if every score was NaN: keep the last epoch
-        if best_weights is not None:
-            _restore(params, best_weights)
-            state.enforce_constraints(model)
-            notes.append(f"restored epoch {best_epoch} (best {state.task.metric} on {where})")
-    if step_evals:
-        if best_step_weights is not None and best_step != step:
-            _restore(params, best_step_weights)
-            state.enforce_constraints(model)
-        among = f", among steps >= {select_from} (after the density ramp)" if select_from else ""
+    if run.plan.evaluate_epochs and not settings.eval_steps:
+        if tally.best_weights is not None:
+            _restore(run.params, tally.best_weights)
+            run.ctx.enforce_constraints(run.model)
+            notes.append(f"restored epoch {tally.best_epoch} (best {metric} on {where})")
+    if tally.step_evals:
+        if tally.best_step_weights is not None and tally.best_step != tally.step:
+            _restore(run.params, tally.best_step_weights)
+            run.ctx.enforce_constraints(run.model)
+        among = f", among steps >= {run.plan.select_from} (after the density ramp)" if run.plan.select_from else ""
         if settings.select_max_density is not None:
             among += f" with held-out density <= {settings.select_max_density:.4g}"
-        if best_step_weights is None:  # no evaluation was eligible: the last weights stay
-            best_step = step
+        if tally.best_step_weights is None:  # no evaluation was eligible: the last weights stay
+            tally.best_step = tally.step
             among += "; none was eligible, so the last step's weights stay"
-        notes.append(f"kept step {best_step} of {step} (best {state.task.metric} on {where}, every "
+        notes.append(f"kept step {tally.best_step} of {tally.step} (best {metric} on {where}, every "
                      f"{settings.eval_steps} steps{among})")
-    model = accelerator.unwrap_model(ddp_model)
+    return notes
+
+
+def _finish(run: _Run, tally: _Tally, notes: list[str]) -> TrainResult:
+    """The trained model unwrapped from DDP, in eval mode, and what training did."""
+    model = run.accelerator.unwrap_model(run.ddp_model)
     model.eval()
-    accelerator.free_memory()
-    return TrainResult(model=model, epochs=epochs, chosen_epoch=chosen, steps=step, train_seconds=train_seconds,
-                       seconds_per_step=train_seconds / max(step, 1),
-                       median_seconds_per_step=statistics.median(step_seconds) if step_seconds else 0.0,
-                       world_size=world, trainable_params=trainable,
-                       extra_label=extra_loss.label if extra_loss is not None else None, notes=notes,
-                       step_evals=step_evals, chosen_step=best_step if step_evals else None)
+    run.accelerator.free_memory()
+    chosen = tally.epochs[-1].epoch
+    if run.plan.evaluate_epochs and not run.settings.eval_steps:
+        chosen = tally.best_epoch or chosen  # 0 only if every score was NaN: keep the last epoch
+    steps, trainable = tally.step, sum(p.numel() for _, p in run.params)
+    return TrainResult(model=model, epochs=tally.epochs, chosen_epoch=chosen, steps=steps,
+                       train_seconds=tally.train_seconds, seconds_per_step=tally.train_seconds / max(steps, 1),
+                       median_seconds_per_step=statistics.median(tally.step_seconds) if tally.step_seconds else 0.0,
+                       world_size=run.world, trainable_params=trainable,
+                       extra_label=run.extra_loss.label if run.extra_loss is not None else None, notes=notes,
+                       step_evals=tally.step_evals, chosen_step=tally.best_step if tally.step_evals else None)
 
 
 def _is_number(text: str) -> bool:
