@@ -39,12 +39,15 @@ def _run(tiny_checkpoint, tiny_data, tmp_path, name, **deft):
     return run_recipe(recipe, output_dir=tmp_path / name, quiet=True)
 
 
-def test_a_teacher_holds_the_model_to_its_answers(tiny_checkpoint, tiny_data, tmp_path, one_thread):
+@pytest.mark.parametrize("density_weight", [0.0, 1.0])
+def test_a_teacher_holds_the_model_to_its_answers(tiny_checkpoint, tiny_data, tmp_path, one_thread, density_weight):
     """The teacher here is the checkpoint itself (its own random head): the task loss pulls the model away from
-    it, the distillation term pulls it back, so the trained model stays far closer to the teacher's answers."""
+    it, the distillation term pulls it back, so the trained model stays far closer to the teacher's answers.
+    With the density loss on as well (DEFT), the distillation term must still be trained on, not only logged."""
     teacher = tiny_checkpoint("bert")
-    alone = _run(tiny_checkpoint, tiny_data, tmp_path, "alone")
-    taught = _run(tiny_checkpoint, tiny_data, tmp_path, "taught", distill_from=str(teacher), distill_weight=50.0)
+    alone = _run(tiny_checkpoint, tiny_data, tmp_path, "alone", density_weight=density_weight)
+    taught = _run(tiny_checkpoint, tiny_data, tmp_path, "taught", distill_from=str(teacher), distill_weight=50.0,
+                  density_weight=density_weight)
     details = taught.steps[1].details
     recorded = details["distillation"]
     assert (recorded["from"], recorded["weight"], recorded["temperature"]) == (str(teacher), 50.0, 2.0)

@@ -413,7 +413,7 @@ def _micro_step(run: _Run, global_batch: list[int], step: int, last_micro: bool)
         if run.extra_loss is not None:
             extra_term, extra_raw = run.extra_loss.end_step()
             if extra_term is not None:
-                loss = task_loss + extra_term
+                loss = loss + extra_term  # on top of the task (and distillation) terms
         if not torch.isfinite(loss.detach()):  # stop before a NaN or infinite loss reaches the weights
             raise TrainingError(f"training step {step + 1}: the loss is {float(loss.detach())} (task loss "
                                 f"{float(task_loss.detach())}); stopped, nothing saved from this pass: "
