@@ -56,7 +56,7 @@ def check(run: Path, data_dir: Path, made: dict | None = None) -> dict:
     step = next(s for s in report["steps"] if s["pass"] == "deft")
     plain = made or step["details"]["plain_peft"]
     adapter = run / plain["dir"]
-    base_ref = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base_ref = json.loads(next(adapter.glob("*adapter_config.json")).read_text())["base_model_name_or_path"]
     task = recipe["task"]
     rows = read_rows(data_dir / task / "dev.tsv", task)[:recipe.get("max_eval_samples") or None]
     tokenizer = AutoTokenizer.from_pretrained(base_ref)
@@ -100,7 +100,8 @@ def main(argv=None) -> None:
         import yaml
 
         task = yaml.safe_load((run / "recipe.resolved.yaml").read_text())["task"]
-        base_ref = json.loads((run / "passes/01_deft/adapter/adapter_config.json").read_text())["base_model_name_or_path"]
+        base_ref = json.loads(next((run / "passes/01_deft/adapter").glob("*adapter_config.json")).read_text())[
+            "base_model_name_or_path"]
         proc = subprocess.run([sys.executable, "-c", MAKE, str(run), base_ref, task], capture_output=True, text=True)
         if proc.returncode:
             sys.exit(proc.stderr[-2000:])

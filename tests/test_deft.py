@@ -339,7 +339,14 @@ def test_recipe_saves_adapter_and_reloadable_model(tiny_checkpoint, tiny_data, t
     assert (density["encoder"] is not None, density["decoder"] is not None) == (family != "llama", family != "bert")
     adapter_dir = out / d["adapter_dir"]
     library_files = {"adapter": "adapter.safetensors"}.get(method, "adapter_model.safetensors")
-    assert (adapter_dir / library_files).is_file() and (adapter_dir / "adapter_config.json").is_file()
+    from safetensors import safe_open
+
+    extras = [f for f in ("activation_scales.safetensors", "mlp_bias.safetensors") if (adapter_dir / f).is_file()
+              and list(safe_open(str(adapter_dir / f), "pt").keys())]
+    # with extras the adapter is wrong on the untouched base: its library config is kept under deftcompress's name
+    config_name = "deftcompress_adapter_config.json" if extras else "adapter_config.json"
+    assert (adapter_dir / library_files).is_file() and (adapter_dir / config_name).is_file()
+    assert [p.name for p in adapter_dir.glob("*adapter_config.json")] == [config_name]
     assert not list(adapter_dir.rglob("*.bin")) and not list(out.rglob("*.pt"))
 
     task = get_task("glue/sst2")

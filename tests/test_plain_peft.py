@@ -74,9 +74,12 @@ def test_plain_peft_reproduces_the_run(tiny_checkpoint, tiny_data, tmp_path, met
         assert folder == library_adapter  # nothing changed in the base: the adapter itself is plain
         return
     assert plain["modules_to_save"] == 4  # up and down of both tiny layers
-    # the library adapter alone does not reproduce the run (it needs the scales first): the plain form is needed
-    _, alone = _plain_outputs(checkpoint, library_adapter, inputs)
-    assert (alone - ran.hidden_states[-1]).abs().max() > 1e-2
+    # the library adapter alone would not reproduce the run (it needs the scales first): plain peft refuses it
+    # loudly instead of computing something else, and its README says what to load
+    proc = subprocess.run([sys.executable, "-c", PLAIN, str(checkpoint), str(library_adapter), json.dumps(inputs)],
+                          capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert proc.returncode != 0 and "adapter_config.json" in proc.stderr
+    assert "adapter_plain_peft" in (library_adapter / "README.md").read_text()
 
 
 def test_no_plain_form_where_peft_cannot_hold_it(tiny_checkpoint, tiny_data, tmp_path):

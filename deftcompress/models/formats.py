@@ -152,9 +152,26 @@ def _save_pretrained(model: nn.Module, folder: Path, merge_adapters: bool) -> di
     return {"load": f"transformers.{auto_class_name(model)}.from_pretrained(folder)"}
 
 
+STOCK_REFUSES = ("deftcompress.load_model(folder); stock transformers refuses this folder (its config.json names the "
+                 "model type {marked}) because it would build a model that computes something else")
+
+
+def refuse_stock_loading(folder: Path) -> dict[str, Any]:
+    """Mark config.json so that stock `from_pretrained` refuses the folder loudly (an unknown model type naming
+    deftcompress) instead of silently dropping what it cannot build; `models.loading` reads the mark back."""
+    from deftcompress.core.model_refs import STOCK_REFUSED_PREFIX
+
+    path = folder / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if not config["model_type"].startswith(STOCK_REFUSED_PREFIX):
+        config["model_type"] = STOCK_REFUSED_PREFIX + config["model_type"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return {"load": STOCK_REFUSES.format(marked=config["model_type"]), "stock_loading": "refused"}
+
+
 def _save_restructured(model: nn.Module, folder: Path, merge_adapters: bool) -> dict[str, Any]:
     model.save_pretrained(folder, safe_serialization=True)  # the record rides in config.json
-    return {"load": "deftcompress.models.formats.load_model(folder) (stock from_pretrained cannot build it)"}
+    return refuse_stock_loading(folder)
 
 
 def _save_torch_int8(model: nn.Module, folder: Path, merge_adapters: bool) -> dict[str, Any]:
@@ -163,7 +180,7 @@ def _save_torch_int8(model: nn.Module, folder: Path, merge_adapters: bool) -> di
     info = dict(getattr(model.config, QUANT_ATTR, None) or {"backend": "torch_int8"})
     info["modules"] = [name for name, _ in quantized_modules(model)]
     saved = save_int8_checkpoint(model, folder, info)
-    return {"weights": saved, "load": "deftcompress.models.formats.load_model(folder)"}
+    return {"weights": saved, **refuse_stock_loading(folder)}
 
 
 def _save_bitsandbytes(model: nn.Module, folder: Path, merge_adapters: bool) -> dict[str, Any]:
@@ -189,6 +206,10 @@ def _save_bitsandbytes(model: nn.Module, folder: Path, merge_adapters: bool) -> 
             config.quantization_config = old
         else:
             del config.quantization_config
+    from deftcompress.models.loading import restructured
+
+    if restructured(config):  # a relufied activation or DEFT's scales beside it: stock loading would drop them
+        return refuse_stock_loading(folder)
     return {"load": f"transformers.{auto_class_name(model)}.from_pretrained(folder) (needs bitsandbytes)"}
 
 

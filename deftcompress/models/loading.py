@@ -19,11 +19,26 @@ from deftcompress.data.tasks import TaskSpec
 from deftcompress.errors import ArchitectureError, CheckpointError, RecipeError
 
 def load_config(ref: str):
+    """The model's config; a config.json that deftcompress marked against stock loading is read with its own type."""
     from transformers import AutoConfig
 
+    from deftcompress.core.model_refs import STOCK_REFUSED_PREFIX, unmarked_model_type
+
     try:
+        path = Path(ref) / "config.json"
+        if path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(saved, dict) and str(saved.get("model_type", "")).startswith(STOCK_REFUSED_PREFIX):
+                from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+                saved["model_type"] = unmarked_model_type(saved["model_type"])
+                if saved["model_type"] not in CONFIG_MAPPING:
+                    raise ValueError(f"unknown model type {saved['model_type']!r}")
+                config = CONFIG_MAPPING[saved["model_type"]].from_dict(saved)
+                config._name_or_path = str(ref)
+                return config
         return AutoConfig.from_pretrained(ref, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"model {ref!r}: cannot read its config ({str(exc).splitlines()[0][:200]})") from None
 
 
@@ -103,7 +118,7 @@ def load_model_and_tokenizer(ref: str, task: TaskSpec | None, device: torch.devi
         if rebuilt and not _recorded_modules_on_bitsandbytes(config, kwargs):
             model = load_restructured(auto, ref, config, kwargs)
         else:
-            model, info = auto.from_pretrained(ref, output_loading_info=True, **kwargs)
+            model, info = auto.from_pretrained(ref, output_loading_info=True, **_with_config(config, kwargs))
             _check_loading_info(ref, arch, info, notes)
             if rebuilt:  # a 4-bit QLoRA-DEFT base: a relufied activation, scales beside the activations
                 from deftcompress.architecture.activation import apply_recorded_activation
@@ -147,6 +162,28 @@ def _check_loading_info(ref: str, arch: ArchSpec, info: dict[str, Any], notes: l
     new_heads = sorted({k.rsplit(".", 1)[0] for k in list(info.get("missing_keys", [])) + mismatched})
     if notes is not None and new_heads:
         notes.append(f"initialised anew (not in the checkpoint, or sized for another label count): {', '.join(new_heads)}")
+
+
+def _with_config(config, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Hand `from_pretrained` the config already read where the folder's own config.json is marked against stock
+    loading (options that belong to the config are set on a copy of it)."""
+    from deftcompress.core.model_refs import STOCK_REFUSED_PREFIX
+
+    path = Path(str(getattr(config, "_name_or_path", ""))) / "config.json"
+    try:
+        marked = json.loads(path.read_text(encoding="utf-8"))["model_type"].startswith(STOCK_REFUSED_PREFIX)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        marked = False
+    if not marked:
+        return kwargs
+    import copy
+
+    config = copy.deepcopy(config)
+    rest = dict(kwargs)
+    for key in ("num_labels", "problem_type", "id2label", "label2id"):
+        if key in rest:
+            setattr(config, key, rest.pop(key))
+    return {**rest, "config": config}
 
 
 def restructured(config) -> bool:

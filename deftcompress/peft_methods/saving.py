@@ -7,6 +7,10 @@
 - beside either: activation_scales.safetensors (DEFT's per-neuron scales the adapter was trained
   with; folded into the base before the adapter is attached) and mlp_bias.safetensors (trained MLP
   biases, keyed by base-model parameter name).
+
+An adapter that needs those extras is wrong on the untouched base, so its folder must not look loadable
+by its library alone: its `adapter_config.json` is kept as `deftcompress_adapter_config.json` (peft and
+adapters then refuse the folder for want of their config) and a README.md says how to load it.
 """
 
 from __future__ import annotations
@@ -55,6 +59,27 @@ def save_adapter(model: nn.Module, folder: str | Path, trained_biases: list[tupl
     return folder
 
 
+LIBRARY_CONFIG = "adapter_config.json"
+OWN_CONFIG = "deftcompress_adapter_config.json"
+_README = """# An adapter in deftcompress's own form
+
+It was trained on MLP weights that DEFT changed (per-neuron activation scales and/or trained MLP biases,
+saved beside it), so the library alone would attach it to the unchanged base and compute something else.
+Its library config is therefore stored as `deftcompress_adapter_config.json`, and plain peft / adapters
+refuse this folder. Load it with deftcompress (`deftcompress.load_model` on the run's `model/`, or
+`deftcompress.peft_methods.saving.load_adapter_into(base, this_folder, library)`), or use the plain-peft
+form beside it (`adapter_plain_peft/`) where the report names one.
+"""
+
+
+def hide_from_plain_loaders(folder: str | Path) -> None:
+    """Keep the library's config under deftcompress's own name, so peft / adapters alone refuse the folder."""
+    folder = Path(folder)
+    if (folder / LIBRARY_CONFIG).is_file():
+        (folder / LIBRARY_CONFIG).rename(folder / OWN_CONFIG)
+    (folder / "README.md").write_text(_README)
+
+
 def adapters_name(model: nn.Module) -> str:
     names = list(model.adapters_config.adapters)
     return names[0]
@@ -62,9 +87,18 @@ def adapters_name(model: nn.Module) -> str:
 
 def load_adapter_into(base: nn.Module, folder: str | Path, library: str, adapter_name: str | None = None) -> nn.Module:
     """Attach an adapter saved by `save_adapter` to a freshly loaded base model (inverse of `save_adapter`)."""
+    folder = Path(folder)
+    if (folder / OWN_CONFIG).is_file() and not (folder / LIBRARY_CONFIG).is_file():
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="deftcompress-adapter-") as tmp:  # the library reads its own name
+            copy_dir = Path(tmp) / folder.name
+            shutil.copytree(folder, copy_dir)
+            (copy_dir / OWN_CONFIG).rename(copy_dir / LIBRARY_CONFIG)
+            return load_adapter_into(base, copy_dir, library, adapter_name)
     from safetensors.torch import load_file
 
-    folder = Path(folder)
     from deftcompress.architecture.activation_scale import SAVED_SCALES_FILE, apply_saved_scales
 
     if (folder / SAVED_SCALES_FILE).is_file():  # the adapter was trained on rescaled MLPs: rescale the base first

@@ -23,6 +23,7 @@ def time_runs(rows: list[CompareRow], workload, progress: bool = True) -> dict[s
     import torch
 
     from deftcompress.architecture import spec_for_model_type
+    from deftcompress.core.model_refs import unmarked_model_type
     from deftcompress.data.tasks import get_task, load_examples
     from deftcompress.export.onnx import CLASSIFIER_FILE
     from deftcompress.measurement.speed import compare_speed
@@ -34,7 +35,8 @@ def time_runs(rows: list[CompareRow], workload, progress: bool = True) -> dict[s
         torch.set_num_threads(workload.threads)
     reports = [Report.load(r.folder) for r in rows]
     tasks = {rep.task for rep in reports}
-    families = {spec_for_model_type(json.loads((Path(r.folder) / "model" / "config.json").read_text())["model_type"]).family
+    families = {spec_for_model_type(unmarked_model_type(
+                    json.loads((Path(r.folder) / "model" / "config.json").read_text())["model_type"])).family
                 for r in rows if (Path(r.folder) / "model" / "config.json").is_file()}
     if len(tasks) > 1 or len(families) > 1:
         raise DeftcompressError(f"compare times runs of one task and model family side by side; got tasks {sorted(tasks)} "

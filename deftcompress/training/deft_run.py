@@ -367,5 +367,9 @@ def _save_adapter(ctx: TrainingContext, model, trained_biases, scale_state):
 
             # Trained on scaled MLPs: these scales (already folded into the model) belong with the adapter.
             save_file(scale_state, str(adapter_dir / SAVED_SCALES_FILE))  # read by load_adapter_into
+        if scale_state or trained_biases:  # wrong on the untouched base (the test of changed_base): not for peft alone
+            from deftcompress.peft_methods.saving import hide_from_plain_loaders
+
+            hide_from_plain_loaders(adapter_dir)
     distributed.barrier()
     return adapter_dir
