@@ -153,16 +153,29 @@ def _save_pretrained(model: nn.Module, folder: Path, merge_adapters: bool) -> di
 
 
 STOCK_REFUSES = ("deftcompress.load_model(folder); stock transformers refuses this folder (its config.json names the "
-                 "model type {marked}) because it would build a model that computes something else")
+                 "model type {marked} and an activation after deftcompress) because it would build a model that "
+                 "computes something else")
 
 
 def refuse_stock_loading(folder: Path) -> dict[str, Any]:
-    """Mark config.json so that stock `from_pretrained` refuses the folder loudly (an unknown model type naming
-    deftcompress) instead of silently dropping what it cannot build; `models.loading` reads the mark back."""
-    from deftcompress.core.model_refs import STOCK_REFUSED_PREFIX
+    """Mark config.json so that stock `from_pretrained` refuses the folder loudly instead of silently dropping what
+    it cannot build: an unknown model type naming deftcompress (Auto classes, pipeline()) and an MLP activation
+    named after deftcompress (a concrete model class, which ignores the model type, fails building it). The
+    replaced values are kept in config.json; `models.loading.load_config` reads the mark back."""
+    from deftcompress.architecture import spec_for_model_type
+    from deftcompress.core.model_refs import STOCK_REFUSED_PREFIX, unmarked_model_type
+    from deftcompress.models.loading import STOCK_ACTIVATION, STOCK_VALUES_KEY
 
     path = folder / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
+    kept = dict(config.get(STOCK_VALUES_KEY) or {})
+    # the family's activation field, and T5's activation derived from it (saved too, and read over it)
+    for key in (spec_for_model_type(unmarked_model_type(config["model_type"])).activation_attr, "dense_act_fn"):
+        if key and config.get(key) != STOCK_ACTIVATION and (key in config or key != "dense_act_fn"):
+            kept[key] = config.get(key)
+            config[key] = STOCK_ACTIVATION
+    if kept:
+        config[STOCK_VALUES_KEY] = kept
     if not config["model_type"].startswith(STOCK_REFUSED_PREFIX):
         config["model_type"] = STOCK_REFUSED_PREFIX + config["model_type"]
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -230,6 +243,9 @@ def _save_base_adapter(model: nn.Module, folder: Path, merge_adapters: bool) -> 
            "m.load_adapter(folder/'adapter', set_active=True, use_safetensors=True)")
     out = {"library": library, "adapter_name": name, "base": "base", "base_format": base_manifest["format"],
            "adapter": "adapter", "load": f"deftcompress.models.formats.load_model(folder), or {how}"}
+    if base_manifest.get("stock_loading") == "refused":  # base/ needs deftcompress: so does the adapter on it
+        out.update(load="deftcompress.models.formats.load_model(folder); stock transformers refuses base/ (see its "
+                        "deftcompress_model.json)", stock_loading="refused")
     if merge_adapters:  # a final model/ that could not be merged: say why
         out["not_merged_because"] = _why_not_merged(model, library)
     return out

@@ -18,8 +18,17 @@ from deftcompress.architecture import ArchSpec, spec_for_model_type
 from deftcompress.data.tasks import TaskSpec
 from deftcompress.errors import ArchitectureError, CheckpointError, RecipeError
 
+# A config.json that only deftcompress builds right (`models.formats.refuse_stock_loading`) names its model type
+# `deftcompress-<family>` (stock Auto classes and pipeline() refuse it) and names its MLP activation after
+# deftcompress: a concrete class (`BertForSequenceClassification.from_pretrained`), which ignores the model type, then
+# fails building the activation. The values replaced are kept under STOCK_VALUES_KEY and restored on loading.
+STOCK_VALUES_KEY = "deftcompress_stock_values"
+STOCK_ACTIVATION = "needs deftcompress: load this folder with deftcompress.load_model(folder)"  # no '-': T5 splits on it
+
+
 def load_config(ref: str):
-    """The model's config; a config.json that deftcompress marked against stock loading is read with its own type."""
+    """The model's config; a config.json that deftcompress marked against stock loading is read with its own type
+    and activation."""
     from transformers import AutoConfig
 
     from deftcompress.core.model_refs import STOCK_REFUSED_PREFIX, unmarked_model_type
@@ -32,6 +41,11 @@ def load_config(ref: str):
                 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
                 saved["model_type"] = unmarked_model_type(saved["model_type"])
+                for key, value in (saved.pop(STOCK_VALUES_KEY, None) or {}).items():
+                    if value is None:  # the field was not in config.json: the class default applies
+                        saved.pop(key, None)
+                    else:
+                        saved[key] = value
                 if saved["model_type"] not in CONFIG_MAPPING:
                     raise ValueError(f"unknown model type {saved['model_type']!r}")
                 config = CONFIG_MAPPING[saved["model_type"]].from_dict(saved)
