@@ -14,7 +14,8 @@ def model_card(report: Report, manifest: dict[str, Any], passes: str, recipe_yam
     last, base = report.steps[-1], report.steps[0]
     density = last.density
     stacks = [f"{name} {density[name]:.4f}" for name in ("encoder", "decoder") if density.get(name) is not None]
-    needs_us = manifest.get("format") in ("restructured", "torch_int8")  # layouts stock from_pretrained cannot build
+    # what stock from_pretrained cannot build (the saver marked it so that stock loading refuses it)
+    needs_us = manifest.get("stock_loading") == "refused" or manifest.get("format") in ("restructured", "torch_int8")
     load = manifest.get("load", "")
     lines = [
         "---",
@@ -51,7 +52,8 @@ def model_card(report: Report, manifest: dict[str, Any], passes: str, recipe_yam
     lines += report.plain_peft_lines()
     if needs_us:
         lines += ["This folder needs deftcompress to load (`pip install deftcompress`, then "
-                  "`deftcompress.load_model(path)`): stock `from_pretrained` cannot build its layout.", ""]
+                  "`deftcompress.load_model(path)`): stock `from_pretrained` cannot build it and refuses it with an "
+                  "error that names deftcompress.", ""]
     lines += ["## Recipe", "", *md_fence(recipe_yaml, "yaml"), ""]
     return "\n".join(lines)
 
