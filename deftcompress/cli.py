@@ -19,6 +19,25 @@ def _fail(exc: DeftcompressError) -> None:
     sys.exit(exc.exit_code)
 
 
+@contextmanager
+def _one_line_errors(where, on_interrupt):
+    """What `apply` and `compare` print for what stops them: bad input (exit 2) or the machine (exit 1) in one line,
+    Ctrl-C (130) or SIGTERM (143) with what was kept. `where()` names the file for an OS error without one;
+    `on_interrupt()` says what was kept."""
+    try:
+        with _sigterm_as_interrupt():
+            yield
+    except DeftcompressError as exc:
+        _fail(exc)
+    except OSError as exc:  # disk full, permissions, a name too long: the system's words, one line
+        click.echo(f"error: {exc.filename or where()}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt as exc:
+        code = 143 if isinstance(exc, Terminated) else 130
+        click.echo(f"interrupted ({'SIGTERM' if code == 143 else 'Ctrl-C'}){on_interrupt()}", err=True)
+        sys.exit(code)
+
+
 def _quiet_libraries() -> None:
     """Silence library notices a user cannot act on (without importing the libraries: compare may not need them).
 
@@ -63,30 +82,16 @@ def apply(recipe: Path, output_dir: Path | None, data_dir: str | None, restart: 
     from deftcompress.pipeline.recipe import Recipe
 
     pipeline = None
-    try:
-        if data_dir:
-            os.environ["DEFTCOMPRESS_DATA_DIR"] = data_dir
-        loaded = Recipe.from_file(recipe, trust_pickle=trust_pickle)
-        if data_dir:
-            loaded.settings.data_dir = data_dir
+    kept = lambda: (f"; finished passes are kept in {pipeline.output_dir}: run the same command to resume"  # noqa: E731
+                    if pipeline else "")
+    with _one_line_errors(lambda: pipeline.output_dir if pipeline else recipe, kept):
+        loaded = Recipe.from_file(recipe, trust_pickle=trust_pickle, data_dir=data_dir)
         _quiet_libraries()
         from deftcompress.pipeline.runner import Pipeline
 
         pipeline = Pipeline(loaded, output_dir=output_dir, quiet=quiet, restart=restart,
                             log=lambda *a: click.echo(*a, err=True), warn=lambda text: click.echo(text, err=True))
-        with _sigterm_as_interrupt():
-            report = pipeline.run()
-    except DeftcompressError as exc:
-        _fail(exc)
-    except OSError as exc:  # disk full, permissions, a name too long: the system's words, one line
-        where = exc.filename or (pipeline.output_dir if pipeline else recipe)
-        click.echo(f"error: {where}: {exc.strerror or exc}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt as exc:
-        code = 143 if isinstance(exc, Terminated) else 130
-        where = f"; finished passes are kept in {pipeline.output_dir}: run the same command to resume" if pipeline else ""
-        click.echo(f"interrupted ({'SIGTERM' if code == 143 else 'Ctrl-C'}){where}", err=True)
-        sys.exit(code)
+        report = pipeline.run()
     from deftcompress.training import distributed
 
     if not distributed.is_main_process():  # under torchrun every process returns the report; one table is enough
@@ -186,30 +191,17 @@ def compare(inputs: tuple[str, ...], output_dir: Path | None, data_dir: str | No
     compare.json / compare.md / compare.csv / compare.png are written: score, density, size and
     latency per run, with the Pareto fronts marked.
     """
-    from deftcompress.pipeline.compare import Workload, compare as run_compare
-    from deftcompress.reporting.compare import text_table
+    from deftcompress.pipeline.compare_runs import Workload, compare as run_compare
+    from deftcompress.reporting.compare_tables import text_table
 
-    if data_dir:
-        os.environ["DEFTCOMPRESS_DATA_DIR"] = data_dir
     _quiet_libraries()
     log = (lambda text: None) if quiet or as_json else (lambda text: click.echo(text, err=True))
     command = "deftcompress compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "deftcompress compare"
-    try:
-        with _sigterm_as_interrupt():
-            table_rows, folder = run_compare(list(inputs), output_dir, timing=not no_timing,
-                                             workload=Workload(rows=rows, repeats=repeats, threads=threads),
-                                             quiet=quiet or as_json, trust_pickle=trust_pickle, retime=retime, log=log,
-                                             command=command)
-    except DeftcompressError as exc:
-        _fail(exc)
-    except OSError as exc:
-        click.echo(f"error: {exc.filename or ''}: {exc.strerror or exc}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt as exc:
-        code = 143 if isinstance(exc, Terminated) else 130
-        click.echo(f"interrupted ({'SIGTERM' if code == 143 else 'Ctrl-C'}); finished runs are kept: run the same "
-                   "command to go on", err=True)
-        sys.exit(code)
+    with _one_line_errors(lambda: output_dir or "compare", lambda: "; finished runs are kept: run the same command to go on"):
+        table_rows, folder = run_compare(list(inputs), output_dir, timing=not no_timing,
+                                         workload=Workload(rows=rows, repeats=repeats, threads=threads),
+                                         quiet=quiet or as_json, trust_pickle=trust_pickle, retime=retime, log=log,
+                                         command=command, data_dir=data_dir)
     if as_json:
         click.echo((folder / "compare.json").read_text())
         return

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from deftcompress.core.config import PassConfig, option
+from deftcompress.core.config import EVAL_BATCH_SIZE, PassConfig, option, out_of_range
 from deftcompress.core.protocol import ONNX_GRAPH, Need, Pass
 from deftcompress.core.registry import register_pass
 
@@ -32,8 +32,9 @@ class EvaluateConfig(PassConfig):
     optimization: Literal["disable", "basic", "extended", "all"] = option("all", "onnxruntime: graph optimisation level")
 
     def problem(self) -> str | None:
-        if self.eval_batch_size is not None and not 1 <= self.eval_batch_size <= 65536:
-            return "eval_batch_size must be in [1, 65536] or null"
+        bounded = out_of_range("eval_batch_size", self.eval_batch_size, EVAL_BATCH_SIZE, nullable=True)
+        if bounded:
+            return bounded
         if self.density_tau is not None and self.density_tau < 0:
             return "density_tau must be >= 0"
         if not 0 <= self.threads <= 1024:

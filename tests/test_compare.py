@@ -18,7 +18,7 @@ from deftcompress.cli import main
 from deftcompress.pipeline.recipe import Recipe, RecipeSettings
 from deftcompress.core.sweep import expand_sweep
 from deftcompress.errors import RecipeError
-from deftcompress.reporting.compare import CompareRow, pareto_front
+from deftcompress.reporting.compare_tables import CompareRow, pareto_front
 
 
 # ---- the Pareto front -------------------------------------------------------------------------

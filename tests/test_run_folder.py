@@ -126,3 +126,20 @@ def test_a_stray_rank_variable_does_not_silence_apply(tiny_checkpoint, tiny_data
     out = tmp_path / "o"
     result = apply(str(recipe_file(tmp_path, tiny_checkpoint("bert"), tiny_data)), "-o", str(out))
     assert result.exit_code == 0 and "baseline" in result.output and (out / "report.json").is_file()
+
+
+def test_data_dir_flag_is_passed_not_put_in_the_environment(tiny_checkpoint, tiny_data, tmp_path, monkeypatch):
+    import os
+
+    import yaml as _yaml
+
+    monkeypatch.delenv("DEFTCOMPRESS_DATA_DIR", raising=False)
+    path = recipe_file(tmp_path, tiny_checkpoint("bert"), tiny_data)
+    body = _yaml.safe_load(path.read_text())
+    body.pop("data_dir")
+    path.write_text(_yaml.safe_dump(body))
+    result = apply(str(path), "-o", str(tmp_path / "run"), "--data-dir", str(tiny_data))
+    assert result.exit_code == 0, result.output
+    assert "DEFTCOMPRESS_DATA_DIR" not in os.environ
+    resolved = _yaml.safe_load((tmp_path / "run" / "recipe.resolved.yaml").read_text())
+    assert resolved["data_dir"] == str(tiny_data)  # the run remembers where its data came from

@@ -18,6 +18,21 @@ from typing import Any, Literal, Union
 from deftcompress.errors import RecipeError
 
 
+# Bounds several option groups share, checked by `out_of_range` (one place each).
+MAX_SEQ_LENGTH = (8, 8192)  # the shortest useful truncation; the longest any supported model takes
+EVAL_BATCH_SIZE = (1, 65536)
+
+
+def out_of_range(name: str, value: int | None, bounds: tuple[int, int], nullable: bool = False) -> str | None:
+    """The problem with `value` for a bounded option (None when it is within `bounds`, or null where allowed)."""
+    low, high = bounds
+    if value is None and nullable:
+        return None
+    if value is None or not low <= value <= high:
+        return f"{name} must be in [{low}, {high}]{' or null' if nullable else ''}, got {value}"
+    return None
+
+
 def option(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field with a help text (lists and dicts get a fresh copy per instance)."""
     if isinstance(default, (list, dict)):

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from deftcompress.core.config import option, parse_config, short
+from deftcompress.core.config import EVAL_BATCH_SIZE, MAX_SEQ_LENGTH, option, out_of_range, parse_config, short
 from deftcompress.errors import RecipeError
 from deftcompress.core.plan import plan_passes
 from deftcompress.core.protocol import PlannedPass
@@ -87,19 +87,15 @@ class RecipeSettings:
             return f"seed must be in [0, 2**32), got {self.seed}"
         if not DEVICE.fullmatch(self.device):
             return f"device: {self.device[:40]!r} is not auto, cpu, mps, cuda or cuda:N"
-        if self.max_seq_length > 8192:
-            return f"max_seq_length {self.max_seq_length} is larger than any supported model takes (8192)"
-        if self.eval_batch_size > 65536:
-            return f"eval_batch_size {self.eval_batch_size} is absurdly large (at most 65536)"
+        bounded = out_of_range("max_seq_length", self.max_seq_length, MAX_SEQ_LENGTH) or \
+            out_of_range("eval_batch_size", self.eval_batch_size, EVAL_BATCH_SIZE)
+        if bounded:
+            return bounded
         if not RUN_NAME.fullmatch(self.name) or self.name in (".", ".."):
             return (f"name: {self.name[:60]!r} is not a plain run name (letters, digits, '.', '_', '-'; at most 100 "
                     "characters; no path separators): use output_dir or -o to choose a folder")
         if self.max_eval_samples is not None and self.max_eval_samples < 1:
             return "max_eval_samples must be >= 1 or null"
-        if self.max_seq_length < 8:
-            return "max_seq_length must be >= 8"
-        if self.eval_batch_size < 1:
-            return "eval_batch_size must be >= 1"
         if self.density_tau < 0:
             return "density_tau must be >= 0"
         if not 0 <= self.latency_repeats <= 100:
@@ -153,19 +149,23 @@ class Recipe:
         return recipe
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, trust_pickle: bool = False) -> "Recipe":
+    def from_file(cls, path: str | os.PathLike, trust_pickle: bool = False, data_dir: str | None = None) -> "Recipe":
         """One recipe; a file that declares a `sweep:` is refused (`all_from_file` expands it)."""
-        recipes = cls.all_from_file(path, trust_pickle=trust_pickle)
+        recipes = cls.all_from_file(path, trust_pickle=trust_pickle, data_dir=data_dir)
         if len(recipes) != 1 or recipes[0].sweep_values:
             raise RecipeError(f"{path}: declares a sweep of {len(recipes)} runs; run it with `deftcompress compare {path}`")
         return recipes[0]
 
     @classmethod
-    def all_from_file(cls, path: str | os.PathLike, trust_pickle: bool = False) -> list["Recipe"]:
-        """The recipe of a file, or every recipe its `sweep:` expands to (each checked before any is returned)."""
+    def all_from_file(cls, path: str | os.PathLike, trust_pickle: bool = False,
+                      data_dir: str | None = None) -> list["Recipe"]:
+        """The recipe of a file, or every recipe its `sweep:` expands to (each checked before any is returned).
+        `data_dir` (the CLI's --data-dir) takes the place of the recipe's own, before anything is checked."""
         from deftcompress.core.sweep import expand_sweep
 
         data = _read_yaml(Path(path))
+        if data_dir and isinstance(data, dict):
+            data = {**data, "data_dir": str(data_dir)}
         if isinstance(data, dict) and "name" not in data:
             data = {"name": re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).stem).lstrip("._-")[:100] or "run", **data}
         if not isinstance(data, dict) or "sweep" not in data:

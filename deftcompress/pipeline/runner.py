@@ -110,6 +110,9 @@ class Pipeline:
     def __init__(self, recipe: Recipe, output_dir: str | os.PathLike | None = None, quiet: bool = False,
                  log=print, restart: bool = False, warn=None, on_commit=None):
         self.recipe = recipe
+        if recipe.settings.data_dir is None and data_root(None) is not None:
+            # the run remembers where its data came from (recipe.resolved.yaml), e.g. for timing it in a new shell
+            recipe.settings.data_dir = str(data_root(None).resolve())
         self.output_dir = recipe.output_dir(output_dir)
         self.quiet = quiet
         self.restart = restart

@@ -15,11 +15,12 @@ from typing import Any
 import yaml
 
 from deftcompress.errors import DeftcompressError
-from deftcompress.reporting.compare import CompareRow
+from deftcompress.reporting.compare_tables import CompareRow
 
 
-def time_runs(rows: list[CompareRow], workload, progress: bool = True) -> dict[str, Any]:
-    """Fill each row's latency (ms per batch and ratio to the first row); returns what was timed and how."""
+def time_runs(rows: list[CompareRow], workload, progress: bool = True, data_dir: str | None = None) -> dict[str, Any]:
+    """Fill each row's latency (ms per batch and ratio to the first row); returns what was timed and how. The rows
+    come from `data_dir` if given, else from the data folder the first run recorded."""
     import torch
 
     from deftcompress.architecture import spec_for_model_type
@@ -43,7 +44,7 @@ def time_runs(rows: list[CompareRow], workload, progress: bool = True) -> dict[s
                                 f"and families {sorted(families)} (use --no-timing to tabulate them anyway)")
     resolved = yaml.safe_load((Path(rows[0].folder) / "recipe.resolved.yaml").read_text()) or {}
     task = get_task(resolved.get("task") or reports[0].task)  # own-data tasks are given by their mapping
-    examples = load_examples(task, "validation", resolved.get("data_dir"), workload.rows)
+    examples = load_examples(task, "validation", data_dir or resolved.get("data_dir"), workload.rows)
     models: dict[str, Any] = {}
     tokenizer = arch = None
     notes = []

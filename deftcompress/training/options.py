@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from deftcompress.core.config import option
+from deftcompress.core.config import MAX_SEQ_LENGTH, option, out_of_range
 from deftcompress.core.protocol import ADAPTER, QUANTIZED, SCALES_IN_WEIGHTS, Need
 from deftcompress.core.selectors import kept_module_patterns, patterns_problem
 from deftcompress.peft_methods.settings import MERGEABLE, METHODS, TARGETED, PeftSettings
@@ -297,8 +297,9 @@ class TrainingOptions:
             value = getattr(self, name)
             if value is not None and not 1 <= value <= 10**9:
                 return f"{name} must be in [1, 10**9] or null, got {value}"
-        if self.max_seq_length is not None and not 8 <= self.max_seq_length <= 8192:
-            return "max_seq_length must be in [8, 8192] or null"
+        bounded = out_of_range("max_seq_length", self.max_seq_length, MAX_SEQ_LENGTH, nullable=True)
+        if bounded:
+            return bounded
         if self.learning_rate <= 0:
             return "learning_rate must be > 0"
         if not 0 <= self.warmup_ratio < 1:

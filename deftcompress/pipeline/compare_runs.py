@@ -31,7 +31,7 @@ from deftcompress.pipeline.recipe import Recipe
 from deftcompress.errors import DeftcompressError
 from deftcompress.pipeline.progress import PROGRESS, run_digest
 from deftcompress.pipeline.run_folder import is_run_folder, write_marker
-from deftcompress.reporting.compare import CompareRow, load_rows, row_from_run, set_report_ratios, write_outputs
+from deftcompress.reporting.compare_tables import CompareRow, load_rows, row_from_run, set_report_ratios, write_outputs
 from deftcompress.reporting.report import write_atomic
 
 COMPARE_MARKER = ".deftcompress-compare"
@@ -78,7 +78,7 @@ def _finished(folder: Path) -> dict[str, Any] | None:
     return data if finished else None
 
 
-def resolve_inputs(arguments: list[str], trust_pickle: bool = False) -> list[Entry]:
+def resolve_inputs(arguments: list[str], trust_pickle: bool = False, data_dir: str | None = None) -> list[Entry]:
     """Entries for the arguments, every recipe checked first (nothing runs if one is wrong)."""
     entries: list[Entry] = []
     for argument in arguments:
@@ -88,7 +88,7 @@ def resolve_inputs(arguments: list[str], trust_pickle: bool = False) -> list[Ent
                 raise CompareError(f"{path}: not a finished run folder (no finished progress.json and report.json)")
             entries.append(Entry(recipe=None, folder=path))
         elif path.is_file():
-            for recipe in Recipe.all_from_file(path, trust_pickle=trust_pickle):
+            for recipe in Recipe.all_from_file(path, trust_pickle=trust_pickle, data_dir=data_dir):
                 digest = run_digest(recipe, resolve_model_ref(recipe.model, trust_pickle=trust_pickle))
                 entries.append(Entry(recipe=recipe, folder=recipe.output_dir(), digest=digest,
                                      sweep=dict(recipe.sweep_values)))
@@ -209,10 +209,11 @@ class SharedStates:
 
 def compare(arguments: list[str], output_dir: str | Path | None = None, timing: bool = True,
             workload: Workload | None = None, quiet: bool = False, trust_pickle: bool = False, retime: bool = False,
-            log: Callable[[str], None] = print, command: str = "deftcompress compare") -> tuple[list[CompareRow], Path]:
+            log: Callable[[str], None] = print, command: str = "deftcompress compare",
+            data_dir: str | None = None) -> tuple[list[CompareRow], Path]:
     """Run or reuse every entry, time the final models side by side, write compare.*; returns (rows, folder)."""
     workload = workload or Workload()
-    entries = resolve_inputs(arguments, trust_pickle)
+    entries = resolve_inputs(arguments, trust_pickle, data_dir)
     if not entries:
         raise CompareError("nothing to compare: give recipe files or run folders")
     first = entries[0]
@@ -250,7 +251,7 @@ def compare(arguments: list[str], output_dir: str | Path | None = None, timing: 
     finally:
         shutil.rmtree(out / ".shared", ignore_errors=True)
     rows = [row_from_run(e.folder, e.sweep, e.how) for e in entries]
-    timing_record = _timing(rows, out, workload, timing, quiet, log, retime)
+    timing_record = _timing(rows, out, workload, timing, quiet, log, retime, data_dir)
     write_outputs(rows, out, command, timing_record)
     return rows, out
 
@@ -262,7 +263,7 @@ def _run(entry: Entry, quiet: bool, on_commit) -> None:
 
 
 def _timing(rows: list[CompareRow], out: Path, workload: Workload, timing: bool, quiet: bool,
-            log, retime: bool = False) -> dict[str, Any] | None:
+            log, retime: bool = False, data_dir: str | None = None) -> dict[str, Any] | None:
     """Side-by-side latency (reused from an earlier compare.json of the same runs and workload), or the reports' own."""
     if not timing:
         set_report_ratios(rows)
@@ -281,5 +282,5 @@ def _timing(rows: list[CompareRow], out: Path, workload: Workload, timing: bool,
     from deftcompress.pipeline.timing import time_runs
 
     log(f"timing {len(rows)} models side by side ({workload.repeats} repetitions)")
-    measured = time_runs(rows, workload, progress=not quiet)
+    measured = time_runs(rows, workload, progress=not quiet, data_dir=data_dir)
     return {"runs": runs, "workload": workload.key(), **measured}

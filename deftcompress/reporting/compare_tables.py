@@ -1,7 +1,7 @@
 """Comparing finished runs: one row per run, the Pareto fronts, and compare.{json,md,csv,png} (torch-free).
 
 Rows come from each run's `report.json` and `recipe.resolved.yaml`. Latency comes from one
-side-by-side timing of every run's final model in one process (`deftcompress.pipeline.compare`),
+side-by-side timing of every run's final model in one process (`deftcompress.pipeline.compare_runs`),
 as ratios to the first row; without it (`--no-timing`), each run's own fixed-workload figures are
 shown and marked as not comparable across runs.
 
