@@ -124,3 +124,38 @@ def test_report_md_with_hostile_names_keeps_its_shape(value):
             elif t.type in ("td_open", "th_open"):
                 widths[-1] += 1
         assert len(set(widths)) == 1
+
+
+def _row(name: str, task: str = "glue/sst2", metric: str = "accuracy", sweep=None):
+    from deftcompress.reporting.compare_tables import CompareRow
+
+    return CompareRow(name=name, folder=f"runs/{name}", passes=f"deft > {name}", task_metric=metric, score=0.8,
+                      density_encoder=0.3, density_decoder=None, params=10, nonzero_params=9, size_bytes=40,
+                      runtime="torch", sweep=sweep or {"density_target": name}, task=task)
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_compare_md_rows_keep_their_columns_whatever_the_names(value):
+    from deftcompress.reporting.compare_tables import markdown
+
+    text = markdown([_row(value), _row("plain")], f"deftcompress compare {value}", None)
+    tokens = md.parse(text)
+    assert _no_html(tokens) and sum(t.type == "heading_open" for t in tokens) == 1
+    widths, current = [], 0
+    for t in tokens:
+        if t.type == "tr_open":
+            current = 0
+        elif t.type in ("td_open", "th_open"):
+            current += 1
+        elif t.type == "tr_close":
+            widths.append(current)
+    assert len(widths) == 3 and len(set(widths)) == 1
+
+
+def test_compare_refuses_runs_of_different_tasks_or_metrics_in_one_table():
+    from deftcompress.errors import DeftcompressError
+    from deftcompress.pipeline.compare_runs import check_one_task
+
+    check_one_task([_row("a"), _row("b")])
+    with pytest.raises(DeftcompressError, match=r"one task and metric.*glue/mrpc \(f1\): c"):
+        check_one_task([_row("a"), _row("b"), _row("c", "glue/mrpc", "f1")])

@@ -238,3 +238,12 @@ def test_max_seq_length_past_the_models_positions_is_one_line_and_writes_nothing
     recipe = recipe_file(tmp_path, tiny_checkpoint("bert"), tiny_data, max_seq_length=limit + 8)
     one_line_error(apply(str(recipe), "-o", str(tmp_path / "run")), f"past the {limit} positions")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_from_another_tool_given_to_compare_is_one_line(tmp_path):
+    other = tmp_path / "other_tool_run"
+    other.mkdir()
+    (other / "progress.json").write_text(json.dumps({"status": "finished"}))
+    (other / "report.json").write_text(json.dumps({"model": "x", "accuracy": 0.9}))
+    result = CliRunner().invoke(main, ["compare", str(other), "--no-timing", "-q", "-o", str(tmp_path / "cmp")])
+    one_line_error(result, "not a run deftcompress finished")

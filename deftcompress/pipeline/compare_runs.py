@@ -72,6 +72,32 @@ def _progress_of(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+class NotARun(CompareError):
+    """An input folder that is not a finished deftcompress run (bad input)."""
+
+    exit_code = 2
+
+
+def _row(entry: "Entry") -> CompareRow:
+    """The row of a finished run; a folder another tool wrote (or a damaged report) is one line, not a traceback."""
+    try:
+        return row_from_run(entry.folder, entry.sweep, entry.how)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise NotARun(f"{entry.folder}: not a run deftcompress finished (its report.json cannot be read: "
+                           f"{type(exc).__name__} {str(exc)[:80]})") from None
+
+
+def check_one_task(rows: list[CompareRow]) -> None:
+    """One table, one column of scores and one Pareto front hold runs of one task and metric only."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        groups.setdefault((r.task, r.task_metric), []).append(r.name)
+    if len(groups) > 1:
+        listed = "; ".join(f"{task or '?'} ({metric}): {', '.join(names[:3])}" for (task, metric), names in groups.items())
+        raise CompareError(f"compare puts runs of one task and metric in one table and front; got {listed}: compare "
+                           "each group on its own")
+
+
 def _finished(folder: Path) -> dict[str, Any] | None:
     data = _progress_of(folder)
     finished = data is not None and data.get("status") == "finished" and (folder / "report.json").is_file()
@@ -250,7 +276,8 @@ def compare(arguments: list[str], output_dir: str | Path | None = None, timing: 
             _run(entry, quiet, shared.hook(i))
     finally:
         shutil.rmtree(out / ".shared", ignore_errors=True)
-    rows = [row_from_run(e.folder, e.sweep, e.how) for e in entries]
+    rows = [_row(e) for e in entries]
+    check_one_task(rows)
     timing_record = _timing(rows, out, workload, timing, quiet, log, retime, data_dir)
     write_outputs(rows, out, command, timing_record)
     return rows, out

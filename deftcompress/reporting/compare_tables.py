@@ -21,7 +21,9 @@ from typing import Any
 
 import yaml
 
+from deftcompress.reporting.plots import save_figure
 from deftcompress.reporting.report import Report, write_atomic
+from deftcompress.reporting.text import md_cell, md_code
 
 COSTS = {"density": "MLP activation density", "latency": "latency at batch 1 (x first row)",
          "size": "size on disk (MB)"}
@@ -47,6 +49,7 @@ class CompareRow:
     latency_ratio: dict[str, float] = field(default_factory=dict)  # to the first row, same keys
     timing: str = "report"  # compare: timed side by side in one process; report: the run's own figures
     reused: str = ""  # how the run was obtained: ran, resumed, reused, given
+    task: str = ""  # the task the score is on (one table holds one task and metric)
 
     @property
     def density(self) -> float | None:
@@ -103,7 +106,7 @@ def row_from_run(folder: str | Path, sweep: dict[str, Any] | None = None, reused
                      density_mode=mode,
                      params=int(last.params), nonzero_params=int(last.nonzero_params), size_bytes=size,
                      runtime="onnxruntime" if on_graph else "torch", recipe_hash=report.recipe_hash,
-                     sweep=dict(sweep or {}), reused=reused)
+                     sweep=dict(sweep or {}), reused=reused, task=str(report.task))
     row.latency_ms = {f"b{k[9:]}": float(v) for k, v in last.latency.items() if k.startswith("ms_batch_") and v}
     return row
 
@@ -190,9 +193,9 @@ def _legend(rows: list[CompareRow]) -> str:
 
 def markdown(rows: list[CompareRow], command: str, picture: str | None) -> str:
     lines = [line + [how] for line, how in zip(table(rows), ["obtained"] + [r.reused for r in rows])]
-    md = ["# Comparison", "", f"Command: `{command}`", "",
-          "| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
-    md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in lines[1:]]
+    md = ["# Comparison", "", f"Command: {md_code(command)}", "",
+          "| " + " | ".join(md_cell(c) for c in lines[0]) + " |", "|" + "---|" * len(lines[0])]
+    md += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in lines[1:]]
     md += ["", _legend(rows), ""]
     if picture:
         md += [f"![score against density, latency and size]({picture})", ""]
@@ -273,6 +276,6 @@ def plot_compare(rows: list[CompareRow], path: Path) -> Path | None:
     legend = "\n".join(f"{i}: {r.name} ({r.passes})" for i, r in enumerate(rows, 1))
     fig.text(0.01, -0.02, legend, fontsize=7, va="top", family="monospace")
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
