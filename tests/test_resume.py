@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -52,8 +53,11 @@ def _recipe(tmp_path: Path, model: Path, data: Path) -> Path:
 def _apply(tmp_path: Path, recipe: Path, out: Path, **env) -> subprocess.CompletedProcess:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
+    # A shell's background job runs with SIGINT ignored, and children inherit that: give the child the default
+    # action back, as a terminal gives a foreground command, so Ctrl-C reaches it however pytest was launched.
     return subprocess.run([sys.executable, str(driver), "apply", str(recipe), "-o", str(out), "--quiet"],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=600)
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=600,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
 
 
 def _measured(out: Path) -> list[dict]:
