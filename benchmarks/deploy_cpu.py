@@ -62,6 +62,9 @@ def measure(artifacts: list[dict], threads: int, rows: int, repeats: int, data_d
     arch = spec_for_model_type(config["model_type"].removeprefix("deftcompress-"))
     workloads = {b: fixed_batches(tokenizer, task, arch, examples, b) for b in (1, 32)}
     forwards, memory = [], []
+    primer = onnx_forward(artifacts[0]["folder"], artifacts[0]["file"], threads=threads, spinning=False)
+    primer(workloads[1][0])  # onnxruntime's one-time allocations, so that no artifact's RSS figure carries them
+    del primer
     for a in artifacts:
         before = rss_bytes()
         forward = onnx_forward(a["folder"], a["file"], threads=threads, spinning=False)
