@@ -176,3 +176,27 @@ class Constraint:
     @classmethod
     def from_state(cls, tensors: dict[str, Any]) -> "Constraint":
         raise NotImplementedError(f"{cls.__name__} cannot be restored from saved tensors")
+
+
+class HoldsConstraints:
+    """Binding, enforcing and releasing the `constraints` list of whatever holds it (the pipeline's state, the
+    context a training pass hands down): one implementation for both."""
+
+    constraints: list[Constraint]
+
+    def bind_constraints(self, model) -> None:
+        for c in self.constraints:
+            c.bind(model)
+
+    def enforce_constraints(self, model) -> None:
+        for c in self.constraints:
+            c.enforce(model)
+
+    def release_constraints(self, model) -> None:
+        for c in self.constraints:
+            c.release(model)
+
+    def forget_modules(self, names: list[str]) -> None:
+        """A pass removed these modules (full names): constraints drop what they kept about them."""
+        for c in self.constraints:
+            c.forget_modules(names)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from deftcompress.architecture import ArchSpec
-from deftcompress.core.protocol import Constraint
+from deftcompress.core.protocol import Constraint, HoldsConstraints
 from deftcompress.pipeline.recipe import Recipe
 from deftcompress.data.tasks import TaskSpec, read_split, take_examples
 from deftcompress.measurement.evaluation import EvalSettings
@@ -26,7 +26,7 @@ STATE_FILE = "state.json"
 
 
 @dataclass
-class PipelineState:
+class PipelineState(HoldsConstraints):
     """What every pass sees. Passes replace `model` when they wrap or rebuild it."""
 
     recipe: Recipe
@@ -73,23 +73,7 @@ class PipelineState:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    # Constraints: training passes call these around their loop.
-    def bind_constraints(self, model) -> None:
-        for c in self.constraints:
-            c.bind(model)
-
-    def enforce_constraints(self, model) -> None:
-        for c in self.constraints:
-            c.enforce(model)
-
-    def release_constraints(self, model) -> None:
-        for c in self.constraints:
-            c.release(model)
-
-    def forget_modules(self, names: list[str]) -> None:
-        """A pass removed these modules (full names): constraints drop what they kept about them."""
-        for c in self.constraints:
-            c.forget_modules(names)
+    # Constraints: training passes bind, enforce and release them (HoldsConstraints).
 
     # Saving and restoring: the state after a pass, complete enough to go on from there.
     def save(self, folder: str | os.PathLike) -> dict[str, Any]:

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from deftcompress.core.protocol import HoldsConstraints
+
 if TYPE_CHECKING:
     from deftcompress.core.protocol import Constraint, PassState
 
 
 @dataclass
-class TrainingContext:
+class TrainingContext(HoldsConstraints):
     """The model, tokenizer, task, data, constraints and device of one training pass, and the run facts it reports."""
 
     model: Any  # the model as the pass received it
@@ -55,24 +57,6 @@ class TrainingContext:
                    max_seq_length=state.recipe.max_seq_length, trust_pickle=state.recipe.trust_pickle,
                    pass_name=pass_name, pass_dir=state.pass_dir(pass_name), run_dir=Path(state.work_dir),
                    model_ref=state.recipe.model, earlier_passes=earlier)
-
-    # Constraints: binding and releasing is the training pass's job, enforcing the loop's.
-    def bind_constraints(self, model) -> None:
-        for c in self.constraints:
-            c.bind(model)
-
-    def enforce_constraints(self, model) -> None:
-        for c in self.constraints:
-            c.enforce(model)
-
-    def release_constraints(self, model) -> None:
-        for c in self.constraints:
-            c.release(model)
-
-    def forget_modules(self, names: list[str]) -> None:
-        """Training removed these modules (full names): constraints drop what they kept about them."""
-        for c in self.constraints:
-            c.forget_modules(names)
 
     def relative(self, path: Path) -> str:
         """`path` as the report names it: relative to the run's folder."""
