@@ -140,27 +140,34 @@ def validate(recipes: tuple[Path, ...], trust_pickle: bool) -> None:
             grid = f"; a sweep of {len(expanded)} runs: {', '.join(x.name for x in expanded)}" if r.sweep_values else ""
             click.echo(f"ok: {path} ({len(r.plan)} passes: {', '.join(p.name for p in r.plan)}{grid})")
         except DeftcompressError as exc:
-            click.echo(f"error: {exc}", err=True)
+            for problem in getattr(exc, "errors", None) or [exc]:  # every problem found, each on its line
+                click.echo(f"error: {problem}", err=True)
             failed += 1
     if failed:
         sys.exit(2)
 
 
 @main.command(name="passes")
+@click.argument("names", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_passes(as_json: bool) -> None:
-    """List every pass with its config fields, types, defaults and meaning."""
+def list_passes(names: tuple[str, ...], as_json: bool) -> None:
+    """List every pass (or the NAMES given) with its config fields, types, defaults and meaning."""
     from deftcompress.pipeline.recipe import RecipeSettings
     from deftcompress.core.config import describe_fields
-    from deftcompress.core.registry import all_passes, describe_pass
+    from deftcompress.core.registry import all_passes, describe_pass, get_pass
 
-    described = [describe_pass(cls) for cls in all_passes().values()]
+    try:
+        chosen = [get_pass(n, "passes") for n in names] if names else list(all_passes().values())
+    except DeftcompressError as exc:
+        _fail(exc)
+    described = [describe_pass(cls) for cls in chosen]
     if as_json:
         click.echo(json.dumps({"recipe": describe_fields(RecipeSettings), "passes": described}, indent=2, default=str))
         return
-    click.echo("recipe fields (top level):")
-    for f in describe_fields(RecipeSettings):
-        click.echo(f"    {f['name']}: {f['type']} = {f['default']!r}\n        {f['help']}")
+    if not names:
+        click.echo("recipe fields (top level; besides `passes:` and an optional `sweep:`):")
+        for f in describe_fields(RecipeSettings):
+            click.echo(f"    {f['name']}: {f['type']} = {f['default']!r}\n        {f['help']}")
     for d in described:
         click.echo(f"\n{d['name']}: {d['summary']}")
         for f in d["fields"] or []:

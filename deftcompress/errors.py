@@ -13,6 +13,26 @@ class RecipeError(DeftcompressError):
     exit_code = 2
 
 
+class RecipeErrors(RecipeError):
+    """Several independent problems of one recipe, found in one pass over it (`validate` prints each on its line;
+    elsewhere the first is shown with a count of the rest)."""
+
+    def __init__(self, errors: list[RecipeError]):
+        self.errors = list(errors)
+        more = len(self.errors) - 1
+        super().__init__(str(self.errors[0]) + (f" (and {more} more problem{'s' if more > 1 else ''}: "
+                                                 "`deftcompress validate` lists them all)" if more else ""))
+
+
+def raise_all(errors: list[RecipeError]) -> None:
+    """Raise the problems found, one as itself, several together."""
+    flat = [e for error in errors for e in (error.errors if isinstance(error, RecipeErrors) else [error])]
+    if len(flat) == 1:
+        raise flat[0]
+    if flat:
+        raise RecipeErrors(flat)
+
+
 class ArchitectureError(DeftcompressError):
     """The model family is not in the architecture table, or a module is missing."""
 

@@ -121,3 +121,23 @@ def test_cli_passes_lists_fields():
     result = CliRunner().invoke(main, ["passes"])
     assert result.exit_code == 0
     assert "evaluate:" in result.output and "density_mode" in result.output and "max_eval_samples" in result.output
+
+
+def test_validate_lists_every_problem_with_did_you_mean_and_passes_shows_one_pass(tmp_path):
+    from click.testing import CliRunner
+
+    from deftcompress.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nmodle: minilm\ntask: glue/sst2\npasses:\n  - deft: {methd: lora}\n  - evalute: {}\n"
+                    "  - magnitude_prune: {sparsity: 2}\n")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    lines = [line for line in result.output.splitlines() if line]
+    assert result.exit_code == 2 and len(lines) == 4 and all(line.startswith("error: ") for line in lines)
+    assert "did you mean 'model'?" in lines[0] and "passes, sweep)" in lines[0]
+    assert "did you mean 'method'?" in lines[1] and "did you mean 'evaluate'?" in lines[2] and "sparsity" in lines[3]
+    applied = CliRunner().invoke(main, ["apply", str(path)])
+    assert applied.exit_code == 2 and applied.output.count("\n") == 1 and "and 3 more problems" in applied.output
+    one = CliRunner().invoke(main, ["passes", "deft"])
+    assert one.exit_code == 0 and one.output.lstrip().startswith("deft:") and "\nevaluate:" not in one.output
+    assert "did you mean 'deft'?" in CliRunner().invoke(main, ["passes", "deftt"]).output

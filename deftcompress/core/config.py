@@ -125,6 +125,14 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     raise RecipeError(f"{where}: expected {_type_name(tp)}, got {short(value)}")
 
 
+def did_you_mean(word: Any, choices) -> str:
+    """' (did you mean X?)' for the closest of `choices` to a misspelt `word`, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.7)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def parse_config(cls: type, data: Any, where: str) -> Any:
     """Build dataclass `cls` from a mapping; unknown keys and wrong types raise RecipeError naming `where`."""
     if data is None:
@@ -137,8 +145,10 @@ def parse_config(cls: type, data: Any, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        known = ", ".join(fields) or "(none)"
-        raise RecipeError(f"{where}.{str(unknown[0])[:60]}: unknown option (known: {known})")
+        names = [*fields, *getattr(cls, "ALSO_KNOWN", ())]  # keys read elsewhere (a recipe's passes, sweep)
+        known = ", ".join(names) or "(none)"
+        raise RecipeError(f"{where}.{str(unknown[0])[:60]}: unknown option{did_you_mean(unknown[0], names)} "
+                          f"(known: {known})")
     values = {}
     for name, f in fields.items():
         if name in data:

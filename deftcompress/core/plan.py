@@ -7,15 +7,19 @@ from typing import Any
 from deftcompress.core.config import parse_config
 from deftcompress.core.protocol import FACTS, PlannedPass
 from deftcompress.core.registry import get_pass
-from deftcompress.errors import RecipeError
+from deftcompress.errors import RecipeError, raise_all
 
 
 def plan_passes(items: list[tuple[str, Any, str]]) -> list[PlannedPass]:
     """Validate (name, raw config, where) triples into a plan, including the checks between passes."""
-    plan = []
-    for name, raw, where in items:
-        cls = get_pass(name, where)
-        plan.append(PlannedPass(name=name, config=parse_config(cls.Config, raw, where), cls=cls, where=where))
+    plan, errors = [], []
+    for name, raw, where in items:  # every pass is checked, so that one validation shows every problem
+        try:
+            cls = get_pass(name, where)
+            plan.append(PlannedPass(name=name, config=parse_config(cls.Config, raw, where), cls=cls, where=where))
+        except RecipeError as exc:
+            errors.append(exc)
+    raise_all(errors)
     check_facts(plan)
     return plan
 

@@ -11,7 +11,7 @@ import importlib
 import importlib.metadata
 from typing import Any
 
-from deftcompress.core.config import describe_fields
+from deftcompress.core.config import describe_fields, did_you_mean
 from deftcompress.core.protocol import Constraint, Pass
 from deftcompress.errors import RecipeError
 
@@ -60,7 +60,8 @@ def _load_builtin_passes() -> None:
 def get_pass(name: str, where: str) -> type[Pass]:
     _load_builtin_passes()
     if name not in _REGISTRY:
-        raise RecipeError(f"{where}: unknown pass {name[:60]!r} (known: {', '.join(sorted(_REGISTRY))})")
+        raise RecipeError(f"{where}: unknown pass {name[:60]!r}{did_you_mean(name, _REGISTRY)} "
+                          f"(known: {', '.join(sorted(_REGISTRY))})")
     return _REGISTRY[name]
 
 

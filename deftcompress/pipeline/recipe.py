@@ -11,12 +11,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from deftcompress.core.config import EVAL_BATCH_SIZE, MAX_SEQ_LENGTH, option, out_of_range, parse_config, short
-from deftcompress.errors import RecipeError
+from deftcompress.errors import RecipeError, raise_all
 from deftcompress.core.plan import plan_passes
 from deftcompress.core.protocol import PlannedPass
 from deftcompress.data.own_data import DataTask
@@ -61,6 +61,8 @@ class _RecipeLoader(yaml.SafeLoader):
 @dataclass
 class RecipeSettings:
     """Top-level recipe fields (the `passes` list is handled separately)."""
+
+    ALSO_KNOWN: ClassVar[tuple[str, ...]] = ("passes", "sweep")  # top-level keys read outside these settings
 
     name: str = option("run", "run name; outputs go to runs/<name> unless -o/output_dir says otherwise")
     model: str = option("minilm", "alias (minilm = embedded all-MiniLM-L6-v2), local checkpoint folder, or hub id")
@@ -126,25 +128,22 @@ class Recipe:
             raise RecipeError(f"{source}: expected a mapping with name, model, task, passes (got {type(data).__name__})")
         data = dict(data)
         passes = data.pop("passes", None)
-        settings: RecipeSettings = parse_config(RecipeSettings, data, source)
-        get_task(settings.task, f"{source}: task")
-        if passes is None:
-            raise RecipeError(f"{source}: passes: required (a list such as [{{evaluate: {{}}}}])")
-        if not isinstance(passes, list):
-            raise RecipeError(f"{source}: passes: expected a list of one-key mappings, got {short(passes)}")
+        errors: list[RecipeError] = []  # the settings and every pass are checked, so one validation shows all
+        settings: RecipeSettings | None = None
+        try:
+            settings = parse_config(RecipeSettings, data, source)
+            get_task(settings.task, f"{source}: task")
+        except RecipeError as exc:
+            errors.append(exc)
         items = []
-        for i, item in enumerate(passes):
-            where = f"{source}: passes[{i}]"
-            if isinstance(item, str):
-                item = {item: {}}
-            if not isinstance(item, dict) or len(item) != 1:
-                raise RecipeError(f"{where}: expected a one-key mapping {{pass_name: {{options}}}}, got {short(item)}")
-            (name, config), = item.items()
-            if not isinstance(name, str):
-                raise RecipeError(f"{where}: pass name must be a string, got {short(name)}")
-            items.append((name, config, f"{where}.{name}"))
+        try:
+            items = _pass_items(passes, source)
+            plan = plan_passes(items)
+        except RecipeError as exc:
+            errors.append(exc)
+        raise_all(errors)
         recipe = cls(settings=settings, source=source, trust_pickle=trust_pickle)
-        recipe.plan = plan_passes(items)
+        recipe.plan = plan
         recipe.check_files()
         return recipe
 
@@ -235,6 +234,26 @@ class Recipe:
 
     def output_dir(self, override: str | os.PathLike | None = None) -> Path:
         return Path(override or self.settings.output_dir or Path("runs") / self.settings.name)
+
+
+def _pass_items(passes: Any, source: str) -> list[tuple[str, Any, str]]:
+    """(name, raw config, where) for each entry of a recipe's `passes:` list, its shape checked."""
+    if passes is None:
+        raise RecipeError(f"{source}: passes: required (a list such as [{{evaluate: {{}}}}])")
+    if not isinstance(passes, list):
+        raise RecipeError(f"{source}: passes: expected a list of one-key mappings, got {short(passes)}")
+    items = []
+    for i, item in enumerate(passes):
+        where = f"{source}: passes[{i}]"
+        if isinstance(item, str):
+            item = {item: {}}
+        if not isinstance(item, dict) or len(item) != 1:
+            raise RecipeError(f"{where}: expected a one-key mapping {{pass_name: {{options}}}}, got {short(item)}")
+        (name, config), = item.items()
+        if not isinstance(name, str):
+            raise RecipeError(f"{where}: pass name must be a string, got {short(name)}")
+        items.append((name, config, f"{where}.{name}"))
+    return items
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
