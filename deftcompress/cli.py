@@ -186,11 +186,12 @@ def list_passes(names: tuple[str, ...], as_json: bool) -> None:
 @click.option("--rows", type=click.IntRange(1, 100_000), default=64, show_default=True, help="Evaluation rows timed.")
 @click.option("--repeats", type=click.IntRange(1, 1000), default=5, show_default=True, help="Timing repetitions (median).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="torch threads while timing.")
+@click.option("--rank-loaded", is_flag=True, help="Rank timings even if other processes loaded the machine meanwhile.")
 @click.option("--trust-pickle", is_flag=True, help="Accept checkpoints that have only pickled weights.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or run log; only the final table.")
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json instead of the table (for scripts).")
 def compare(inputs: tuple[str, ...], output_dir: Path | None, data_dir: str | None, no_timing: bool, retime: bool, rows: int,
-            repeats: int, threads: int | None, trust_pickle: bool, quiet: bool, as_json: bool) -> None:
+            repeats: int, threads: int | None, rank_loaded: bool, trust_pickle: bool, quiet: bool, as_json: bool) -> None:
     """Compare runs: INPUTS are recipes (a sweep expands into its runs) or finished run folders.
 
     Each recipe without a finished run is run (a finished run of the same resolved recipe is reused,
@@ -206,7 +207,8 @@ def compare(inputs: tuple[str, ...], output_dir: Path | None, data_dir: str | No
     command = "deftcompress compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "deftcompress compare"
     with _one_line_errors(lambda: output_dir or "compare", lambda: "; finished runs are kept: run the same command to go on"):
         table_rows, folder = run_compare(list(inputs), output_dir, timing=not no_timing,
-                                         workload=Workload(rows=rows, repeats=repeats, threads=threads),
+                                         workload=Workload(rows=rows, repeats=repeats, threads=threads,
+                                                           rank_loaded=rank_loaded),
                                          quiet=quiet or as_json, trust_pickle=trust_pickle, retime=retime, log=log,
                                          command=command, data_dir=data_dir)
     if as_json:

@@ -115,7 +115,8 @@ def test_table_and_files_from_finished_runs(tmp_path):
     assert [r["run"] for r in table] == ["peft", "deft", "pruned"]
     # density front: peft (best score) and deft (lowest density); pruned is dominated by deft
     assert [r["pareto_density"] for r in table] == ["1", "1", "0"]
-    assert float(table[1]["latency_ratio_b1"]) == pytest.approx(12.5 / 12.0)
+    assert table[1]["latency_ratio_b1"] == ""  # timed in separate processes: no ratio, no latency front
+    assert [r["pareto_latency"] for r in table] == ["0", "0", "0"]
     data = json.loads((out / "compare.json").read_text())
     assert data["pareto"]["density"] == ["peft", "deft"] and data["timing"] is None
     md = (out / "compare.md").read_text()
@@ -157,7 +158,7 @@ def test_a_sweep_runs_its_shared_passes_once_and_a_second_compare_reuses_everyth
 
     monkeypatch.chdir(tmp_path)
     path = _grid(tmp_path, tiny_checkpoint, tiny_data)
-    result = CliRunner().invoke(main, ["compare", str(path), "--repeats", "1", "--rows", "4", "-q"])
+    result = CliRunner().invoke(main, ["compare", str(path), "--repeats", "1", "--rows", "4", "-q", "--rank-loaded"])
     assert result.exit_code == 0, result.output
     first, second = tmp_path / "runs" / "g-density_target0.3", tmp_path / "runs" / "g-density_target0.5"
     progress = json.loads((second / "progress.json").read_text())
@@ -242,5 +243,37 @@ def test_apply_reports_latency_on_a_fixed_workload(tmp_path, tiny_checkpoint, ti
 def test_compare_row_costs():
     row = CompareRow(name="x", folder=".", passes="p", task_metric="accuracy", score=0.8, density_encoder=None,
                      density_decoder=0.3, params=10, nonzero_params=9, size_bytes=2_000_000, runtime="torch",
-                     latency_ratio={"b1": 0.5})
+                     latency_ratio={"b1": 0.5}, timing="compare")
     assert (row.cost("density"), row.cost("latency"), row.cost("size")) == (0.3, 0.5, 2.0)
+    row.timing = "report"  # a run's own figure, timed in another process: not a cost to rank by
+    assert row.cost("latency") is None
+
+
+def test_others_load_sees_another_process_and_a_loaded_timing_is_not_ranked():
+    import subprocess
+    import sys
+    import time
+
+    from deftcompress.measurement.speed import OthersLoad
+    from deftcompress.reporting.compare_tables import CompareRow, fronts, table, uncertain
+
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.3)
+        with OthersLoad() as load:
+            time.sleep(1.5)  # this process idles: whatever is busy is someone else
+    finally:
+        busy.wait()
+    assert load.share is not None and load.share > 0.2
+
+    def row(name, ms, spread, timing):
+        r = CompareRow(name=name, folder=name, passes="-", task_metric="accuracy", score=0.8, density_encoder=0.3,
+                       density_decoder=None, params=1, nonzero_params=1, size_bytes=1, runtime="torch", timing=timing,
+                       latency_ms={"b1": ms}, latency_spread={"b1": spread})
+        r.latency_ratio = {"b1": ms / 10.0} if timing == "compare" else {}
+        return r
+
+    close = [row("a", 10.0, [9.0, 11.0], "compare"), row("b", 9.5, [8.0, 11.0], "compare")]
+    assert uncertain(close[1], "b1") and "0.95x~" in table(close)[2]  # a 5% gain inside a 30% spread
+    loaded = [row("a", 10.0, [9.9, 10.1], "loaded"), row("b", 5.0, [4.9, 5.1], "loaded")]
+    assert fronts(loaded)["latency"] == [] and "-" in table(loaded)[2][-3]

@@ -23,6 +23,7 @@ Memory, two figures per model:
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 import weakref
@@ -103,7 +104,9 @@ class SpeedResult:
     rows: int
     repeats: int
     seconds: dict[str, dict[int, float]] = field(default_factory=dict)
+    spread: dict[str, dict[int, tuple[float, float]]] = field(default_factory=dict)  # quartiles of the repeats
     memory: dict[str, dict[str, int]] = field(default_factory=dict)
+    others_load: float | None = None  # share of the machine other processes used while this ran (0 = idle)
 
     def ratio(self, name: str, batch_size: int, reference: str | None = None) -> float:
         reference = reference or next(iter(self.seconds))
@@ -190,15 +193,18 @@ def compare_speed(models: dict[str, nn.Module | Forward], tokenizer, task, arch,
             models[n].eval()
         _run(models[n], workloads[batch_sizes[0]][:1], devices[n])  # warm-up: first calls allocate and dispatch
     bar = tqdm(total=repeats * len(names), desc="latency", disable=not progress, leave=False)
-    for r in range(repeats):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            for b in batch_sizes:
-                timings[n][b].append(_run(models[n], workloads[b], devices[n]) / len(workloads[b]))
-            bar.update(1)
+    with OthersLoad() as load:
+        for r in range(repeats):
+            for n in (names if r % 2 == 0 else names[::-1]):
+                for b in batch_sizes:
+                    timings[n][b].append(_run(models[n], workloads[b], devices[n]) / len(workloads[b]))
+                bar.update(1)
     bar.close()
+    result.others_load = load.share
     largest = max(workloads[max(batch_sizes)], key=lambda batch: batch.inputs["input_ids"].numel())
     for n in names:
         result.seconds[n] = {b: statistics.median(timings[n][b]) for b in batch_sizes}
+        result.spread[n] = {b: quartiles(timings[n][b]) for b in batch_sizes}
         if not isinstance(models[n], nn.Module):
             result.memory[n] = {"weight_bytes": None, "peak_forward_bytes": None, "peak_bytes": None}
             continue
@@ -206,6 +212,45 @@ def compare_speed(models: dict[str, nn.Module | Forward], tokenizer, task, arch,
         peak = peak_forward_bytes(models[n], largest)
         result.memory[n] = {"weight_bytes": weights, "peak_forward_bytes": peak, "peak_bytes": weights + peak}
     return result
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartile of repeated timings (both the value itself for one repeat)."""
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (float("nan"), float("nan"))
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+class OthersLoad:
+    """The share of the machine's CPU time that OTHER processes used during a `with` block (Linux /proc/stat;
+    None elsewhere): timings taken while it is high compare a loaded machine, not the models."""
+
+    def __init__(self):
+        self.share: float | None = None
+
+    @staticmethod
+    def _busy_and_total() -> tuple[int, int] | None:
+        try:
+            fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields) - idle, sum(fields)
+
+    def __enter__(self) -> "OthersLoad":
+        self._start, self._own = self._busy_and_total(), os.times()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end, own = self._busy_and_total(), os.times()
+        if self._start is None or end is None:
+            return
+        ticks = os.sysconf("SC_CLK_TCK")
+        busy, total = end[0] - self._start[0], end[1] - self._start[1]
+        mine = (own.user + own.system - self._own.user - self._own.system) * ticks
+        if total > 0:
+            self.share = round(max(0.0, busy - mine) / total, 3)
 
 
 def _run(model: nn.Module | Forward, batches: list[Batch], device: torch.device) -> float:

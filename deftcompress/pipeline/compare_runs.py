@@ -58,6 +58,7 @@ class Workload:
     rows: int = 64
     repeats: int = 5
     threads: int | None = None
+    rank_loaded: bool = False  # rank timings even when other processes loaded the machine meanwhile
 
     def key(self) -> dict[str, Any]:
         return {"rows": self.rows, "repeats": self.repeats, "threads": self.threads}
@@ -303,7 +304,8 @@ def _timing(rows: list[CompareRow], out: Path, workload: Workload, timing: bool,
             old_rows, old = [], {}
         if old.get("runs") == runs and old.get("workload") == workload.key():
             for row, before in zip(rows, old_rows):
-                row.latency_ms, row.latency_ratio, row.timing = before.latency_ms, before.latency_ratio, "compare"
+                row.latency_ms, row.latency_ratio, row.timing = before.latency_ms, before.latency_ratio, before.timing
+                row.latency_spread, row.timing_load = before.latency_spread, before.timing_load
             log("timing: reused from the earlier compare.json (same runs, same workload)")
             return old
     from deftcompress.pipeline.timing import time_runs

@@ -18,6 +18,9 @@ from deftcompress.errors import DeftcompressError
 from deftcompress.reporting.compare_tables import CompareRow
 
 
+LOADED = 0.25  # other processes using more than a quarter of the machine make a timing a measure of them
+
+
 def time_runs(rows: list[CompareRow], workload, progress: bool = True, data_dir: str | None = None) -> dict[str, Any]:
     """Fill each row's latency (ms per batch and ratio to the first row); returns what was timed and how. The rows
     come from `data_dir` if given, else from the data folder the first run recorded."""
@@ -64,9 +67,12 @@ def time_runs(rows: list[CompareRow], workload, progress: bool = True, data_dir:
     sizes = (1, batch) if batch != 1 else (1,)
     result = compare_speed(models, tokenizer, task, arch, examples, batch_sizes=sizes, repeats=workload.repeats,
                            max_seq_length=int(resolved.get("max_seq_length") or 128), progress=progress)
+    loaded = (result.others_load or 0.0) > LOADED and not getattr(workload, "rank_loaded", False)
     for row in rows:
         row.latency_ms = {f"b{b}": round(1000 * result.seconds[row.name][b], 3) for b in sizes}
-        row.latency_ratio = {f"b{b}": round(result.ratio(row.name, b), 4) for b in sizes}
-        row.timing = "compare"
+        row.latency_spread = {f"b{b}": [round(1000 * q, 3) for q in result.spread[row.name][b]] for b in sizes}
+        row.latency_ratio = {} if loaded else {f"b{b}": round(result.ratio(row.name, b), 4) for b in sizes}
+        row.timing, row.timing_load = ("loaded" if loaded else "compare"), result.others_load or 0.0
     return {"batch_sizes": list(sizes), "examples": len(examples), "threads": torch.get_num_threads(),
-            "statistic": "median ms per batch over alternating repetitions in one process", "notes": notes}
+            "statistic": "median ms per batch over alternating repetitions in one process; spread = quartiles",
+            "others_load": result.others_load, "ranked": not loaded, "notes": notes}

@@ -49,7 +49,9 @@ class CompareRow:
     latency_ratio: dict[str, float] = field(default_factory=dict)  # to the first row, same keys
     timing: str = "report"  # compare: timed side by side in one process; report: the run's own figures
     reused: str = ""  # how the run was obtained: ran, resumed, reused, given
+    timing_load: float = 0.0  # share of the machine other processes used while the timing ran
     task: str = ""  # the task the score is on (one table holds one task and metric)
+    latency_spread: dict[str, list[float]] = field(default_factory=dict)  # "b1" -> [q1, q3] ms over the repeats
 
     @property
     def density(self) -> float | None:
@@ -58,8 +60,8 @@ class CompareRow:
     def cost(self, what: str) -> float | None:
         if what == "density":
             return self.density
-        if what == "latency":
-            return self.latency_ratio.get("b1")
+        if what == "latency":  # only timings taken side by side on a quiet machine are ranked
+            return self.latency_ratio.get("b1") if self.timing == "compare" else None
         if what == "size":
             return self.size_bytes / 1e6
         raise KeyError(what)
@@ -112,11 +114,19 @@ def row_from_run(folder: str | Path, sweep: dict[str, Any] | None = None, reused
 
 
 def set_report_ratios(rows: list[CompareRow]) -> None:
-    """Ratios of each run's own latency figures to the first row's (not comparable across runs: see the table note)."""
-    first = rows[0].latency_ms if rows else {}
+    """Without side-by-side timing: each run's own figures are shown, but no ratio and no latency front (they
+    were timed in separate processes, so a ratio between them would rank the machine's moods)."""
     for row in rows:
         row.timing = "report"
-        row.latency_ratio = {k: v / first[k] for k, v in row.latency_ms.items() if first.get(k)}
+        row.latency_ratio = {}
+
+
+def uncertain(row: CompareRow, key: str) -> bool:
+    """True when the spread of a row's repeats is larger than its difference to the first row."""
+    spread, ms, ratio = row.latency_spread.get(key), row.latency_ms.get(key), row.latency_ratio.get(key)
+    if not spread or not ms or ratio is None:
+        return False
+    return (spread[1] - spread[0]) / ms > abs(1.0 - ratio)
 
 
 def pareto_front(points: list[tuple[float | None, float | None]]) -> list[int]:
@@ -163,7 +173,8 @@ def table(rows: list[CompareRow]) -> list[list[str]]:
         out.append([str(i), r.name, *[str(r.sweep.get(k, "-")) for k in keys], r.passes, f"{r.score:.4f}",
                     _num(r.density_encoder), _num(r.density_decoder), f"{r.nonzero_params / 1e6:.2f}M",
                     f"{r.size_bytes / 1e6:.1f}MB", *[_num(r.latency_ms.get(k), 2) for k in sizes],
-                    *[(f"{r.latency_ratio[k]:.2f}x" if k in r.latency_ratio else "-") for k in sizes], r.runtime,
+                    *[(f"{r.latency_ratio[k]:.2f}x{'~' if uncertain(r, k) else ''}" if k in r.latency_ratio else "-")
+                      for k in sizes], r.runtime,
                     marks or "-"])
     return out
 
@@ -181,12 +192,19 @@ def text_table(rows: list[CompareRow]) -> str:
 
 
 def _legend(rows: list[CompareRow]) -> str:
-    timing = ("latency: every run's final model timed side by side in one process (median of repeats), ratios to "
-              "run 1" if rows and rows[0].timing == "compare" else
-              "latency: each run's own fixed-workload figures (timed in separate processes: not comparable across "
-              "runs; run compare without --no-timing to time them side by side)")
+    timing = rows[0].timing if rows else "report"
+    if timing == "compare":
+        text = ("latency: every run's final model timed side by side in one process (median of repeats), ratios to "
+                "run 1; ~: the spread of the repeats (interquartile range) is larger than the difference to run 1")
+    elif timing == "loaded":
+        text = (f"latency: timed side by side, but other processes used {rows[0].timing_load:.0%} of the machine "
+                "meanwhile: figures shown, not ranked (no ratios, no latency front); run again on a quiet machine, "
+                "or pass --rank-loaded")
+    else:
+        text = ("latency: each run's own fixed-workload figures (timed in separate processes: not comparable across "
+                "runs, so no ratios and no latency front; run compare without --no-timing to time them side by side)")
     modes = sorted({str(r.density_mode) for r in rows if r.density_mode})
-    return (f"{timing}. density: exact nonzero MLP activations, {' / '.join(modes) or 'masked'} mode, from each run's "
+    return (f"{text}. density: exact nonzero MLP activations, {' / '.join(modes) or 'masked'} mode, from each run's "
             f"last step measured in its own mode. front: on the Pareto front of score against d = density, l = latency, s = size "
             "(no other run scores at least as high at a cost at least as low).")
 
