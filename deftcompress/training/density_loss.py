@@ -77,7 +77,7 @@ class _ScaleOnlySigmoidCount(torch.autograd.Function):
 
     z = s * u is the scaled pre-activation, so dz/ds = z / s. The same value as the `preact` term on
     z.detach() * (s / s.detach()), fused: autograd walked about ten full-size tensors per layer and
-    step; this makes three passes forward and three backward (the step-time bill of issue 13).
+    step; this makes three passes forward and three backward (its step-time cost: benchmarks/results/deft_step_breakdown.md).
     """
 
     @staticmethod
