@@ -86,6 +86,24 @@ def test_resolved_recipe_fills_defaults(tiny_data):
     assert again.to_dict() == d
 
 
+def test_data_dir_flag_beats_the_recipe_and_its_sweep(tmp_path, tiny_data):
+    data = {**GOOD, "data_dir": "/no/such/data", "sweep": {"data_dir": ["/no/such/a", "/no/such/b"], "seed": [0, 1]}}
+    recipes = Recipe.all_from_file(write(tmp_path, data), data_dir=str(tiny_data))
+    assert len(recipes) == 4 and {r.data_dir for r in recipes} == {str(tiny_data)}
+    one = {**GOOD, "data_dir": "/no/such/data"}
+    assert Recipe.from_file(write(tmp_path, one, "one.yaml"), data_dir=str(tiny_data)).data_dir == str(tiny_data)
+
+
+@pytest.mark.parametrize("value", [4, 9000])
+def test_max_seq_length_has_one_bound_for_recipe_and_training(tmp_path, value):
+    problems = []
+    for data in ({**GOOD, "max_seq_length": value}, {**GOOD, "passes": [{"deft": {"max_seq_length": value}}]}):
+        with pytest.raises(RecipeError) as caught:
+            Recipe.from_file(write(tmp_path, data))
+        problems.append(str(caught.value))
+    assert all("max_seq_length must be in [8, 8192]" in p and f"got {value}" in p for p in problems), problems
+
+
 def test_name_defaults_to_file_stem(tmp_path):
     data = dict(GOOD)
     del data["name"]

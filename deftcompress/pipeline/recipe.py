@@ -163,8 +163,11 @@ class Recipe:
         from deftcompress.core.sweep import expand_sweep
 
         data = _read_yaml(Path(path))
-        if data_dir and isinstance(data, dict):
-            data = {**data, "data_dir": str(data_dir)}
+
+        def flag(d: Any) -> Any:  # the CLI's --data-dir wins over the recipe's data_dir, swept or not
+            return {**d, "data_dir": str(data_dir)} if data_dir and isinstance(d, dict) else d
+
+        data = flag(data)
         if isinstance(data, dict) and "name" not in data:
             data = {"name": re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).stem).lstrip("._-")[:100] or "run", **data}
         if not isinstance(data, dict) or "sweep" not in data:
@@ -172,7 +175,7 @@ class Recipe:
         recipes = []
         for point in expand_sweep(data, str(path), {f.name for f in dataclasses.fields(RecipeSettings)}):
             where = f"{path} [{', '.join(f'{k}={v}' for k, v in point.values.items())}]"
-            recipe = cls._from_dict_guarded(point.data, where, trust_pickle)
+            recipe = cls._from_dict_guarded(flag(point.data), where, trust_pickle)
             recipe.sweep_values = dict(point.values)
             recipe.sweep_source = str(path)
             recipe.sweep_name = str(data["name"])
