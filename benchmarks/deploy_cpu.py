@@ -29,8 +29,8 @@ onnxruntime, else the run's `model/` folder in PyTorch. Everything below is meas
   reset through /proc/self/clear_refs before each artifact). A primer session of each runtime runs first, so
   no figure carries a runtime's one-time allocations. `RSS kept` is what stayed resident afterwards.
 
-Verdicts (issue 24), for each run after the first: batch-1 latency <= 0.5x and batch-32 latency <= 0.8x the
-competitor's at every thread count, size <= 1.0x, accuracy >= the competitor's minus 1 point.
+Verdicts (the deployment targets), for each run after the first: batch-1 latency <= 0.5x and batch-32 latency
+<= 0.8x the competitor's at every thread count, size <= 1.0x, accuracy >= the competitor's minus 1 point.
 Writes `--out`.md and `--out`.json (default benchmarks/results/deploy_cpu), with the exact command on top.
 Run it alone on the machine: it times.
 """
@@ -412,7 +412,7 @@ def markdown(result: dict) -> str:
 
     arts = result["artifacts"]
     env = result.get("environment", {})
-    lines = ["# Deployed artifacts against the competitor, side by side (issue 24)", "",
+    lines = ["# Deployed artifacts against the competitor, side by side", "",
              f"Command: {md_code(result.get('command', ''))}", ""]
     if env:
         lines += [f"Machine: {md_cell(env.get('cpu'))}, {env.get('cores')} cores; onnxruntime {env.get('onnxruntime')}, "

@@ -1,4 +1,4 @@
-"""benchmarks/deploy_cpu.py (the issue-24 yardstick) on tiny deployed artifacts: what it finds in each run folder,
+"""benchmarks/deploy_cpu.py (the deployment yardstick) on tiny deployed artifacts: what it finds in each run folder,
 what it measures in one process (accuracy, latency per thread count, size, RSS), the ratios and the verdicts."""
 
 import importlib.util
