@@ -96,7 +96,10 @@ def row_from_run(folder: str | Path, sweep: dict[str, Any] | None = None, reused
     mode = report.steps[0].density.get("mode")
     measured = next((s for s in reversed(report.steps) if s.density.get("mode") == mode), last)
     final = report.final or {}
-    on_graph = str(last.details.get("runtime", "")).startswith("onnxruntime")
+    # the runtime of the step that measured: a closing evaluate that reused the measurement says nothing of it
+    measured_last = next((st for st in reversed(report.steps) if "reused" not in str(st.details.get("evaluation", ""))),
+                         last)
+    on_graph = str(measured_last.details.get("runtime", "")).startswith("onnxruntime")
     if on_graph and final.get("onnx"):
         size = int(final["onnx"]["bytes"])
     else:
