@@ -91,7 +91,8 @@ def test_a_model_card_with_hostile_names_keeps_its_shape(value):
     assert card.startswith("---\n")
     front, body = card[4:].split("\n---\n", 1)
     meta = yaml.safe_load(front)
-    assert meta["base_model"] == value and set(meta) == {"library_name", "base_model", "tags"}
+    assert "base_model" not in meta  # not a hub id: no hub metadata claims it is one
+    assert set(meta) == {"library_name", "metrics", "tags"} and meta["metrics"] == ["accuracy"]
     tokens = md.parse(body)
     assert _no_html(tokens)
     headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
@@ -159,3 +160,10 @@ def test_compare_refuses_runs_of_different_tasks_or_metrics_in_one_table():
     check_one_task([_row("a"), _row("b")])
     with pytest.raises(DeftcompressError, match=r"one task and metric.*glue/mrpc \(f1\): c"):
         check_one_task([_row("a"), _row("b"), _row("c", "glue/mrpc", "f1")])
+
+
+def test_card_metadata_names_the_hub_model_of_an_alias_and_the_dataset():
+    report = Report(name="r", model="minilm", task="glue/sst2", steps=[_step(0, "accuracy"), _step(1, "accuracy")])
+    card = model_card(report, {"format": "plain", "load": "x"}, "deft", "name: r\n")
+    meta = yaml.safe_load(card[4:].split("\n---\n", 1)[0])
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2" and meta["datasets"] == ["nyu-mll/glue"]

