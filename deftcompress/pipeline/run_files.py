@@ -35,6 +35,11 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _as_recorded(path: Path, entry: dict[str, Any]) -> bool:
+    """The file still holds what the run recorded (size first: cheap; then the digest)."""
+    return path.stat().st_size == entry["bytes"] and sha256_of(path) == entry["sha256"]
+
+
 def first_odd_entry(folder: Path) -> tuple[Path, str] | None:
     """The first symbolic link or non-regular file under `folder` (never followed), with what it is; None if none."""
     for root, dirs, files in os.walk(folder, followlinks=False):
@@ -74,7 +79,8 @@ def record_files(folder: Path, tops: Iterable[str]) -> dict[str, dict[str, Any]]
         start = folder / top
         if not start.exists():
             continue
-        refuse_odd_entries(start) if start.is_dir() else None
+        if start.is_dir():
+            refuse_odd_entries(start)
         paths = [start] if start.is_file() else [Path(r) / f for r, _, fs in os.walk(start) for f in fs]
         for path in sorted(paths):
             rel = path.relative_to(folder).as_posix()
@@ -107,7 +113,7 @@ def changed_file(folder: Path, files: dict[str, dict[str, Any]], under: Iterable
             return f"{name}: missing"
         if not stat.S_ISREG(mode):
             return f"{name}: no longer a regular file"
-        if os.path.getsize(path) != entry["bytes"] or sha256_of(path) != entry["sha256"]:
+        if not _as_recorded(path, entry):
             return f"{name}: changed since the run wrote it (sha256 differs)"
     return None
 
@@ -123,7 +129,7 @@ def foreign_files(folder: Path, files: dict[str, dict[str, Any]], tops: Iterable
         for path in sorted(paths):
             rel = path.relative_to(folder).as_posix()
             entry = files.get(rel)
-            if entry is None or path.stat().st_size != entry["bytes"] or sha256_of(path) != entry["sha256"]:
+            if entry is None or not _as_recorded(path, entry):
                 found.append(rel)
     return found
 
@@ -136,7 +142,7 @@ def remove_recorded(folder: Path, files: dict[str, dict[str, Any]], names: Itera
         path = folder / checked_relative(name, "progress.json")
         if entry is None or not path.is_file() or path.is_symlink():
             continue
-        if path.stat().st_size == entry["bytes"] and sha256_of(path) == entry["sha256"]:
+        if _as_recorded(path, entry):
             path.unlink()
             emptied.update(p for p in path.parents if p != folder and folder in p.parents)
     for directory in sorted(emptied, key=lambda p: len(p.parts), reverse=True):
