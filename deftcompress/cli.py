@@ -102,7 +102,11 @@ def apply(recipe: Path, output_dir: Path | None, data_dir: str | None, restart: 
     elif report.resumed_from is not None:
         click.echo(f"resumed at step {report.resumed_from}: earlier steps come from the interrupted run", err=True)
     click.echo(report.text_table())
-    click.echo(f"\noutputs: {pipeline.output_dir}/ (report.json, report.md, density.png, recipe.resolved.yaml, model/)")
+    deploy = (report.final or {}).get("deploy", {})
+    click.echo(f"\noutputs: {pipeline.output_dir}/ (report.json, report.md, density.png, recipe.resolved.yaml, model/"
+               f"{', deploy/' if deploy.get('folder') == 'deploy' else ''})")
+    if report.deploy_line():
+        click.echo(report.deploy_line(str(pipeline.output_dir)))
 
 
 class Terminated(KeyboardInterrupt):

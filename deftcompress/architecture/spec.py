@@ -99,6 +99,10 @@ class ArchSpec:
     # Learned absolute position embeddings: inputs longer than config.max_position_embeddings minus this offset fail
     # inside the model (RoBERTa's positions start after the padding index: 2). None: relative or rotary positions.
     learned_positions_offset: int | None = None
+    # The config field holding the number of layers (depth pruning sets it); None: layers cannot be removed, because
+    # `fixed_depth_because`.
+    layer_count_attr: str | None = "num_hidden_layers"
+    fixed_depth_because: str = ""
     gated_activation_prefix: str = ""
     notes: str = ""
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 PROGRESS = "progress.json"
 STATE_DIR = "state"
 PROGRESS_FORMAT = 2  # 2: with the record of files (`files`), `pending`, `garbage` and the data's identity
-OWN_FOLDERS = ("state", "passes", "model")  # every file under these must be one the run recorded
+OWN_FOLDERS = ("state", "passes", "model", "deploy")  # every file under these must be one the run recorded
 STATUSES = ("running", "failed", "interrupted", "finished")
 _STATE_NAME = re.compile(r"state/after_step_\d{2,}")
 
@@ -259,7 +259,8 @@ class RunProgress:
 
     def finish(self, report: Report) -> None:
         """The final outputs are written: record them, mark the run finished and drop the resume state."""
-        self.data["files"].update(record_files(self.folder, ["model", "report.json", "report.md", "density.png"]))
+        self.data["files"].update(record_files(self.folder, ["model", "deploy", "report.json", "report.md",
+                                                                  "density.png"]))
         self.data["garbage"] = sorted({*self.data["garbage"], *(f for f in self.data["files"]
                                                                  if f.startswith(STATE_DIR + "/"))})
         self.data["status"] = "finished"

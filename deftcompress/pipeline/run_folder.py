@@ -24,7 +24,7 @@ from deftcompress.pipeline.run_files import RunFolderError, refuse_odd_entries
 MARKER = ".deftcompress-run"
 # What a run writes into its folder; anything else found there was put in by someone else.
 RUN_ENTRIES = frozenset({MARKER, "progress.json", "report.json", "report.md", "density.png", "recipe.resolved.yaml", "model.partial",
-                         "model", "passes", "state"})
+                         "model", "passes", "state", "deploy", "deploy.partial"})
 
 
 def is_run_entry(name: str) -> bool:

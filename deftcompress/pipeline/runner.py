@@ -33,6 +33,7 @@ from deftcompress.pipeline.run_folder import check_output_dir, run_lock, usual_p
 from deftcompress.pipeline.state import PipelineState
 from deftcompress.reporting.model_card import write_model_card
 from deftcompress.reporting.plots import plot_density
+from deftcompress.pipeline.deploy_folder import last_pytorch_step, write_deploy_folder
 from deftcompress.reporting.report import Report, StepRecord, make_step
 from deftcompress.training import distributed
 
@@ -275,9 +276,11 @@ class Pipeline:
                              "density_outputs": state.onnx.density_outputs}
         final["model_dir"] = str(self.output_dir / "model")
         report.final = final
+        passes, recipe_yaml = self.recipe.passes_label(), self.recipe.to_yaml()
+        report.final["deploy"] = write_deploy_folder(out, report, state.onnx, progress.begin, passes, recipe_yaml)
         report.status = "finished"
         report.write(out)
-        write_model_card(model_dir, report, manifest, self.recipe.passes_label(), self.recipe.to_yaml())
+        write_model_card(model_dir, report, manifest, passes, recipe_yaml, step=last_pytorch_step(report.steps))
         plot_density(report, out / "density.png")
 
     def _log_step(self, step: StepRecord) -> None:

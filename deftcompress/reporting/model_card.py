@@ -9,28 +9,31 @@ from deftcompress.reporting.report import Report, write_atomic
 from deftcompress.reporting.text import md_cell, md_code, md_fence, md_text, yaml_scalar
 
 
-def model_card(report: Report, manifest: dict[str, Any], passes: str, recipe_yaml: str) -> str:
-    """Markdown with a YAML header (library, base model, tags) that the hub and `huggingface_hub` read."""
-    last, base = report.steps[-1], report.steps[0]
+def _front_matter(report: Report, library: str, metric: str, tags: str) -> list[str]:
+    """The card's YAML header: a base_model the hub knows (an alias's id; a local folder has none), dataset, metric."""
+    from deftcompress.core.model_refs import hub_id_of
+
+    hub_id = hub_id_of(str(report.model))
+    dataset = {"glue": "nyu-mll/glue", "squad": "rajpurkar/squad"}.get(str(report.task).split("/")[0])
+    return ["---", f"library_name: {library}", *([f"base_model: {yaml_scalar(hub_id)}"] if hub_id else []),
+            *([f"datasets: [{yaml_scalar(dataset)}]"] if dataset else []), f"metrics: [{yaml_scalar(metric)}]",
+            f"tags: [{tags}]", "---", ""]
+
+
+def model_card(report: Report, manifest: dict[str, Any], passes: str, recipe_yaml: str, step=None) -> str:
+    """Markdown with a YAML header (library, base model, tags) that the hub and `huggingface_hub` read.
+
+    `step` is the step whose measurement describes this folder (default: the last step); a run that ends in an
+    exported graph describes `model/` by its last PyTorch measurement, and the graph in `deploy/`'s own card."""
+    last, base = step or report.steps[-1], report.steps[0]
     density = last.density
     stacks = [f"{name} {density[name]:.4f}" for name in ("encoder", "decoder") if density.get(name) is not None]
     # what stock from_pretrained cannot build (the saver marked it so that stock loading refuses it)
     needs_us = manifest.get("stock_loading") == "refused" or manifest.get("format") in ("restructured", "torch_int8")
     load = manifest.get("load", "")
-    from deftcompress.core.model_refs import hub_id_of
-
-    # hub metadata: a base_model the hub knows (an alias's id; a local folder has none), the dataset, the metric
-    hub_id = hub_id_of(str(report.model))
-    dataset = {"glue": "nyu-mll/glue", "squad": "rajpurkar/squad"}.get(str(report.task).split("/")[0])
     lines = [
-        "---",
-        "library_name: transformers" if not needs_us else "library_name: deftcompress",
-        *([f"base_model: {yaml_scalar(hub_id)}"] if hub_id else []),
-        *([f"datasets: [{yaml_scalar(dataset)}]"] if dataset else []),
-        f"metrics: [{yaml_scalar(last.task_metric)}]",
-        "tags: [deftcompress, activation-sparsity, deft]",
-        "---",
-        "",
+        *_front_matter(report, "deftcompress" if needs_us else "transformers", last.task_metric,
+                       "deftcompress, activation-sparsity, deft"),
         f"# {md_text(report.name)}",
         "",
         f"{md_code(report.model)} compressed by deftcompress with the recipe below ({md_text(passes)}), for "
@@ -46,8 +49,9 @@ def model_card(report: Report, manifest: dict[str, Any], passes: str, recipe_yam
         f"{last.params / 1e6:.2f}M ({last.nonzero_params / 1e6:.2f}M) |",
         f"| size in memory | {base.size_bytes / 1e6:.1f} MB | {last.size_bytes / 1e6:.1f} MB |",
         "",
-        f"Measured on {last.eval_examples} evaluation rows; density is the fraction of exactly nonzero MLP "
-        "activations (real tokens in `masked` mode). The run's report.md has every step.",
+        f"Measured in PyTorch after step {last.index} ({md_text(last.pass_name)}) on {last.eval_examples} evaluation "
+        "rows; density is the fraction of exactly nonzero MLP activations (real tokens in `masked` mode). The run's "
+        "report.md has every step.",
         "",
         "## How to load",
         "",
@@ -65,7 +69,62 @@ def model_card(report: Report, manifest: dict[str, Any], passes: str, recipe_yam
     return "\n".join(lines)
 
 
-def write_model_card(folder: Path, report: Report, manifest: dict[str, Any], passes: str, recipe_yaml: str) -> Path:
+def write_model_card(folder: Path, report: Report, manifest: dict[str, Any], passes: str, recipe_yaml: str,
+                     step=None) -> Path:
     path = Path(folder) / "README.md"
-    write_atomic(path, model_card(report, manifest, passes, recipe_yaml))
+    write_atomic(path, model_card(report, manifest, passes, recipe_yaml, step))
+    return path
+
+
+def deploy_card(report: Report, step, info: dict[str, Any], passes: str, recipe_yaml: str) -> str:
+    """The card of `deploy/`: the exported graph it holds, as measured in onnxruntime, and how to run it."""
+    graph = info["graph"]
+    kind = "int8 (onnxruntime dynamic quantization, per channel)" if info.get("quantized") else "float32"
+    outputs = ("`logits` and the per-layer density outputs `mlp_nonzero`, `mlp_positions`, `mlp_density` (asked "
+               "for with `density_outputs: true`)" if info.get("density_outputs") else "the model's own outputs only")
+    lines = [
+        *_front_matter(report, "onnxruntime", step.task_metric, "deftcompress, activation-sparsity, deft, onnx"),
+        f"# {md_text(report.name)}: the graph to deploy",
+        "",
+        f"{md_code(report.model)} compressed by deftcompress ({md_text(passes)}) for {md_code(report.task)}, exported "
+        f"to ONNX, {kind}. This folder holds everything needed to run it: {md_code(graph)}, its tokenizer and "
+        "config.json. The float PyTorch model of the same run is in `../model/`; it is not what was measured here.",
+        "",
+        "| | this graph |",
+        "|---|---|",
+        f"| {md_cell(step.task_metric)} | {step.task_score:.4f} (onnxruntime, {step.eval_examples} evaluation rows, "
+        f"step {step.index} {md_cell(step.pass_name)}) |",
+        f"| size (the .onnx files) | {info['graph_bytes'] / 1e6:.1f} MB |",
+        f"| outputs | {outputs} |",
+        "",
+        "## How to run it (no deftcompress needed)",
+        "",
+        *(_seq2seq_lines() if info.get("kind") == "text_to_text" else _classifier_lines(graph)),
+        "## Recipe",
+        "",
+        *md_fence(recipe_yaml, "yaml"),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _classifier_lines(graph: str) -> list[str]:
+    return ["With onnxruntime and the tokenizer:", "", "```python", "import onnxruntime as ort",
+            "from transformers import AutoTokenizer", "", 'tokenizer = AutoTokenizer.from_pretrained("deploy")',
+            f'session = ort.InferenceSession("deploy/{graph}")', "names = {i.name for i in session.get_inputs()}",
+            'batch = tokenizer(["a sentence to classify"], return_tensors="np")',
+            'logits = session.run(["logits"], {k: v for k, v in batch.items() if k in names})[0]', "```", "",
+            'Or with optimum: `ORTModelForSequenceClassification.from_pretrained("deploy")`.', ""]
+
+
+def _seq2seq_lines() -> list[str]:
+    return ["With optimum (encoder and decoder graphs):", "", "```python",
+            "from optimum.onnxruntime import ORTModelForSeq2SeqLM", "from transformers import AutoTokenizer", "",
+            'tokenizer = AutoTokenizer.from_pretrained("deploy")', 'model = ORTModelForSeq2SeqLM.from_pretrained("deploy")',
+            'answer = model.generate(**tokenizer(["sst2 sentence: a sentence"], return_tensors="pt"))', "```", ""]
+
+
+def write_deploy_card(folder: Path, report: Report, step, info: dict[str, Any], passes: str, recipe_yaml: str) -> Path:
+    path = Path(folder) / "README.md"
+    write_atomic(path, deploy_card(report, step, info, passes, recipe_yaml))
     return path

@@ -202,6 +202,18 @@ class Report:
                          f"{r['dense_ms'] / r['runtime_ms']:.2f}x" if timed and r["runtime_ms"] > 0 else "-"])
         return rows
 
+    def deploy_line(self, run_folder: str = "") -> str:
+        """What to ship, in one line (the CLI's last line; report.md's first): `final.deploy` of a finished run."""
+        info = (self.final or {}).get("deploy")
+        if not info:
+            return ""
+        where = f"{run_folder.rstrip('/')}/{info['folder']}/" if run_folder else f"{info['folder']}/"
+        if info["runtime"] == "onnxruntime":
+            what = f"onnxruntime {'int8' if info.get('quantized') else 'fp32'} graph, {info['graph_bytes'] / 1e6:.1f} MB"
+        else:
+            what = "the PyTorch model"
+        return f"deploy: {where} ({what}; {info['metric']} {info['score']:.4f} on {info['rows']} rows, measured there)"
+
     def plain_peft_lines(self) -> list[str]:
         lines = [line for line in (plain_peft_line(step) for step in self.steps) if line]
         return lines + [""] if lines else []
@@ -230,6 +242,8 @@ class Report:
         if self.status != "finished":
             out += [f"Status: **{md_text(self.status)}**" + (f" ({md_text(self.error)})" if self.error else "")
                     + " (finished passes are kept; `deftcompress apply` with the same recipe resumes)", ""]
+        if self.deploy_line():
+            out += [f"**To ship**: {md_text(self.deploy_line())}", ""]
         if self.resumed_from is not None:
             out += [f"Resumed at step {self.resumed_from}: earlier steps were computed by an earlier run.", ""]
         out += [_md([self.headers()] + self.table_rows()), ""]

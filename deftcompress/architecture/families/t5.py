@@ -37,6 +37,8 @@ FAMILIES = (
     ArchSpec(
         family="t5", model_types=("t5", "mt5"), kind="encoder_decoder", stacks=(_stack("encoder"), _stack("decoder")),
         kept_modules=("lm_head",), text_to_text=True, activation_attr="feed_forward_proj", gated_activation_prefix="gated-",
+        layer_count_attr=None,
+        fixed_depth_because="each stack's first block holds the relative position bias every later block reads",
         notes="Density is the activation before the gate product (gated-GELU).",
     ),
 )
