@@ -21,9 +21,9 @@ onnxruntime, else the run's `model/` folder in PyTorch. Everything below is meas
   (A B, B A, ...), so a drift of the machine hits every artifact alike. Reported: median ms per row and its
   interquartile range over `--repeats` repetitions, and the ratio to the competitor as the median (and IQR)
   of the per-repetition ratios (each repetition's pair ran back to back);
-- size: the bytes of the files a deployer ships to run the model, excluding the tokenizer (the same for every
-  run of one model): for a graph, the .onnx file(s) and their external-data files; for a PyTorch folder,
-  every file of `model/` except the tokenizer's files and the model card (README.md);
+- size: the weight files a deployer ships, as `compare` and every report count them (no tokenizer, config or
+  card): for a graph, the .onnx file(s) and their external-data files; for a PyTorch folder, the safetensors
+  files of `model/`;
 - peak RSS added: the resident-memory high-water mark of this process while the artifact was loaded and ran
   its first pass over both workloads, minus the RSS just before it was loaded (Linux: the high-water mark is
   reset through /proc/self/clear_refs before each artifact). A primer session of each runtime runs first, so
@@ -47,7 +47,6 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -81,15 +80,6 @@ class Artifact:
 
 
 # ---------------------------------------------------------------- finding what each run deploys
-
-
-def _tokenizer_files(folder: Path) -> set[str]:
-    """The names of the files the folder's tokenizer consists of: what `save_pretrained` writes for it."""
-    from deftcompress.models.loading import load_tokenizer
-
-    tokenizer = load_tokenizer(str(folder))
-    with tempfile.TemporaryDirectory() as tmp:
-        return {Path(p).name for p in tokenizer.save_pretrained(tmp)}
 
 
 def _graph_files(folder: Path, main: str) -> list[str]:
@@ -156,8 +146,8 @@ def find_artifact(run: Path) -> Artifact:
         folder = run / "model"
         if not (folder / "config.json").is_file():
             raise BenchmarkError(f"{run}: no deployed artifact (no final.onnx measured in onnxruntime, no model/)")
-        skip = _tokenizer_files(folder) | {"README.md"}
-        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name not in skip)
+        # the weight files, as compare counts them (no tokenizer, config or card)
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.suffix == ".safetensors")
         art = Artifact(runtime="torch", folder=str(folder), file=None, files=files, **common)
     art.size_bytes = sum((Path(art.folder) / f).stat().st_size for f in art.files)
     return art

@@ -81,12 +81,13 @@ def test_validate_checks_every_point_and_apply_refuses_a_sweep(tmp_path, tiny_da
 
 # ---- the table from finished runs (no training) ---------------------------------------------------
 
-def _fake_run(folder: Path, name: str, score: float, density: float, size: int, ms: float, passes: list) -> Path:
+def _fake_run(folder: Path, name: str, score: float, density: float, size: int, ms: float, passes: list,
+              rows: int = 8) -> Path:
     folder.mkdir(parents=True)
     (folder / ".deftcompress-run").write_text("{}\n")
     step = {"pass": "deft", "task_metric": "accuracy", "task_score": score, "metrics": {"accuracy": score},
             "density": {"encoder": density, "decoder": None, "per_layer": [], "mode": "masked", "tau": 0.01},
-            "params": 1000, "nonzero_params": 900, "size_bytes": size, "latency_ms_per_example": ms, "eval_examples": 8,
+            "params": 1000, "nonzero_params": 900, "size_bytes": size, "latency_ms_per_example": ms, "eval_examples": rows,
             "eval_seconds": 1.0, "seconds": 2.0, "index": 1, "details": {},
             "latency": {"ms_batch_1": ms, "ms_batch_64": 10 * ms}}
     report = {"name": name, "model": "minilm", "task": "glue/sst2", "status": "finished", "recipe_hash": name * 4,
@@ -240,6 +241,22 @@ def test_apply_reports_latency_on_a_fixed_workload(tmp_path, tiny_checkpoint, ti
     assert "| ms b1 | ms b4 | latency b1/b4 |" in md and "use `deftcompress compare`" in md
 
 
+def test_runs_scored_on_other_row_counts_are_flagged_and_left_off_the_fronts(tmp_path):
+    runs = tmp_path / "runs"
+    a = _fake_run(runs / "peft", "peft", 0.81, 0.999, 90_000_000, 12.0, [{"deft": {"density_weight": 0.0}}], rows=872)
+    b = _fake_run(runs / "deft", "deft", 0.80, 0.36, 90_000_000, 12.5, [{"deft": {}}], rows=872)
+    c = _fake_run(runs / "few", "few", 0.95, 0.10, 10_000_000, 12.2, [{"deft": {}}], rows=64)  # would dominate both
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(main, ["compare", str(a), str(b), str(c), "-o", str(out), "--no-timing"])
+    assert result.exit_code == 0, result.output
+    assert "0.9500!" in result.output and "another number of rows than run 1 (872)" in result.output
+    with open(out / "compare.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["rows"] for r in table] == ["872", "872", "64"]
+    assert [r["pareto_density"] for r in table] == ["1", "1", "0"]  # the 64-row score ranks nothing
+    assert [r["ship"] for r in table] == ["model/"] * 3  # runs without final.deploy ship model/
+
+
 def test_compare_row_costs():
     row = CompareRow(name="x", folder=".", passes="p", task_metric="accuracy", score=0.8, density_encoder=None,
                      density_decoder=0.3, params=10, nonzero_params=9, size_bytes=2_000_000, runtime="torch",
@@ -276,4 +293,4 @@ def test_others_load_sees_another_process_and_a_loaded_timing_is_not_ranked():
     close = [row("a", 10.0, [9.0, 11.0], "compare"), row("b", 9.5, [8.0, 11.0], "compare")]
     assert uncertain(close[1], "b1") and "0.95x~" in table(close)[2]  # a 5% gain inside a 30% spread
     loaded = [row("a", 10.0, [9.9, 10.1], "loaded"), row("b", 5.0, [4.9, 5.1], "loaded")]
-    assert fronts(loaded)["latency"] == [] and "-" in table(loaded)[2][-3]
+    assert fronts(loaded)["latency"] == [] and "-" in table(loaded)[2][-4]

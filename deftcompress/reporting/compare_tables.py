@@ -52,6 +52,8 @@ class CompareRow:
     timing_load: float = 0.0  # share of the machine other processes used while the timing ran
     task: str = ""  # the task the score is on (one table holds one task and metric)
     latency_spread: dict[str, list[float]] = field(default_factory=dict)  # "b1" -> [q1, q3] ms over the repeats
+    rows: int = 0  # evaluation rows the score was measured on
+    ship: str = ""  # the folder a deployer ships (deploy/ or model/), relative to the run folder
 
     @property
     def density(self) -> float | None:
@@ -100,10 +102,10 @@ def row_from_run(folder: str | Path, sweep: dict[str, Any] | None = None, reused
     measured_last = next((st for st in reversed(report.steps) if "reused" not in str(st.details.get("evaluation", ""))),
                          last)
     on_graph = str(measured_last.details.get("runtime", "")).startswith("onnxruntime")
-    if on_graph and final.get("onnx"):
-        size = int(final["onnx"]["bytes"])
-    else:
-        size = int(final.get("saved_model_bytes") or last.size_bytes)
+    # size: the files holding the weights a deployer ships (the .onnx files; model/'s safetensors), no tokenizer,
+    # config or card: the same figure as the step's own size and the deployment benchmark's
+    size = int(measured_last.size_bytes) if on_graph else (weight_file_bytes(folder / "model")
+                                                           or int(final.get("saved_model_bytes") or last.size_bytes))
     label = passes_label(resolved) or " > ".join(s.pass_name for s in report.steps[1:])  # older runs: no resolved recipe
     row = CompareRow(name=report.name, folder=str(folder), passes=label or "-",
                      task_metric=last.task_metric, score=float(last.task_score),
@@ -111,9 +113,24 @@ def row_from_run(folder: str | Path, sweep: dict[str, Any] | None = None, reused
                      density_mode=mode,
                      params=int(last.params), nonzero_params=int(last.nonzero_params), size_bytes=size,
                      runtime="onnxruntime" if on_graph else "torch", recipe_hash=report.recipe_hash,
-                     sweep=dict(sweep or {}), reused=reused, task=str(report.task))
+                     sweep=dict(sweep or {}), reused=reused, task=str(report.task), rows=int(measured_last.eval_examples),
+                     ship=f"{(final.get('deploy') or {}).get('folder', 'model')}/")
     row.latency_ms = {f"b{k[9:]}": float(v) for k, v in last.latency.items() if k.startswith("ms_batch_") and v}
     return row
+
+
+def weight_file_bytes(folder: Path) -> int:
+    """Bytes of the weight files (safetensors, .onnx and their external data) under a saved model folder."""
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink()
+               and (p.suffix in (".safetensors", ".onnx") or p.name.endswith((".onnx_data", ".onnx.data"))))
+
+
+def comparable_rows(rows: list[CompareRow]) -> list[bool]:
+    """Scores compare only when measured on the same number of rows as run 1's (older runs record none)."""
+    first = rows[0].rows if rows else 0
+    return [not first or not r.rows or r.rows == first for r in rows]
 
 
 def set_report_ratios(rows: list[CompareRow]) -> None:
@@ -150,7 +167,10 @@ def _better(row: CompareRow) -> float:
 
 
 def fronts(rows: list[CompareRow]) -> dict[str, list[str]]:
-    return {what: [rows[i].name for i in pareto_front([(_better(r), r.cost(what)) for r in rows])] for what in COSTS}
+    """Run names on each front; a run scored on other rows than run 1 is left out (its score does not compare)."""
+    ok = comparable_rows(rows)
+    return {what: [rows[i].name for i in pareto_front([(_better(r) if ok[j] else None, r.cost(what))
+                                                       for j, r in enumerate(rows)])] for what in COSTS}
 
 
 # ---- tables --------------------------------------------------------------------------------------
@@ -168,16 +188,18 @@ def table(rows: list[CompareRow]) -> list[list[str]]:
     sizes = sorted({k for r in rows for k in r.latency_ms}, key=lambda k: int(k[1:]))
     on_front = {what: set(names) for what, names in fronts(rows).items()}
     metric = rows[0].task_metric if rows else "score"
-    head = ["#", "run", *keys, "passes", metric, "density enc", "density dec", "nonzero", "size",
-            *[f"ms {k}" for k in sizes], *[f"latency {k}" for k in sizes], "runtime", "front"]
+    head = ["#", "run", *keys, "passes", metric, "rows", "density enc", "density dec", "nonzero", "size",
+            *[f"ms {k}" for k in sizes], *[f"latency {k}" for k in sizes], "runtime", "ship", "front"]
     out = [head]
+    ok = comparable_rows(rows)
     for i, r in enumerate(rows, 1):
         marks = "".join(m for m, what in (("d", "density"), ("l", "latency"), ("s", "size")) if r.name in on_front[what])
-        out.append([str(i), r.name, *[str(r.sweep.get(k, "-")) for k in keys], r.passes, f"{r.score:.4f}",
+        out.append([str(i), r.name, *[str(r.sweep.get(k, "-")) for k in keys], r.passes,
+                    f"{r.score:.4f}{'' if ok[i - 1] else '!'}", str(r.rows or "-"),
                     _num(r.density_encoder), _num(r.density_decoder), f"{r.nonzero_params / 1e6:.2f}M",
                     f"{r.size_bytes / 1e6:.1f}MB", *[_num(r.latency_ms.get(k), 2) for k in sizes],
                     *[(f"{r.latency_ratio[k]:.2f}x{'~' if uncertain(r, k) else ''}" if k in r.latency_ratio else "-")
-                      for k in sizes], r.runtime,
+                      for k in sizes], r.runtime, r.ship or "-",
                     marks or "-"])
     return out
 
@@ -207,7 +229,11 @@ def _legend(rows: list[CompareRow]) -> str:
         text = ("latency: each run's own fixed-workload figures (timed in separate processes: not comparable across "
                 "runs, so no ratios and no latency front; run compare without --no-timing to time them side by side)")
     modes = sorted({str(r.density_mode) for r in rows if r.density_mode})
-    return (f"{text}. density: exact nonzero MLP activations, {' / '.join(modes) or 'masked'} mode, from each run's "
+    if not all(comparable_rows(rows)):
+        text += (f". !: scored on another number of rows than run 1 ({rows[0].rows}): its score does not compare "
+                 "and it is on no front; give every run the same max_eval_samples")
+    return (f"{text}. size: the weight files a deployer ships (the .onnx files of a graph, the safetensors of model/; "
+            f"no tokenizer, config or card). ship: the folder to deploy. density: exact nonzero MLP activations, {' / '.join(modes) or 'masked'} mode, from each run's "
             f"last step measured in its own mode. front: on the Pareto front of score against d = density, l = latency, s = size "
             "(no other run scores at least as high at a cost at least as low).")
 
@@ -229,15 +255,16 @@ def csv_text(rows: list[CompareRow]) -> str:
     on_front = fronts(rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["run", *keys, "passes", "task_metric", "score", "density_encoder", "density_decoder", "params",
+    writer.writerow(["run", *keys, "passes", "task_metric", "score", "rows", "density_encoder", "density_decoder", "params",
                      "nonzero_params", "size_bytes", *[f"latency_ms_{k}" for k in sizes],
                      *[f"latency_ratio_{k}" for k in sizes], "timing", "runtime",
-                     *[f"pareto_{what}" for what in COSTS], "obtained", "folder"])
+                     *[f"pareto_{what}" for what in COSTS], "obtained", "folder", "ship"])
     for r in rows:
-        writer.writerow([r.name, *[r.sweep.get(k, "") for k in keys], r.passes, r.task_metric, r.score,
+        writer.writerow([r.name, *[r.sweep.get(k, "") for k in keys], r.passes, r.task_metric, r.score, r.rows,
                          _blank(r.density_encoder), _blank(r.density_decoder), r.params, r.nonzero_params, r.size_bytes,
                          *[_blank(r.latency_ms.get(k)) for k in sizes], *[_blank(r.latency_ratio.get(k)) for k in sizes],
-                         r.timing, r.runtime, *[int(r.name in on_front[what]) for what in COSTS], r.reused, r.folder])
+                         r.timing, r.runtime, *[int(r.name in on_front[what]) for what in COSTS], r.reused, r.folder,
+                         r.ship])
     return buffer.getvalue()
 
 
@@ -281,7 +308,8 @@ def plot_compare(rows: list[CompareRow], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
     for ax, what in zip(axes[0], panels):
         points = [(i, r.cost(what), r.score) for i, r in enumerate(rows) if r.cost(what) is not None]
-        front = set(pareto_front([(_better(r), r.cost(what)) for r in rows]))
+        ok = comparable_rows(rows)
+        front = set(pareto_front([(_better(r) if ok[j] else None, r.cost(what)) for j, r in enumerate(rows)]))
         for i, x, y in points:
             on = i in front
             ax.scatter([x], [y], s=46, color="tab:blue" if on else "white", edgecolors="tab:blue", zorder=3)
