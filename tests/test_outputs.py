@@ -92,3 +92,18 @@ def test_library_notices_a_user_cannot_act_on_are_silenced(tmp_path, tiny_checkp
     for notice in ("You're using a", "Some weights of", "newly initialized", "kernels-community", "none are activated"):
         assert notice not in done.stderr, notice
     assert "step 1 deft" in done.stderr  # our own progress lines are still there
+
+
+def test_a_latency_ratio_inside_the_spread_of_its_repeats_is_marked():
+    from deftcompress.reporting.report import LATENCY_LEGEND, Report, StepRecord
+
+    def step(index, ms, iqr):
+        return StepRecord(index=index, pass_name="p", task_metric="accuracy", task_score=0.8, metrics={}, density={},
+                          params=1, nonzero_params=1, size_bytes=1, latency_ms_per_example=1.0, eval_examples=8,
+                          eval_seconds=1.0, seconds=0.0, latency={"ms_batch_1": ms, "iqr_batch_1": iqr})
+
+    report = Report(name="r", model="m", task="glue/sst2",
+                    steps=[step(0, 10.0, [9.8, 10.2]), step(1, 9.7, [9.0, 10.5]), step(2, 5.0, [4.9, 5.1])])
+    cells = [row[-2] for row in report.table_rows()]
+    assert cells == ["1.00x", "0.97x~", "0.50x"]  # 3% faster inside a 15% spread: noise; 2x: not
+    assert LATENCY_LEGEND in report.text_table()

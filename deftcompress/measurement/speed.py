@@ -161,9 +161,17 @@ def step_latency(model: nn.Module | Forward, tokenizer, task, arch, rows: list[d
     _run(model, workloads[1][:1], device)  # warm-up
     times = {b: [_run(model, workloads[b], device) / len(workloads[b]) for _ in range(repeats)] for b in sizes}
     out: dict[str, Any] = {f"ms_batch_{b}": round(1000 * statistics.median(t), 3) for b, t in times.items()}
+    if repeats >= 2:  # the spread of the repeats: a ratio smaller than it is noise (the report marks it)
+        out.update({f"iqr_batch_{b}": [round(1000 * q, 3) for q in _quartiles(t)] for b, t in times.items()})
     out.update({"rows": {b: sum(x.size for x in workloads[b]) for b in sizes}, "repeats": repeats,
                 "padding": "longest per batch"})
     return out
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartile (inclusive method: defined from two values on)."""
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 def _device_of(model) -> torch.device:

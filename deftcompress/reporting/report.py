@@ -53,6 +53,20 @@ class StepRecord:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+LATENCY_LEGEND = ("latency: median of repeats on one fixed workload, ratio to step 0; ~: the spread of the repeats "
+                  "(interquartile range) is larger than the difference, so the ratio is noise")
+
+
+def within_spread(step: StepRecord, base: StepRecord, batch: int, ratio: float) -> bool:
+    """True when the interquartile range of the step's (or the base's) repeats exceeds its difference to the base."""
+    rel = []
+    for s in (step, base):
+        iqr, ms = s.latency.get(f"iqr_batch_{batch}"), s.latency.get(f"ms_batch_{batch}")
+        if isinstance(iqr, list) and len(iqr) == 2 and ms:
+            rel.append((iqr[1] - iqr[0]) / ms)
+    return bool(rel) and max(rel) > abs(1.0 - ratio)
+
+
 def density_dict(result: "DensityResult | None") -> dict[str, Any]:
     if result is None:
         return {"encoder": None, "decoder": None, "per_layer": [], "mode": None, "tau": None}
@@ -132,7 +146,8 @@ class Report:
                 timing = [_fmt(s.latency.get(f"ms_batch_{b}"), 2) for b in sizes]
                 ratios = [s.latency.get(f"ms_batch_{b}") and base.latency.get(f"ms_batch_{b}")
                           and s.latency[f"ms_batch_{b}"] / base.latency[f"ms_batch_{b}"] for b in sizes]
-                timing.append("/".join(f"{r:.2f}x" if r else "-" for r in ratios))
+                timing.append("/".join(f"{r:.2f}x{'~' if s is not base and within_spread(s, base, b, r) else ''}" if r else "-"
+                                       for b, r in zip(sizes, ratios)))
             else:
                 timing = [f"{s.latency_ms_per_example:.2f}", f"{s.latency_ms_per_example / base.latency_ms_per_example:.2f}x"
                           if base and base.latency_ms_per_example else "-"]
@@ -224,6 +239,8 @@ class Report:
             lines.append(f"status: {self.status}" + (f" ({self.error})" if self.error else "")
                          + "; finished passes are kept: the same apply command resumes\n")
         lines.append(_align([self.headers()] + self.table_rows()))
+        if self.latency_sizes():
+            lines.append(LATENCY_LEGEND)
         if self.steps:
             s = self.steps[-1]
             lines.append(f"\nper-layer density after step {s.index} ({s.pass_name}, mode={s.density.get('mode')}):")
@@ -249,7 +266,8 @@ class Report:
         out += [_md([self.headers()] + self.table_rows()), ""]
         if self.latency_sizes():
             out += ["Latency: median ms per batch of each step's model on one fixed workload (the same rows, each batch "
-                    "padded to its longest row), ratios to step 0; comparable within this run. To compare runs, use "
+                    "padded to its longest row), ratios to step 0; comparable within this run. ~: the spread of the "
+                    "repeats (interquartile range, this step's or step 0's) is larger than the difference to step 0. To compare runs, use "
                     "`deftcompress compare`, which times them side by side in one process.", ""]
         if self.steps:
             s = self.steps[-1]
