@@ -31,6 +31,21 @@ DRIVER = textwrap.dedent("""
                 time.sleep(60)
             return {}
 
+    kill_step = os.environ.get("KILL_TRAIN_STEP")  # or: kill it inside training, after this optimizer step
+    if kill_step and not os.path.exists(os.environ["KILL_FLAG"]):
+        import deftcompress.training.loop as loop
+        original, count = loop._optimizer_step, []
+
+        def step_then_maybe_die(run):
+            original(run)
+            count.append(1)
+            if len(count) == int(kill_step):
+                open(os.environ["KILL_FLAG"], "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(60)
+
+        loop._optimizer_step = step_then_maybe_die
+
     main(sys.argv[1:])
 """)
 
@@ -153,3 +168,48 @@ def test_another_recipe_is_refused_unless_restart(tiny_checkpoint, tiny_data, tm
     assert (out / "report.json").read_text() == before
     report = run_recipe(build(0.4), output_dir=out, quiet=True, restart=True)
     assert report.steps[1].details["sparsity_achieved"] == pytest.approx(0.4, abs=1e-4)
+
+
+def test_a_run_killed_inside_training_resumes_from_its_step_checkpoint_to_the_same_bytes(tiny_checkpoint, tiny_data,
+                                                                                        tmp_path):
+    """ADA-DEFT with dropout, a density target and a gate decision at step 4: killed after step 5 (checkpoint at 4)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "steps", "model": str(tiny_checkpoint("bert")), "task": "glue/sst2", "data_dir": str(tiny_data),
+        "seed": 7, "max_eval_samples": 8, "eval_batch_size": 8,
+        "passes": [{"ada_deft": {"method": "lora", "max_steps": 6, "batch_size": 8, "max_train_samples": 32,
+                                 "learning_rate": 0.02, "lora_dropout": 0.1, "skip_blocks": 1, "save_steps": 2,
+                                 "merge": True}}]}))
+    whole = _apply(tmp_path, recipe, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "out"
+    env = {"KILL_FLAG": str(tmp_path / "killed"), "KILL_TRAIN_STEP": "5"}
+    killed = _apply(tmp_path, recipe, out, **env)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["step_checkpoint"] == {"pass": "passes/01_ada_deft", "step": 4, "folder": "state/training_step_000004"}
+    assert any(f.startswith("state/training_step_000004/") for f in progress["files"])  # recorded with its sha256
+    resumed = _apply(tmp_path, recipe, out, **env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert "resumed inside the pass from its step checkpoint after step 4" in report["steps"][1]["details"]["notes"]
+    assert _measured(out) == _measured(tmp_path / "whole")
+    assert (out / "model" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model" / "model.safetensors").read_bytes()
+    assert not (out / "state").exists()  # the checkpoint went with the pass it belonged to
+
+
+def test_a_changed_step_checkpoint_is_refused_not_loaded(tiny_checkpoint, tiny_data, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "steps", "model": str(tiny_checkpoint("bert")), "task": "glue/sst2", "data_dir": str(tiny_data),
+        "seed": 7, "max_eval_samples": 8,
+        "passes": [{"deft": {"method": "lora", "max_steps": 4, "batch_size": 8, "max_train_samples": 32,
+                             "save_steps": 2, "merge": True}}]}))
+    out = tmp_path / "out"
+    env = {"KILL_FLAG": str(tmp_path / "killed"), "KILL_TRAIN_STEP": "3"}
+    assert _apply(tmp_path, recipe, out, **env).returncode == -9
+    meta = out / "state" / "training_step_000002" / "meta.json"
+    meta.write_text(meta.read_text().replace('"step": 2', '"step": 3'))
+    again = _apply(tmp_path, recipe, out, **env)
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert "state/training_step_000002/meta.json" in again.stderr and "--restart" in again.stderr

@@ -77,6 +77,7 @@ class PassState(Protocol):
     onnx: Any  # the exported graph once an export pass ran
     work_dir: Path  # the run's folder; reports name a pass's files relative to it
     step_index: int  # this pass's step in the plan (1 = the first pass)
+    step_checkpoints: Any  # where a training pass keeps step checkpoints (training.step_checkpoint.StepCheckpointStore)
 
     @property
     def seed(self) -> int: ...

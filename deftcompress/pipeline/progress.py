@@ -42,6 +42,8 @@ PROGRESS_FORMAT = 2  # 2: with the record of files (`files`), `pending`, `garbag
 OWN_FOLDERS = ("state", "passes", "model", "deploy")  # every file under these must be one the run recorded
 STATUSES = ("running", "failed", "interrupted", "finished")
 _STATE_NAME = re.compile(r"state/after_step_\d{2,}")
+_STEP_CHECKPOINT_NAME = re.compile(r"state/training_step_\d{6,}")
+_PASS_FOLDER_NAME = re.compile(r"passes/\d{2,}_[A-Za-z0-9_]+")
 
 
 def data_identity(splits: dict[str, list]) -> dict[str, Any]:
@@ -112,7 +114,7 @@ class RunProgress:
         path = folder / PROGRESS
         fresh = {"format": PROGRESS_FORMAT, "recipe_hash": digest, "status": "running", "steps": [], "model_state": None,
                  "last_eval_settings": None, "model_changed_since_eval": False, "files": {}, "pending": [],
-                 "garbage": [], "data": data_id}
+                 "garbage": [], "data": data_id, "step_checkpoint": None}
         if not main:  # other processes of a torchrun job follow what the main process found
             return cls(folder, _read(path) if path.is_file() else fresh, main, recipe_yaml)
         if not (folder.is_dir() and is_run_folder(folder)):
@@ -149,7 +151,8 @@ class RunProgress:
             problem = changed_file(self.folder, files, list(files)) or self._missing_reports()
             what = "a finished run whose records are incomplete or changed"
         else:
-            problem = changed_file(self.folder, files, [p for p in (self.model_state, "passes") if p])
+            checkpoint = (self.data.get("step_checkpoint") or {}).get("folder")
+            problem = changed_file(self.folder, files, [p for p in (self.model_state, "passes", checkpoint) if p])
             what = "the saved state this run would resume from"
         if problem:
             raise RunFolderError(f"{self.folder}: {what} ({problem}); use --restart to run it again")
@@ -243,6 +246,7 @@ class RunProgress:
             self.data["model_state"] = name
             written.append(name)
         files = dict(self.data["files"])
+        self._let_go_of_step_checkpoint(files)  # the pass it belonged to is committed whole
         if model_changed and previous and previous != self.model_state:
             self.data["garbage"] = sorted({*self.data["garbage"], *(f for f in files if f.startswith(previous + "/"))})
         files.update(record_files(self.folder, written))
@@ -256,6 +260,44 @@ class RunProgress:
         self._collect_garbage()
         report.status = "running"
         report.write(self.folder)
+
+    # -- step checkpoints inside a training pass -----------------------------------------------
+
+    def step_checkpoint(self, pass_folder: str) -> Path | None:
+        """The step checkpoint a resumed pass continues from (verified with the rest when the run was opened)."""
+        found = self.data.get("step_checkpoint")
+        if found and found["pass"] == pass_folder:
+            return self.folder / found["folder"]
+        return None
+
+    def save_step_checkpoint(self, pass_folder: str, step: int, write) -> None:
+        """Write a pass's step checkpoint with `write(folder)` into a new folder, record it, then let the old go.
+
+        The record names the new folder only once it is complete (a kill before leaves it pending, deleted on
+        resume, and the previous checkpoint stands); its files are recorded with their sha256 like every other."""
+        if not self.main:
+            return
+        name = f"{STATE_DIR}/training_step_{step:06d}"
+        self.begin(f"{name}.tmp", name)
+        remove_own_folder(self.folder, f"{name}.tmp")
+        (self.folder / f"{name}.tmp").mkdir(parents=True)
+        write(self.folder / f"{name}.tmp")
+        remove_own_folder(self.folder, name)
+        (self.folder / f"{name}.tmp").rename(self.folder / name)
+        files = dict(self.data["files"])
+        self._let_go_of_step_checkpoint(files)
+        files.update(record_files(self.folder, [name]))
+        self.data["files"] = files
+        self.data["step_checkpoint"] = {"pass": pass_folder, "step": step, "folder": name}
+        self.data["pending"] = [p for p in self.data["pending"] if p not in (name, f"{name}.tmp")]
+        self._write()  # the commit point of the checkpoint
+        self._collect_garbage()
+
+    def _let_go_of_step_checkpoint(self, files: dict[str, Any]) -> None:
+        old = (self.data.get("step_checkpoint") or {}).get("folder")
+        if old:
+            self.data["garbage"] = sorted({*self.data["garbage"], *(f for f in files if f.startswith(old + "/"))})
+        self.data["step_checkpoint"] = None
 
     def finish(self, report: Report) -> None:
         """The final outputs are written: record them, mark the run finished and drop the resume state."""
@@ -374,4 +416,10 @@ def _read(path: Path) -> dict[str, Any]:
             checked_relative(name, f"{path}: {key}")
     if not isinstance(data.get("data"), (dict, type(None))):
         raise bad("data: not a mapping")
+    checkpoint = data.get("step_checkpoint")
+    if checkpoint is not None and not (
+            isinstance(checkpoint, dict) and isinstance(checkpoint.get("step"), int)
+            and isinstance(checkpoint.get("pass"), str) and _PASS_FOLDER_NAME.fullmatch(checkpoint["pass"])
+            and isinstance(checkpoint.get("folder"), str) and _STEP_CHECKPOINT_NAME.fullmatch(checkpoint["folder"])):
+        raise bad("step_checkpoint: not a step checkpoint of this run")
     return data

@@ -33,6 +33,7 @@ from deftcompress.pipeline.run_folder import check_output_dir, run_lock, usual_p
 from deftcompress.pipeline.state import PipelineState
 from deftcompress.reporting.model_card import write_model_card
 from deftcompress.reporting.plots import plot_density
+from deftcompress.pipeline.step_checkpoints import RunStepCheckpoints
 from deftcompress.pipeline.deploy_folder import last_pytorch_step, write_deploy_folder
 from deftcompress.reporting.report import Report, StepRecord, make_step
 from deftcompress.training import distributed
@@ -219,7 +220,9 @@ class Pipeline:
             p: Pass = planned.cls(planned.config)
             self.log(f"[{state.step_index}/{len(recipe.plan)}] {planned.name}")
             torch.manual_seed(recipe.seed + state.step_index)  # a resumed pass draws what an uninterrupted one drew
-            progress.begin(f"passes/{state.step_index:02d}_{planned.name}")  # deleted as recorded if killed
+            pass_folder = f"passes/{state.step_index:02d}_{planned.name}"
+            progress.begin(pass_folder)  # deleted as recorded if killed
+            state.step_checkpoints = RunStepCheckpoints(progress, pass_folder)  # training resumes inside the pass
             t0 = time.perf_counter()
             details = p.run(state) or {}
             seconds = time.perf_counter() - t0

@@ -40,6 +40,7 @@ class PipelineState(HoldsConstraints):
     constraints: list[Constraint] = field(default_factory=list)
     step_index: int = 0
     onnx: Any = None  # the exported graph (deftcompress.export.onnx.OnnxGraph) once an export pass ran
+    step_checkpoints: Any = None  # the running pass's store of step checkpoints (training.step_checkpoint)
     _splits: dict[str, list] = field(default_factory=dict, repr=False)
     _examples: dict[tuple, list] = field(default_factory=dict, repr=False)
 

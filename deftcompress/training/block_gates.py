@@ -170,6 +170,16 @@ class GateBudget:
             for i in chosen:
                 self.gates.keep[i] = 0.0
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a step checkpoint keeps: the skip decisions, the controller's multipliers and when it decided."""
+        return {"keep": self.gates.keep.clone(), "multipliers": dict(self.multipliers), "decided_at": self.decided_at}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gates.keep.copy_(state["keep"])
+        self.multipliers = {s: float(state["multipliers"][s]) for s in self.stacks}
+        self.decided_at = state["decided_at"]
+
     def describe(self) -> dict[str, Any]:
         return {"budget_per_stack": self.budgets, "multipliers": {s: round(m, 4) for s, m in self.multipliers.items()},
                 "decided_at_step": self.decided_at}
@@ -195,6 +205,15 @@ class CombinedLoss:
             if term is not None:
                 total = term if total is None else total + term
         return total, self._raw[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f"{i}.{k}": v for i, loss in enumerate(self.losses) if hasattr(loss, "state_dict")
+                for k, v in loss.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for i, loss in enumerate(self.losses):
+            if hasattr(loss, "load_state_dict"):
+                loss.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == str(i)})
 
     def postfix(self) -> dict[str, str]:
         out: dict[str, str] = {}

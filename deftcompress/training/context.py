@@ -46,6 +46,7 @@ class TrainingContext(HoldsConstraints):
     run_dir: Path  # the run's folder: report paths are relative to it
     model_ref: str  # the recipe's model
     earlier_passes: tuple[str, ...]  # passes before this one that changed the model
+    step_checkpoints: Any = None  # training.step_checkpoint.StepCheckpointStore of this pass, or None
 
     @classmethod
     def from_state(cls, state: "PassState", pass_name: str) -> "TrainingContext":
@@ -56,7 +57,8 @@ class TrainingContext(HoldsConstraints):
                    eval_settings=state.eval_settings(), density_mode=state.recipe.density_mode,
                    max_seq_length=state.recipe.max_seq_length, trust_pickle=state.recipe.trust_pickle,
                    pass_name=pass_name, pass_dir=state.pass_dir(pass_name), run_dir=Path(state.work_dir),
-                   model_ref=state.recipe.model, earlier_passes=earlier)
+                   model_ref=state.recipe.model, earlier_passes=earlier,
+                   step_checkpoints=state.step_checkpoints)
 
     def relative(self, path: Path) -> str:
         """`path` as the report names it: relative to the run's folder."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -340,6 +340,13 @@ class DensityLoss:
             dens /= torch.distributed.get_world_size()
         target = 1.0 - self._ramp * (1.0 - s.target)
         self.lambdas = (self.lambdas + s.controller_rate * (dens - target)).clamp(0.0, s.lambda_max)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a step checkpoint keeps: the per-layer multipliers (the rest follows from the step number)."""
+        return {"lambdas": self.lambdas.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lambdas = state["lambdas"].to(self.lambdas.dtype).clone()
 
     def describe(self) -> dict:
         s = self.settings

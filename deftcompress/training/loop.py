@@ -206,9 +206,28 @@ def train(ctx: TrainingContext, model: nn.Module, examples: list[dict], settings
                optimizer=optimizer, scheduler=scheduler, params=params, features=features,
                selection_rows=selection_rows, trackers=trackers, extra_loss=extra_loss, teacher=teacher)
     tally = _Tally()
-    _run_epochs(run, tally)
+    start, resumed = _resume_point(run, tally)
+    _run_epochs(run, tally, start)
     notes = _keep_best(run, tally, "held-out training rows" if validation else "the evaluation rows")
+    if resumed:
+        notes.insert(0, resumed)
     return _finish(run, tally, notes)
+
+
+def _resume_point(run: "_Run", tally: "_Tally") -> tuple[tuple[int, int, dict | None], str | None]:
+    """Where the steps start: at 0, or after the run's step checkpoint of this pass (an interrupted run)."""
+    from deftcompress.training.step_checkpoint import restore
+
+    store = run.ctx.step_checkpoints
+    found = store.load() if store is not None else None
+    if found is None:
+        return (0, 0, None), None
+    try:
+        epoch, done, sums = restore(run, tally, *found, epoch_log_type=EpochLog)
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise TrainingError(f"{run.ctx.pass_name}: the step checkpoint cannot continue this training ({exc}); use "
+                            "--restart to run again") from None
+    return (epoch, done, sums), f"resumed inside the pass from its step checkpoint after step {tally.step}"
 
 
 # ---- the stages of `train` ----------------------------------------------------------------------
@@ -340,15 +359,16 @@ def _optimizer_and_schedule(model: nn.Module, settings: TrainSettings, parameter
     return optimizer, scheduler
 
 
-def _run_epochs(run: _Run, tally: _Tally) -> None:
+def _run_epochs(run: _Run, tally: _Tally, start: tuple[int, int, dict | None] = (0, 0, None)) -> None:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=run.plan.total_steps, desc=run.settings.desc, disable=run.ctx.quiet or not run.main, leave=False,
-               unit="step")
+    bar = tqdm(total=run.plan.total_steps, initial=tally.step, desc=run.settings.desc,
+               disable=run.ctx.quiet or not run.main, leave=False, unit="step")
     run.ddp_model.train()
+    first_epoch, done, sums = start
     try:
-        for epoch in range(run.plan.epochs_to_run):
-            _run_epoch(run, tally, epoch, bar)
+        for epoch in range(first_epoch, run.plan.epochs_to_run):
+            _run_epoch(run, tally, epoch, bar, *((done, sums) if epoch == first_epoch else (0, None)))
             if tally.step >= run.plan.total_steps:
                 break
     finally:
@@ -357,14 +377,17 @@ def _run_epochs(run: _Run, tally: _Tally) -> None:
             run.accelerator.end_training()
 
 
-def _run_epoch(run: _Run, tally: _Tally, epoch: int, bar) -> None:
+def _run_epoch(run: _Run, tally: _Tally, epoch: int, bar, done: int = 0, sums: dict | None = None) -> None:
+    """One epoch's optimizer steps; a resumed epoch skips its first `done` batches and continues their `sums`."""
     settings, micro = run.settings, run.settings.gradient_accumulation_steps
-    sums = {"loss": 0.0, "task": 0.0, "extra": 0.0, "extra_n": 0, "distill": 0.0, "n": 0}
+    sums = sums or {"loss": 0.0, "task": 0.0, "extra": 0.0, "extra_n": 0, "distill": 0.0, "n": 0}
     epoch_start = time.perf_counter()
     batches = _epoch_batches(len(run.features), settings.batch_size, run.world, settings.seed, epoch)
     batches = batches[:len(batches) // micro * micro]  # whole optimizer steps only
     step_start = time.perf_counter()
     for b, global_batch in enumerate(batches):
+        if b < done:  # before the step checkpoint this run resumed from
+            continue
         if tally.step >= run.plan.total_steps:
             break
         last_micro = (b + 1) % micro == 0
@@ -379,7 +402,9 @@ def _run_epoch(run: _Run, tally: _Tally, epoch: int, bar) -> None:
         _show_step(run, tally.step, losses, bar)
         if settings.eval_steps and tally.step % settings.eval_steps == 0:
             _evaluate_step(run, tally)
-        step_start = time.perf_counter()  # after any evaluation: step times are optimisation only
+        if settings.save_steps and tally.step % settings.save_steps == 0 and tally.step < run.plan.total_steps:
+            _save_step_checkpoint(run, tally, epoch, b + 1, sums)
+        step_start = time.perf_counter()  # after any evaluation or checkpoint: step times are optimisation only
     epoch_seconds = time.perf_counter() - epoch_start
     tally.train_seconds += epoch_seconds
     n = max(sums["n"], 1)
@@ -389,6 +414,14 @@ def _run_epoch(run: _Run, tally: _Tally, epoch: int, bar) -> None:
     if run.plan.evaluate_epochs and not settings.eval_steps:
         _evaluate_epoch(run, tally, log, epoch)
     tally.epochs.append(log)
+
+
+def _save_step_checkpoint(run: _Run, tally: _Tally, epoch: int, done: int, sums: dict) -> None:
+    from deftcompress.training.step_checkpoint import snapshot
+
+    store = run.ctx.step_checkpoints
+    if store is not None and run.main:
+        store.save(tally.step, *snapshot(run, tally, epoch, done, sums))
 
 
 def _micro_step(run: _Run, global_batch: list[int], step: int, last_micro: bool) -> _MicroLosses:

@@ -61,6 +61,7 @@ class TrainSettings:
     gradient_accumulation_steps: int = 1  # micro-batches of batch_size per optimizer step
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast through accelerate
     eval_steps: int | None = None  # evaluate on the held-out rows every N optimizer steps, keep the best
+    save_steps: int | None = None  # a step checkpoint every N optimizer steps (where the context has a store)
     report_to: tuple[str, ...] = ()  # accelerate trackers (tensorboard, wandb, ...)
     distill_weight: float = 1.0  # weight of the teacher's term beside the task loss (read only when there is a teacher)
     distill_temperature: float = 2.0
@@ -279,6 +280,11 @@ class TrainingOptions:
     eval_steps: int | None = option(
         None, "evaluate on the held-out rows every N optimizer steps and keep the best weights (needs "
               "validation_fraction)")
+    save_steps: int | None = option(
+        50, "every N optimizer steps, a step checkpoint of the running training (trainable weights, optimizer, "
+            "schedule position, random state, loss controllers; one kept, replaced atomically, dropped when the pass "
+            "ends): a run stopped inside this pass (Ctrl-C, SIGTERM, SIGKILL, a crash) resumes from it with the same "
+            "numbers; null = resume only at pass boundaries")
     report_to: list[str] = option([], "experiment trackers through accelerate (tensorboard, wandb, mlflow, ...): "
                                       "losses every step, evaluations; logs under the pass's folder")
     distill_from: str | None = option(
@@ -312,6 +318,8 @@ class TrainingOptions:
             return "gradient_accumulation_steps must be in [1, 4096]"
         if self.validation_fraction is not None and not 0 < self.validation_fraction < 1:
             return "validation_fraction must be in (0, 1) or null"
+        if self.save_steps is not None and not 1 <= self.save_steps <= 10**9:
+            return f"save_steps must be in [1, 10**9] or null, got {self.save_steps}"
         if self.eval_steps is not None and (self.eval_steps < 1 or self.validation_fraction is None):
             return "eval_steps needs validation_fraction (evaluations that choose weights use held-out training rows)"
         unknown = [t for t in self.report_to if t not in TRACKER_PACKAGES]
@@ -340,7 +348,7 @@ class TrainingOptions:
                              max_target_length=max_target_length, seed=seed, desc=desc,
                              gradient_accumulation_steps=self.gradient_accumulation_steps,
                              mixed_precision=self.mixed_precision, eval_steps=self.eval_steps,
-                             report_to=tuple(self.report_to),
+                             save_steps=self.save_steps, report_to=tuple(self.report_to),
                              distill_weight=self.distill_weight,
                              distill_temperature=self.distill_temperature)
 
