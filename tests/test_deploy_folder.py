@@ -104,3 +104,18 @@ def test_the_cli_names_the_folder_to_ship_last(tiny_checkpoint, tiny_data, tmp_p
     assert result.exit_code == 0, result.output
     last = result.output.strip().splitlines()[-1]
     assert last.startswith(f"deploy: {tmp_path / 'run'}/deploy/ (onnxruntime int8 graph")
+
+
+def test_an_evaluate_only_run_of_a_base_checkpoint_ships_nothing(tiny_checkpoint, tiny_data, tmp_path):
+    import transformers
+
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint("bert"))
+    classifier.bert.save_pretrained(tmp_path / "base")  # the encoder alone: the task head will be new
+    transformers.AutoTokenizer.from_pretrained(tiny_checkpoint("bert")).save_pretrained(tmp_path / "base")
+    recipe = Recipe.build(name="just_eval", model=str(tmp_path / "base"), data_dir=str(tiny_data),
+                          max_eval_samples=8, passes=[{"evaluate": {}}])
+    report = run_recipe(recipe, output_dir=tmp_path / "run", quiet=True)
+    assert report.final["deploy"]["folder"] is None and "initialised anew" in report.final["deploy"]["why"]
+    assert report.deploy_line().startswith("deploy: nothing to ship (no pass changed the model")
+    assert "**Not a model to ship**" in (tmp_path / "run" / "model" / "README.md").read_text()
+    assert not (tmp_path / "run" / "deploy").exists()

@@ -37,13 +37,21 @@ def last_pytorch_step(steps: list[StepRecord]) -> StepRecord:
                  and "reused" not in str(s.details.get("evaluation", ""))), steps[0])
 
 
-def write_deploy_folder(out: Path, report: Report, graph, begin, passes: str, recipe_yaml: str) -> dict[str, Any]:
+def write_deploy_folder(out: Path, report: Report, graph, begin, passes: str, recipe_yaml: str,
+                        model_changed: bool = True) -> dict[str, Any]:
     """Write `deploy/` when the run's last measurement ran the exported graph; return `final.deploy` for the report.
 
     `graph` is the run's exported graph (or None); `begin(name)` records a folder about to be written, so a kill
-    leaves it to be deleted on resume.
+    leaves it to be deleted on resume; `model_changed`: whether any pass changed the model (an evaluate-only run
+    of a base checkpoint with a new random head has nothing to ship).
     """
     step = measuring_step(report.steps)
+    new_head = any("initialised anew" in note for note in report.steps[0].details.get("notes", []))
+    if new_head and not model_changed:
+        return {"folder": None, "runtime": None, "score": step.task_score, "metric": step.task_metric,
+                "rows": step.eval_examples, "step": step.index,
+                "why": "no pass changed the model and its task head was initialised anew (random weights): a "
+                       "measurement of the base model, nothing to ship"}
     if graph is None or not measured_in_onnxruntime(step):
         return {"folder": "model", "runtime": "torch", "score": step.task_score, "metric": step.task_metric,
                 "rows": step.eval_examples, "step": step.index}

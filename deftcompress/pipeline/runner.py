@@ -280,7 +280,8 @@ class Pipeline:
         final["model_dir"] = str(self.output_dir / "model")
         report.final = final
         passes, recipe_yaml = self.recipe.passes_label(), self.recipe.to_yaml()
-        report.final["deploy"] = write_deploy_folder(out, report, state.onnx, progress.begin, passes, recipe_yaml)
+        report.final["deploy"] = write_deploy_folder(out, report, state.onnx, progress.begin, passes, recipe_yaml,
+                                                     model_changed=any(p.cls.changes_model for p in self.recipe.plan))
         report.status = "finished"
         report.write(out)
         write_model_card(model_dir, report, manifest, passes, recipe_yaml, step=last_pytorch_step(report.steps))

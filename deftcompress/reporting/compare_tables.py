@@ -114,9 +114,17 @@ def row_from_run(folder: str | Path, sweep: dict[str, Any] | None = None, reused
                      params=int(last.params), nonzero_params=int(last.nonzero_params), size_bytes=size,
                      runtime="onnxruntime" if on_graph else "torch", recipe_hash=report.recipe_hash,
                      sweep=dict(sweep or {}), reused=reused, task=str(report.task), rows=int(measured_last.eval_examples),
-                     ship=f"{(final.get('deploy') or {}).get('folder', 'model')}/")
+                     ship=_ship(final))
     row.latency_ms = {f"b{k[9:]}": float(v) for k, v in last.latency.items() if k.startswith("ms_batch_") and v}
     return row
+
+
+def _ship(final: dict[str, Any]) -> str:
+    """The folder to deploy: final.deploy's (older runs: model/); '-' when the run has nothing to ship."""
+    deploy = final.get("deploy")
+    if deploy is None:
+        return "model/"
+    return f"{deploy['folder']}/" if deploy.get("folder") else "-"
 
 
 def weight_file_bytes(folder: Path) -> int:

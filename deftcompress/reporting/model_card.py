@@ -65,6 +65,9 @@ def model_card(report: Report, manifest: dict[str, Any], passes: str, recipe_yam
         lines += ["This folder needs deftcompress to load (`pip install deftcompress`, then "
                   "`deftcompress.load_model(path)`): stock `from_pretrained` cannot build it and refuses it with an "
                   "error that names deftcompress.", ""]
+    why = ((report.final or {}).get("deploy") or {}).get("why")
+    if why:
+        lines += [f"**Not a model to ship**: {md_text(why)}.", ""]
     lines += ["## Recipe", "", *md_fence(recipe_yaml, "yaml"), ""]
     return "\n".join(lines)
 

@@ -222,6 +222,8 @@ class Report:
         info = (self.final or {}).get("deploy")
         if not info:
             return ""
+        if not info.get("folder"):
+            return f"deploy: nothing to ship ({info.get('why', 'no artifact')})"
         where = f"{run_folder.rstrip('/')}/{info['folder']}/" if run_folder else f"{info['folder']}/"
         if info["runtime"] == "onnxruntime":
             what = f"onnxruntime {'int8' if info.get('quantized') else 'fp32'} graph, {info['graph_bytes'] / 1e6:.1f} MB"
