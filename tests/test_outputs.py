@@ -107,3 +107,18 @@ def test_a_latency_ratio_inside_the_spread_of_its_repeats_is_marked():
     cells = [row[-2] for row in report.table_rows()]
     assert cells == ["1.00x", "0.97x~", "0.50x"]  # 3% faster inside a 15% spread: noise; 2x: not
     assert LATENCY_LEGEND in report.text_table()
+
+
+def test_a_pass_speed_table_marks_ratios_inside_the_spread():
+    from deftcompress.reporting.report import Report, StepRecord
+
+    models = {"before": {"ms_batch_1": 10.0, "iqr_batch_1": [9.0, 11.0], "latency_ratio_batch_1": 1.0,
+                         "weight_bytes": 1, "peak_bytes": 1, "peak_ratio": 1.0},
+              "after": {"ms_batch_1": 9.5, "iqr_batch_1": [9.4, 9.6], "latency_ratio_batch_1": 0.95,
+                        "weight_bytes": 1, "peak_bytes": 1, "peak_ratio": 1.0}}
+    step = StepRecord(index=1, pass_name="ada_deft", task_metric="accuracy", task_score=0.8, metrics={}, density={},
+                      params=1, nonzero_params=1, size_bytes=1, latency_ms_per_example=1.0, eval_examples=8,
+                      eval_seconds=1.0, seconds=0.0,
+                      details={"speed": {"workload": {"batch_sizes": [1]}, "models": models}})
+    rows = Report(name="r", model="m", task="glue/sst2", steps=[step]).speed_rows(step)
+    assert rows[1][2] == "1.00x" and rows[2][2] == "0.95x~"  # 5% inside the reference's 20% spread

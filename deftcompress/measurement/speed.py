@@ -124,6 +124,7 @@ class SpeedResult:
                          "statistic": "median ms per batch; models alternate in one process",
                          "memory": "weights in memory + peak bytes allocated by one forward of the largest batch"},
             "models": {n: {**{f"ms_batch_{b}": round(1000 * s, 3) for b, s in self.seconds[n].items()},
+                           **{f"iqr_batch_{b}": [round(1000 * q, 3) for q in qs] for b, qs in self.spread.get(n, {}).items()},
                            **self.memory[n],
                            **{f"latency_ratio_batch_{b}": round(self.ratio(n, b), 4) for b in self.batch_sizes},
                            "weight_ratio": _rounded(self.memory_ratio(n, "weight_bytes")),
@@ -162,16 +163,10 @@ def step_latency(model: nn.Module | Forward, tokenizer, task, arch, rows: list[d
     times = {b: [_run(model, workloads[b], device) / len(workloads[b]) for _ in range(repeats)] for b in sizes}
     out: dict[str, Any] = {f"ms_batch_{b}": round(1000 * statistics.median(t), 3) for b, t in times.items()}
     if repeats >= 2:  # the spread of the repeats: a ratio smaller than it is noise (the report marks it)
-        out.update({f"iqr_batch_{b}": [round(1000 * q, 3) for q in _quartiles(t)] for b, t in times.items()})
+        out.update({f"iqr_batch_{b}": [round(1000 * q, 3) for q in quartiles(t)] for b, t in times.items()})
     out.update({"rows": {b: sum(x.size for x in workloads[b]) for b in sizes}, "repeats": repeats,
                 "padding": "longest per batch"})
     return out
-
-
-def _quartiles(values: list[float]) -> tuple[float, float]:
-    """First and third quartile (inclusive method: defined from two values on)."""
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
 
 
 def _device_of(model) -> torch.device:

@@ -57,11 +57,11 @@ LATENCY_LEGEND = ("latency: median of repeats on one fixed workload, ratio to st
                   "(interquartile range) is larger than the difference, so the ratio is noise")
 
 
-def within_spread(step: StepRecord, base: StepRecord, batch: int, ratio: float) -> bool:
-    """True when the interquartile range of the step's (or the base's) repeats exceeds its difference to the base."""
+def within_spread(timing: dict[str, Any], base: dict[str, Any], batch: int, ratio: float) -> bool:
+    """True when the interquartile range of the repeats (`iqr_batch_N` of either timing) exceeds the difference."""
     rel = []
-    for s in (step, base):
-        iqr, ms = s.latency.get(f"iqr_batch_{batch}"), s.latency.get(f"ms_batch_{batch}")
+    for t in (timing, base):
+        iqr, ms = t.get(f"iqr_batch_{batch}"), t.get(f"ms_batch_{batch}")
         if isinstance(iqr, list) and len(iqr) == 2 and ms:
             rel.append((iqr[1] - iqr[0]) / ms)
     return bool(rel) and max(rel) > abs(1.0 - ratio)
@@ -146,8 +146,9 @@ class Report:
                 timing = [_fmt(s.latency.get(f"ms_batch_{b}"), 2) for b in sizes]
                 ratios = [s.latency.get(f"ms_batch_{b}") and base.latency.get(f"ms_batch_{b}")
                           and s.latency[f"ms_batch_{b}"] / base.latency[f"ms_batch_{b}"] for b in sizes]
-                timing.append("/".join(f"{r:.2f}x{'~' if s is not base and within_spread(s, base, b, r) else ''}" if r else "-"
-                                       for b, r in zip(sizes, ratios)))
+                noise = ["~" if s is not base and r and within_spread(s.latency, base.latency, b, r) else ""
+                         for b, r in zip(sizes, ratios)]
+                timing.append("/".join(f"{r:.2f}x{mark}" if r else "-" for r, mark in zip(ratios, noise)))
             else:
                 timing = [f"{s.latency_ms_per_example:.2f}", f"{s.latency_ms_per_example / base.latency_ms_per_example:.2f}x"
                           if base and base.latency_ms_per_example else "-"]
@@ -193,9 +194,12 @@ class Report:
         sizes = speed["workload"]["batch_sizes"]
         rows = [["model"] + [f"ms b{b}" for b in sizes] + [f"latency b{b}" for b in sizes]
                 + ["weights", "peak memory", "memory ratio"]]
+        first = next(iter(speed["models"].values()))
         for name, m in speed["models"].items():
             rows.append([name] + [f"{m[f'ms_batch_{b}']:.2f}" for b in sizes]
-                        + [f"{m[f'latency_ratio_batch_{b}']:.2f}x" for b in sizes]
+                        + [f"{m[f'latency_ratio_batch_{b}']:.2f}x"
+                           f"{'~' if m is not first and within_spread(m, first, b, m[f'latency_ratio_batch_{b}']) else ''}"
+                           for b in sizes]
                         + [f"{m['weight_bytes'] / 1e6:.1f}MB", f"{m['peak_bytes'] / 1e6:.1f}MB", f"{m['peak_ratio']:.2f}x"])
         return rows
 
