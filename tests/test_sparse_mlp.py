@@ -363,3 +363,66 @@ def test_after_the_report_timing_calls_go_through_the_counting_kernel():
             torch.testing.assert_close(down(h), linear(h), atol=1e-6, rtol=0)
     report = down.stats.to_dict()
     assert report["timed_calls"] == 2 and report["counted_in_kernel_calls"] == 3 and report["calls"] == 5
+
+
+# ---- int8 weights ----------------------------------------------------------------------------------
+
+def _int8_block(seed: int = 0, d: int = 48, f: int = 160, tokens: int = 5, density: float = 0.1):
+    torch.manual_seed(seed)
+    up, down, gate = torch.nn.Linear(d, f), torch.nn.Linear(f, d), torch.nn.Linear(d, f)
+    x = torch.randn(tokens, d)
+    with torch.no_grad():
+        pre = up(x)
+        a = torch.relu(pre - torch.quantile(pre.flatten(), 1 - density))
+    return up, down, gate, x, a
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_int8_products_compute_the_dequantized_product(kernels, tokens):
+    from deftcompress.runtime.sparse_kernels import down_int8, gate_int8, quantize_rows
+
+    _, down, gate, x, a = _int8_block(tokens=tokens)
+    q_down, s_down = quantize_rows(down.weight)
+    q_gate, s_gate = quantize_rows(gate.weight)
+    assert q_down.dtype == torch.int8 and int(q_down.abs().max()) == 127
+    with torch.no_grad():
+        expected_down = a @ (q_down.float() * s_down[:, None]).t() + down.bias
+        expected_gate = (x @ (q_gate.float() * s_gate[:, None]).t() + gate.bias) * (a != 0)
+        torch.testing.assert_close(down_int8(a, q_down.t().contiguous(), s_down, down.bias), expected_down,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gate_int8(x, a, q_gate, s_gate, gate.bias), expected_gate, atol=1e-5, rtol=1e-5)
+
+
+def test_the_sparse_int8_block_stays_within_the_dense_int8_blocks_own_error(kernels):
+    """Tolerance: against fp32, the sparse int8 block's largest error is at most 1.5x that of PyTorch's dense
+    dynamic int8 block (per-channel weights, activations quantized per call) on the same inputs."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    from deftcompress.runtime.sparse_kernels import down_int8, gate_int8, quantize_rows
+
+    for seed in range(3):
+        up, down, gate, x, a = _int8_block(seed=seed, tokens=16)
+        dense = quantize_dynamic(torch.nn.ModuleDict({"down": down, "gate": gate}),
+                                 qconfig_spec={torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        q_down, s_down = quantize_rows(down.weight)
+        q_gate, s_gate = quantize_rows(gate.weight)
+        with torch.no_grad():
+            fp32 = down(a * gate(x))
+            dense_int8 = dense["down"](a * dense["gate"](x))
+            sparse_int8 = down_int8(a * gate_int8(x, a, q_gate, s_gate, gate.bias), q_down.t().contiguous(), s_down,
+                                    down.bias)
+        own = float((dense_int8 - fp32).abs().max())
+        assert 0 < float((sparse_int8 - fp32).abs().max()) <= 1.5 * own
+
+
+def test_int8_products_refuse_float_weights_and_wrong_scales():
+    from deftcompress.runtime.sparse_kernels import down_int8, gate_int8, quantize_rows
+
+    _, down, gate, x, a = _int8_block()
+    q, s = quantize_rows(down.weight)
+    with pytest.raises(ValueError, match="int8 tensor"):
+        down_int8(a, down.weight.t().contiguous(), s)
+    with pytest.raises(ValueError, match=r"one float32 scale per output feature expected \(48\)"):
+        down_int8(a, q.t().contiguous(), s[:10])
+    with pytest.raises(ValueError, match="one float32 scale per output feature"):
+        gate_int8(x, a, q, s.double())

@@ -149,3 +149,45 @@ def _gated_union(x: torch.Tensor, weight: torch.Tensor, bias, active: torch.Tens
     out = x.new_zeros(x.shape[0], weight.shape[0])
     out.index_copy_(1, cols, part)
     return out
+
+
+# ---- int8 weights ----------------------------------------------------------------------------------
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per output feature (a row of an nn.Linear weight), as dynamic int8 stores
+    weights: q = round(w / s) in [-127, 127], s = max |w_row| / 127. Returns (q, s)."""
+    w = weight.detach().float()
+    scale = w.abs().amax(1).clamp_min(1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def down_int8(h: torch.Tensor, q_t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """h @ (q * scale)^T + bias reading only the int8 rows of active neurons (`q_t`: the down-projection's int8
+    weight transposed, [d_ff, d_model]; `scale`: [d_model]). Without the kernels: the same product, dense."""
+    _check_int8(q_t, scale, q_t.shape[1], "down_int8")
+    kernels = load()
+    if kernels is not None and h.dtype == torch.float32 and h.device.type == "cpu":
+        return kernels.sparse_down_int8(h, q_t, scale, bias.detach() if bias is not None else _EMPTY)
+    out = (h @ q_t.float()) * scale
+    return out + bias if bias is not None else out
+
+
+def gate_int8(x: torch.Tensor, active: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The multiplied projection of a gated MLP with int8 weights (`q`: [d_ff, d_model]), only where `active` is
+    nonzero (zeros elsewhere). Without the kernels: dense, then masked."""
+    _check_int8(q, scale, q.shape[0], "gate_int8")
+    kernels = load()
+    if kernels is not None and x.dtype == torch.float32 and active.dtype == torch.float32 and x.device.type == "cpu":
+        return kernels.gate_rows_int8(x, active, q, scale, bias.detach() if bias is not None else _EMPTY)
+    out = (x @ q.float().t()) * scale
+    out = out + bias if bias is not None else out
+    return out * (active != 0)
+
+
+def _check_int8(q: torch.Tensor, scale: torch.Tensor, out_features: int, what: str) -> None:
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"{what}: the weight must be a 2-D int8 tensor, got {q.dtype} with {q.dim()} dimensions")
+    if scale.dtype != torch.float32 or scale.shape != (out_features,):
+        raise ValueError(f"{what}: one float32 scale per output feature expected ({out_features}), got "
+                         f"{scale.dtype} {tuple(scale.shape)}")

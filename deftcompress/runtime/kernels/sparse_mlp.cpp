@@ -11,10 +11,12 @@ namespace {
 // the rows this many places ahead while the current one is summed (with cold caches about 1.5x on one token).
 constexpr int64_t kRowsAhead = 4;
 
-inline void prefetch_row(const float* row, int64_t floats) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < floats * 4; off += 64) __builtin_prefetch(p + off, 0, 3);
+inline void prefetch_bytes(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
+
+inline void prefetch_row(const float* row, int64_t floats) { prefetch_bytes(row, floats * 4); }
 
 // The nonzeros of v [n, f] grouped by neuron (a counting sort): neurons[i] is the i-th active neuron, its
 // entries are first[i] .. first[i + 1] in token[] / value[]. Grouped this way each active weight row is read
@@ -112,6 +114,69 @@ torch::Tensor gated_rows(const torch::Tensor& x, const torch::Tensor& a, const t
   return out;
 }
 
+// int8 weights with one scale per output feature (symmetric, per channel, as onnxruntime's and fbgemm's dynamic
+// int8 store them): the same products as down_rows / gated_rows, reading a quarter of the bytes per active row.
+// Activations stay float, so the result is exactly h @ (scale * q) in float arithmetic (no activation rounding).
+
+// out[t, j] = bias[j] + scale[j] * sum over k with h[t, k] != 0 of h[t, k] * q_t[k, j]
+torch::Tensor down_rows_int8(const torch::Tensor& h, const torch::Tensor& q_t, const torch::Tensor& scale,
+                             const torch::Tensor& bias) {
+  const int64_t n = h.size(0), f = h.size(1), d = q_t.size(1);
+  auto out = torch::zeros({n, d}, h.options());
+  const int8_t* wp = q_t.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const ByNeuron g = group_by_neuron(h.data_ptr<float>(), n, f);
+  const int64_t m = g.neurons.size();
+  at::parallel_for(0, d, 256, [&](int64_t j0, int64_t j1) {
+    for (int64_t i = 0; i < std::min(kRowsAhead, m); ++i) prefetch_bytes(wp + g.neurons[i] * d + j0, j1 - j0);
+    for (int64_t i = 0; i < m; ++i) {
+      if (i + kRowsAhead < m) prefetch_bytes(wp + g.neurons[i + kRowsAhead] * d + j0, j1 - j0);
+      const int8_t* __restrict w = wp + g.neurons[i] * d;
+      for (int32_t e = g.first[i]; e < g.first[i + 1]; ++e) {
+        const float v = g.value[e];
+        float* __restrict o = op + g.token[e] * d;
+        #pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) o[j] += v * static_cast<float>(w[j]);
+      }
+    }
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = j0; j < j1; ++j) op[t * d + j] = op[t * d + j] * sp[j] + (bp ? bp[j] : 0.0f);
+  });
+  return out;
+}
+
+// u[t, k] = scale[k] * dot(q[k], x[t]) + bias[k] where a[t, k] != 0, else 0
+torch::Tensor gated_rows_int8(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& q,
+                              const torch::Tensor& scale, const torch::Tensor& bias) {
+  const int64_t n = x.size(0), din = x.size(1), f = q.size(0);
+  auto out = torch::zeros({n, f}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const ByNeuron g = group_by_neuron(a.data_ptr<float>(), n, f);
+  const int64_t m = g.neurons.size();
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < std::min(begin + kRowsAhead, end); ++i) prefetch_bytes(wp + g.neurons[i] * din, din);
+    for (int64_t i = begin; i < end; ++i) {
+      if (i + kRowsAhead < end) prefetch_bytes(wp + g.neurons[i + kRowsAhead] * din, din);
+      const int64_t k = g.neurons[i];
+      const int8_t* __restrict wk = wp + k * din;
+      for (int32_t e = g.first[i]; e < g.first[i + 1]; ++e) {
+        const float* __restrict xt = xp + g.token[e] * din;
+        float s = 0.0f;
+        #pragma omp simd reduction(+:s)
+        for (int64_t j = 0; j < din; ++j) s += static_cast<float>(wk[j]) * xt[j];
+        op[g.token[e] * f + k] = s * sp[k] + (bp ? bp[k] : 0.0f);
+      }
+    }
+  });
+  return out;
+}
+
 void check_float(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat, what, ": float32 only");
 }
@@ -122,6 +187,30 @@ torch::Tensor sparse_down(torch::Tensor h, torch::Tensor w_t, torch::Tensor bias
   TORCH_CHECK(h.dim() == 2 && w_t.dim() == 2 && h.size(1) == w_t.size(0), "sparse_down: shapes");
   check_float(h, "sparse_down"); check_float(w_t, "sparse_down");
   return down_rows(h.contiguous(), w_t.contiguous(), bias.numel() ? bias.to(torch::kFloat).contiguous() : bias);
+}
+
+void check_int8_weight(const torch::Tensor& q, const torch::Tensor& scale, int64_t out_features, const char* what) {
+  TORCH_CHECK(q.scalar_type() == torch::kChar, what, ": int8 weight expected");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.dim() == 1 && scale.size(0) == out_features, what,
+              ": one float32 scale per output feature expected");
+}
+
+torch::Tensor sparse_down_int8(torch::Tensor h, torch::Tensor q_t, torch::Tensor scale, torch::Tensor bias) {
+  TORCH_CHECK(h.dim() == 2 && q_t.dim() == 2 && h.size(1) == q_t.size(0), "sparse_down_int8: shapes");
+  check_float(h, "sparse_down_int8");
+  check_int8_weight(q_t, scale, q_t.size(1), "sparse_down_int8");
+  return down_rows_int8(h.contiguous(), q_t.contiguous(), scale.contiguous(),
+                        bias.numel() ? bias.to(torch::kFloat).contiguous() : bias);
+}
+
+torch::Tensor gate_rows_int8(torch::Tensor x, torch::Tensor a, torch::Tensor q, torch::Tensor scale,
+                             torch::Tensor bias) {
+  TORCH_CHECK(x.dim() == 2 && a.dim() == 2 && q.dim() == 2 && x.size(0) == a.size(0) && a.size(1) == q.size(0)
+              && x.size(1) == q.size(1), "gate_rows_int8: shapes");
+  check_float(x, "gate_rows_int8"); check_float(a, "gate_rows_int8");
+  check_int8_weight(q, scale, q.size(0), "gate_rows_int8");
+  return gated_rows_int8(x.contiguous(), a.contiguous(), q.contiguous(), scale.contiguous(),
+                         bias.numel() ? bias.to(torch::kFloat).contiguous() : bias);
 }
 
 torch::Tensor gate_rows(torch::Tensor x, torch::Tensor a, torch::Tensor w, torch::Tensor bias) {
@@ -188,4 +277,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gate_rows", torch::wrap_pybind_function(gate_rows), "gate_rows");
   m.def("down_auto", torch::wrap_pybind_function(down_auto), "down_auto");
   m.def("gate_auto", torch::wrap_pybind_function(gate_auto), "gate_auto");
+  m.def("sparse_down_int8", torch::wrap_pybind_function(sparse_down_int8), "sparse_down_int8");
+  m.def("gate_rows_int8", torch::wrap_pybind_function(gate_rows_int8), "gate_rows_int8");
 }
