@@ -25,9 +25,9 @@ GOOD = {"name": "t", "model": "minilm", "task": "glue/sst2", "passes": [{"evalua
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"colour": "blue"}, r"r\.yaml\.colour: unknown option"),
-        ({"seed": "forty"}, r"r\.yaml\.seed: expected int, got 'forty'"),
-        ({"seed": True}, r"r\.yaml\.seed: expected int"),
+        ({"colour": "blue"}, r"r\.yaml: recipe\.colour: unknown option"),
+        ({"seed": "forty"}, r"r\.yaml: recipe\.seed: expected int, got 'forty'"),
+        ({"seed": True}, r"r\.yaml: recipe\.seed: expected int"),
         ({"task": "glue/nope"}, r"task: unknown task 'glue/nope'"),
         ({"density_mode": "loose"}, r"density_mode: expected one of 'masked' \| 'paper'"),
         ({"passes": [{"frobnicate": {}}]}, r"passes\[0\]\.frobnicate: unknown pass 'frobnicate'"),
@@ -124,7 +124,7 @@ def test_cli_apply_bad_recipe_writes_nothing(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "deftcompress.cli", "apply", str(bad), "-o", str(out)],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {bad}.seed: expected int, got 'x'"
+    assert proc.stderr.strip() == f"error: {bad}: recipe.seed: expected int, got 'x'"
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 

@@ -131,7 +131,7 @@ class Recipe:
         errors: list[RecipeError] = []  # the settings and every pass are checked, so one validation shows all
         settings: RecipeSettings | None = None
         try:
-            settings = parse_config(RecipeSettings, data, source)
+            settings = parse_config(RecipeSettings, data, f"{source}: recipe")  # "r.yaml: recipe.modle: ..."
             get_task(settings.task, f"{source}: task")
         except RecipeError as exc:
             errors.append(exc)
