@@ -17,24 +17,9 @@ from typing import Any
 
 from deftcompress.pipeline.run_files import RunFolderError, remove_own_folder
 from deftcompress.reporting.model_card import write_deploy_card
-from deftcompress.reporting.report import Report, StepRecord
+from deftcompress.reporting.report import Report, measured_in_onnxruntime, measuring_step
 
 DEPLOY_DIR = "deploy"
-
-
-def measuring_step(steps: list[StepRecord]) -> StepRecord:
-    """The last step that measured (a pass that left the model unchanged reuses the step before it)."""
-    return next((s for s in reversed(steps) if "reused" not in str(s.details.get("evaluation", ""))), steps[-1])
-
-
-def measured_in_onnxruntime(step: StepRecord) -> bool:
-    return str(step.details.get("runtime", "")).startswith("onnxruntime")
-
-
-def last_pytorch_step(steps: list[StepRecord]) -> StepRecord:
-    """The last step that measured the PyTorch model (what `model/` holds)."""
-    return next((s for s in reversed(steps) if not measured_in_onnxruntime(s)
-                 and "reused" not in str(s.details.get("evaluation", ""))), steps[0])
 
 
 def write_deploy_folder(out: Path, report: Report, graph, begin, passes: str, recipe_yaml: str,

@@ -34,8 +34,8 @@ from deftcompress.pipeline.state import PipelineState
 from deftcompress.reporting.model_card import write_model_card
 from deftcompress.reporting.plots import plot_density
 from deftcompress.pipeline.step_checkpoints import RunStepCheckpoints
-from deftcompress.pipeline.deploy_folder import last_pytorch_step, write_deploy_folder
-from deftcompress.reporting.report import Report, StepRecord, make_step
+from deftcompress.pipeline.deploy_folder import write_deploy_folder
+from deftcompress.reporting.report import Report, StepRecord, last_pytorch_step, make_step
 from deftcompress.training import distributed
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from deftcompress.reporting.plots import save_figure
-from deftcompress.reporting.report import Report, write_atomic
+from deftcompress.reporting.report import Report, measured_in_onnxruntime, measuring_step, write_atomic
 from deftcompress.reporting.text import md_cell, md_code
 
 COSTS = {"density": "MLP activation density", "latency": "latency at batch 1 (x first row)",
@@ -99,9 +99,8 @@ def row_from_run(folder: str | Path, sweep: dict[str, Any] | None = None, reused
     measured = next((s for s in reversed(report.steps) if s.density.get("mode") == mode), last)
     final = report.final or {}
     # the runtime of the step that measured: a closing evaluate that reused the measurement says nothing of it
-    measured_last = next((st for st in reversed(report.steps) if "reused" not in str(st.details.get("evaluation", ""))),
-                         last)
-    on_graph = str(measured_last.details.get("runtime", "")).startswith("onnxruntime")
+    measured_last = measuring_step(report.steps)
+    on_graph = measured_in_onnxruntime(measured_last)
     # size: the files holding the weights a deployer ships (the .onnx files; model/'s safetensors), no tokenizer,
     # config or card: the same figure as the step's own size and the deployment benchmark's
     size = int(measured_last.size_bytes) if on_graph else (weight_file_bytes(folder / "model")

@@ -53,6 +53,21 @@ class StepRecord:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def measuring_step(steps: list[StepRecord]) -> StepRecord:
+    """The last step that measured (a pass that left the model unchanged reuses the step before it)."""
+    return next((s for s in reversed(steps) if "reused" not in str(s.details.get("evaluation", ""))), steps[-1])
+
+
+def measured_in_onnxruntime(step: StepRecord) -> bool:
+    return str(step.details.get("runtime", "")).startswith("onnxruntime")
+
+
+def last_pytorch_step(steps: list[StepRecord]) -> StepRecord:
+    """The last step that measured the PyTorch model (what a run's `model/` holds)."""
+    return next((s for s in reversed(steps) if not measured_in_onnxruntime(s)
+                 and "reused" not in str(s.details.get("evaluation", ""))), steps[0])
+
+
 LATENCY_LEGEND = ("latency: median of repeats on one fixed workload, ratio to step 0; ~: the spread of the repeats "
                   "(interquartile range) is larger than the difference, so the ratio is noise")
 
