@@ -294,3 +294,24 @@ def test_others_load_sees_another_process_and_a_loaded_timing_is_not_ranked():
     assert uncertain(close[1], "b1") and "0.95x~" in table(close)[2]  # a 5% gain inside a 30% spread
     loaded = [row("a", 10.0, [9.9, 10.1], "loaded"), row("b", 5.0, [4.9, 5.1], "loaded")]
     assert fronts(loaded)["latency"] == [] and "-" in table(loaded)[2][-4]
+
+
+def test_timed_rows_carry_the_peak_memory_of_their_artifact_alone(tmp_path, tiny_checkpoint, tiny_data, one_thread):
+    from deftcompress import run_recipe
+
+    common = dict(model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data), max_eval_samples=8)
+    run_recipe(Recipe.build(name="torch_run", passes=[{"relufy": {}}], **common), output_dir=tmp_path / "a", quiet=True)
+    run_recipe(Recipe.build(name="graph_run", passes=[{"onnx_export": {}}, {"quantize": {"backend": "ort_int8"}}],
+                            **common), output_dir=tmp_path / "b", quiet=True)
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(out),
+                                       "--repeats", "1", "--rows", "4", "-q", "--rank-loaded"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["runtime"] for r in rows] == ["torch", "onnxruntime"] and [r["ship"] for r in rows] == ["model/", "deploy/"]
+    assert all(isinstance(r["peak_memory_bytes"], int) and r["peak_memory_bytes"] > 0 for r in rows)
+    assert "peak memory" in (out / "compare.md").read_text()
+    again = CliRunner().invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(out),
+                                      "--repeats", "1", "--rows", "4", "--rank-loaded"])
+    assert again.exit_code == 0 and "timing: reused" in again.output
+    assert json.loads((out / "compare.json").read_text())["rows"] == rows  # the reused timing keeps the memory

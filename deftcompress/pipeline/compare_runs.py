@@ -306,6 +306,7 @@ def _timing(rows: list[CompareRow], out: Path, workload: Workload, timing: bool,
             for row, before in zip(rows, old_rows):
                 row.latency_ms, row.latency_ratio, row.timing = before.latency_ms, before.latency_ratio, before.timing
                 row.latency_spread, row.timing_load = before.latency_spread, before.timing_load
+                row.peak_memory_bytes = before.peak_memory_bytes
             log("timing: reused from the earlier compare.json (same runs, same workload)")
             return old
     from deftcompress.pipeline.timing import time_runs

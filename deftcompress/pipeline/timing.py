@@ -68,6 +68,15 @@ def time_runs(rows: list[CompareRow], workload, progress: bool = True, data_dir:
     result = compare_speed(models, tokenizer, task, arch, examples, batch_sizes=sizes, repeats=workload.repeats,
                            max_seq_length=int(resolved.get("max_seq_length") or 128), progress=progress)
     loaded = (result.others_load or 0.0) > LOADED and not getattr(workload, "rank_loaded", False)
+    from deftcompress.pipeline.memory_probe import peak_added_bytes
+
+    for row, rep in zip(rows, reports):  # each artifact alone in a fresh process: memory no other model shares
+        onnx = (rep.final or {}).get("onnx")
+        graph = not isinstance(models[row.name], torch.nn.Module)  # the graph was timed, not model/
+        row.peak_memory_bytes = peak_added_bytes(
+            row.folder, "onnxruntime" if graph else "torch", str(Path(row.folder) / onnx["folder"]) if graph else None,
+            data_dir or resolved.get("data_dir"), resolved.get("task") or rep.task, workload.rows, batch,
+            int(resolved.get("max_seq_length") or 128))
     for row in rows:
         row.latency_ms = {f"b{b}": round(1000 * result.seconds[row.name][b], 3) for b in sizes}
         row.latency_spread = {f"b{b}": [round(1000 * q, 3) for q in result.spread[row.name][b]] for b in sizes}
@@ -75,4 +84,6 @@ def time_runs(rows: list[CompareRow], workload, progress: bool = True, data_dir:
         row.timing, row.timing_load = ("loaded" if loaded else "compare"), result.others_load or 0.0
     return {"batch_sizes": list(sizes), "examples": len(examples), "threads": torch.get_num_threads(),
             "statistic": "median ms per batch over alternating repetitions in one process; spread = quartiles",
-            "others_load": result.others_load, "ranked": not loaded, "notes": notes}
+            "others_load": result.others_load, "ranked": not loaded, "notes": notes,
+            "memory": "peak resident memory a fresh process added to load the artifact and run one batch of the "
+                      "largest size (Linux high-water mark)"}

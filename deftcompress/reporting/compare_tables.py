@@ -54,6 +54,7 @@ class CompareRow:
     latency_spread: dict[str, list[float]] = field(default_factory=dict)  # "b1" -> [q1, q3] ms over the repeats
     rows: int = 0  # evaluation rows the score was measured on
     ship: str = ""  # the folder a deployer ships (deploy/ or model/), relative to the run folder
+    peak_memory_bytes: int | None = None  # a fresh process loading the artifact and running one batch (timing only)
 
     @property
     def density(self) -> float | None:
@@ -196,7 +197,7 @@ def table(rows: list[CompareRow]) -> list[list[str]]:
     on_front = {what: set(names) for what, names in fronts(rows).items()}
     metric = rows[0].task_metric if rows else "score"
     head = ["#", "run", *keys, "passes", metric, "rows", "density enc", "density dec", "nonzero", "size",
-            *[f"ms {k}" for k in sizes], *[f"latency {k}" for k in sizes], "runtime", "ship", "front"]
+            *[f"ms {k}" for k in sizes], *[f"latency {k}" for k in sizes], "peak memory", "runtime", "ship", "front"]
     out = [head]
     ok = comparable_rows(rows)
     for i, r in enumerate(rows, 1):
@@ -205,10 +206,14 @@ def table(rows: list[CompareRow]) -> list[list[str]]:
                     f"{r.score:.4f}{'' if ok[i - 1] else '!'}", str(r.rows or "-"),
                     _num(r.density_encoder), _num(r.density_decoder), f"{r.nonzero_params / 1e6:.2f}M",
                     f"{r.size_bytes / 1e6:.1f}MB", *[_num(r.latency_ms.get(k), 2) for k in sizes],
-                    *[(f"{r.latency_ratio[k]:.2f}x{'~' if uncertain(r, k) else ''}" if k in r.latency_ratio else "-")
-                      for k in sizes], r.runtime, r.ship or "-",
+                    *[(f"{r.latency_ratio[k]:.2f}x{'~' if i > 1 and uncertain(r, k) else ''}" if k in r.latency_ratio else "-")
+                      for k in sizes], _mb(r.peak_memory_bytes), r.runtime, r.ship or "-",
                     marks or "-"])
     return out
+
+
+def _mb(x: int | None) -> str:
+    return "-" if x is None else f"{x / 1e6:.0f}MB"
 
 
 def _num(x: float | None, digits: int = 4) -> str:
@@ -240,7 +245,8 @@ def _legend(rows: list[CompareRow]) -> str:
         text += (f". !: scored on another number of rows than run 1 ({rows[0].rows}): its score does not compare "
                  "and it is on no front; give every run the same max_eval_samples")
     return (f"{text}. size: the weight files a deployer ships (the .onnx files of a graph, the safetensors of model/; "
-            f"no tokenizer, config or card). ship: the folder to deploy. density: exact nonzero MLP activations, {' / '.join(modes) or 'masked'} mode, from each run's "
+            f"no tokenizer, config or card). ship: the folder to deploy. peak memory: what a fresh process added to load the artifact and run "
+            f"one batch of the largest size (timed comparisons only). density: exact nonzero MLP activations, {' / '.join(modes) or 'masked'} mode, from each run's "
             f"last step measured in its own mode. front: on the Pareto front of score against d = density, l = latency, s = size "
             "(no other run scores at least as high at a cost at least as low).")
 
@@ -264,13 +270,13 @@ def csv_text(rows: list[CompareRow]) -> str:
     writer = csv.writer(buffer)
     writer.writerow(["run", *keys, "passes", "task_metric", "score", "rows", "density_encoder", "density_decoder", "params",
                      "nonzero_params", "size_bytes", *[f"latency_ms_{k}" for k in sizes],
-                     *[f"latency_ratio_{k}" for k in sizes], "timing", "runtime",
+                     *[f"latency_ratio_{k}" for k in sizes], "peak_memory_bytes", "timing", "runtime",
                      *[f"pareto_{what}" for what in COSTS], "obtained", "folder", "ship"])
     for r in rows:
         writer.writerow([r.name, *[r.sweep.get(k, "") for k in keys], r.passes, r.task_metric, r.score, r.rows,
                          _blank(r.density_encoder), _blank(r.density_decoder), r.params, r.nonzero_params, r.size_bytes,
                          *[_blank(r.latency_ms.get(k)) for k in sizes], *[_blank(r.latency_ratio.get(k)) for k in sizes],
-                         r.timing, r.runtime, *[int(r.name in on_front[what]) for what in COSTS], r.reused, r.folder,
+                         _blank(r.peak_memory_bytes), r.timing, r.runtime, *[int(r.name in on_front[what]) for what in COSTS], r.reused, r.folder,
                          r.ship])
     return buffer.getvalue()
 
