@@ -72,6 +72,7 @@ class DepthPrune(Pass):
 
     def run(self, state) -> dict[str, Any]:
         from deftcompress.architecture.depth import layer_labels, remove_layers
+        from deftcompress.data.features import calibration_inputs
         from deftcompress.measurement.layer_influence import block_influence
         from deftcompress.measurement.size import count_parameters
         from deftcompress.peft_methods.wrapping import is_wrapped
@@ -94,7 +95,9 @@ class DepthPrune(Pass):
         t0 = time.perf_counter()
         labels = layer_labels(model, arch)
         stack = arch.stacks[0].name
-        batches, rows, tokens = _calibration_batches(state, c)
+        examples = state.examples("train", c.calibration_samples)
+        batches = calibration_inputs(state.tokenizer, state.task, state.arch, examples, c.calibration_batch_size,
+                                     state.recipe.max_seq_length, state.device)
         scores = block_influence(model, arch, batches)
         if c.remove is not None:
             remove = [f"{stack}.{i}" for i in c.remove]
@@ -118,26 +121,14 @@ class DepthPrune(Pass):
             "chosen_by": "remove (given)" if c.remove is not None else "lowest block influence",
             "block_influence": {label: round(scores[label], 6) for label in labels},
             "kept_renumbered": renamed,
-            "calibration": {"split": "train", "rows": rows, "tokens": tokens},
+            "calibration": {"split": "train", "rows": len(examples),
+                            "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches))},
             "params_before": params_before,
             "params_after": params_after,
             "prune_seconds": round(time.perf_counter() - t0, 3),
             "saved_format": f"stock config.json with {arch.layer_count_attr} = {len(labels) - len(remove)}: "
                             "loads with plain transformers",
         }
-
-
-def _calibration_batches(state, config) -> tuple[list[dict], int, int]:
-    """Padded model inputs of `calibration_samples` training rows (no labels), shortest first."""
-    from deftcompress.data.features import encode_inputs, length_sorted_batches, pad_inputs
-
-    examples = state.examples("train", config.calibration_samples)
-    features = encode_inputs(state.tokenizer, state.task, state.arch, examples, max_seq_length=state.recipe.max_seq_length)
-    batches = []
-    for indices in length_sorted_batches(features, config.calibration_batch_size):
-        inputs = pad_inputs(state.tokenizer, [features[i] for i in indices], max_length=state.recipe.max_seq_length)
-        batches.append({k: v.to(state.device) for k, v in inputs.items()})
-    return batches, len(features), sum(len(f["input_ids"]) for f in features)
 
 
 def _smoke_forward(model, inputs) -> None:

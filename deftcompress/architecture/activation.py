@@ -22,6 +22,7 @@ from deftcompress.architecture.locate import mlp_blocks, model_config, spec_for
 from deftcompress.architecture.spec import ArchSpec
 
 ACTIVATION_RECORD = "deftcompress_activation"
+THRESHOLD_RECORD = "deftcompress_activation_thresholds"  # {"format": 1, "thresholds": {block label: cutoff}}
 Kind = Literal["relu", "shifted_relu"]
 
 
@@ -37,6 +38,50 @@ class ShiftedReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold}"
+
+
+class ThresholdedActivation(nn.Module):
+    """act(x) where |act(x)| > threshold, else exactly 0: a per-layer cutoff calibrated on data (CATS, TEAL), which
+    gives exact zeros to activations such as SiLU and GELU that are never exactly zero themselves."""
+
+    def __init__(self, act: nn.Module, threshold: float):
+        super().__init__()
+        self.act = act
+        self.threshold = float(threshold)
+
+    def forward(self, x):
+        y = self.act(x)
+        return y.masked_fill(y.abs() <= self.threshold, 0.0)
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold:.6g}"
+
+
+def innermost_activation(block) -> tuple[nn.Module, Any]:
+    """The activation function of an MLP block and what holds it: DEFT's scaled activation or the layer itself."""
+    holder = block.act if hasattr(block.act, "act") and hasattr(block.act, "inverse_scale") else None
+    return (holder.act if holder is not None else block.act), holder
+
+
+def set_thresholds(model: nn.Module, thresholds: dict[str, float], arch: ArchSpec | None = None) -> int:
+    """Put a cutoff on the activation of each block named in `thresholds` (replacing an earlier cutoff) and record them
+    in the config, so the model reloads with the same zeros. Returns the number of blocks changed."""
+    arch = arch or spec_for(model)
+    count = 0
+    for block in mlp_blocks(model, arch):
+        if block.label not in thresholds:
+            continue
+        act, holder = innermost_activation(block)
+        base = act.act if isinstance(act, ThresholdedActivation) else act
+        new = ThresholdedActivation(base, thresholds[block.label])
+        if holder is not None:
+            holder.act = new
+        else:
+            model.set_submodule(block.names["act"], new)
+            block.act = new
+        count += 1
+    setattr(model_config(model), THRESHOLD_RECORD, {"format": 1, "thresholds": dict(thresholds)})
+    return count
 
 
 def new_activation(kind: Kind, threshold: float = 0.0) -> nn.Module:
@@ -86,20 +131,28 @@ def _set_stock_activation(model: nn.Module, arch: ArchSpec) -> bool:
 
 
 def needs_rebuild(config) -> bool:
-    """A recorded activation that the family's own config cannot express (a shifted ReLU)."""
+    """A recorded activation that the family's own config cannot express (a shifted ReLU, calibrated cutoffs)."""
     record = getattr(config, ACTIVATION_RECORD, None)
-    return bool(record) and not record.get("stock", False)
+    return (bool(record) and not record.get("stock", False)) or bool(getattr(config, THRESHOLD_RECORD, None))
 
 
 def apply_recorded_activation(model: nn.Module) -> int:
     """Rebuild the recorded activations in a model built from its config (before its weights load)."""
-    record = getattr(model_config(model), ACTIVATION_RECORD, None)
-    if not record or record.get("stock"):
-        return 0
-    wanted = set(record.get("layers", []))
+    config = model_config(model)
+    record = getattr(config, ACTIVATION_RECORD, None)
     count = 0
-    for block in mlp_blocks(model):
-        if block.label in wanted:
-            model.set_submodule(block.names["act"], new_activation(record["kind"], record.get("threshold", 0.0)))
-            count += 1
+    if record and not record.get("stock"):
+        wanted = set(record.get("layers", []))
+        for block in mlp_blocks(model):
+            if block.label in wanted:
+                model.set_submodule(block.names["act"], new_activation(record["kind"], record.get("threshold", 0.0)))
+                count += 1
+    cutoffs = getattr(config, THRESHOLD_RECORD, None)
+    if cutoffs:
+        if not isinstance(cutoffs, dict) or cutoffs.get("format") != 1 or not isinstance(cutoffs.get("thresholds"), dict) \
+                or not all(isinstance(v, (int, float)) and v >= 0 for v in cutoffs["thresholds"].values()):
+            from deftcompress.errors import ArchitectureError
+
+            raise ArchitectureError(f"{THRESHOLD_RECORD}: not a record of activation cutoffs this version writes")
+        count += set_thresholds(model, {k: float(v) for k, v in cutoffs["thresholds"].items()})
     return count

@@ -56,6 +56,15 @@ def length_sorted_batches(features: list[dict], batch_size: int):
         yield order[start:start + batch_size]
 
 
+def calibration_inputs(tokenizer, task: TaskSpec, arch: "ArchSpec", examples: list[dict], batch_size: int,
+                       max_seq_length: int, device) -> list[dict[str, torch.Tensor]]:
+    """Padded model inputs of `examples` (no labels), shortest first: what calibrating passes run the model on."""
+    features = encode_inputs(tokenizer, task, arch, examples, max_seq_length)
+    return [{k: v.to(device) for k, v in pad_inputs(tokenizer, [features[i] for i in indices],
+                                                     max_length=max_seq_length).items()}
+            for indices in length_sorted_batches(features, batch_size)]
+
+
 def pad_inputs(tokenizer, features: list[dict], padding: str = "longest", max_length: int = 128) -> dict[str, torch.Tensor]:
     """Pad features to the longest (`longest`) or to `max_length` (`max_length`, the DEFT paper's padding)."""
     kwargs = {"padding": "max_length", "max_length": max_length} if padding == "max_length" else {"padding": "longest"}
