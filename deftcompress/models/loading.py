@@ -109,6 +109,9 @@ def load_model_and_tokenizer(ref: str, task: TaskSpec | None, device: torch.devi
     anew, and `notes` says so); any other missing or mis-shaped weight is an error, never a silent
     re-initialisation. Weights come from safetensors unless `trust_pickle`.
     """
+    from deftcompress.models.gguf_alias import materialise
+
+    ref = materialise(ref)  # a GGUF alias is converted once, on its first load
     config = load_config(ref)
     arch = spec_for_model_type(config.model_type)
     auto = auto_class_for(arch, task, config)
