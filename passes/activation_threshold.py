@@ -3,7 +3,7 @@
 SiLU and GELU are (almost) never exactly zero, so a model that uses them keeps every activation however it is
 trained. The training-free answer (CATS, Lee et al. 2024; TEAL, Liu et al. 2024) is a cutoff per layer: the
 activation's magnitude at the quantile that leaves `density_target` of the values of a few hundred
-calibration rows above it (layer by layer, each calibrated with the cutoffs before it in place); below it the activation becomes exactly 0, with no other change. In gated MLPs the
+calibration rows above it (in one forward pass, each layer calibrated on what the cutoffs before it leave); below it the activation becomes exactly 0, with no other change. In gated MLPs the
 cutoff is on the activation of the gate, the factor that multiplies the other projection. A training pass
 afterwards (DEFT, plain PEFT) can recover the score within the thresholded activation. The cutoffs are recorded
 in config.json (`deftcompress_activation_thresholds`), so the model reloads with the same zeros through
@@ -27,16 +27,14 @@ SAMPLED_VALUES = 2_000_000  # per layer: the quantile of a uniform sample of thi
 class ActivationThresholdConfig(PassConfig):
     density_target: float = option(0.5, "fraction of each layer's MLP activations left nonzero on the calibration "
                                         "rows (0 < target < 1); the rest fall below the layer's cutoff and become 0")
-    calibration_samples: int = option(256, "training rows whose activations set the cutoffs (real tokens only)")
-    calibration_batch_size: int = option(16, "rows per calibration batch")
+    calibration_samples: int = option(256, "training rows whose activations set the cutoffs (real tokens only; they "
+                                           "run as one batch, so lower this for a large model)")
 
     def problem(self) -> str | None:
         if not 0.0 < self.density_target < 1.0:
             return f"density_target must be in (0, 1), got {self.density_target}"
         if not 1 <= self.calibration_samples <= 100_000:
             return f"calibration_samples must be in [1, 100000], got {self.calibration_samples}"
-        if not 1 <= self.calibration_batch_size <= 4_096:
-            return f"calibration_batch_size must be in [1, 4096], got {self.calibration_batch_size}"
         return None
 
 
@@ -70,25 +68,16 @@ class ActivationThreshold(Pass):
                                     "needs target tokens to calibrate on)")
         t0 = time.perf_counter()
         examples = state.examples("train", c.calibration_samples)
-        batches = calibration_inputs(state.tokenizer, state.task, state.arch, examples, c.calibration_batch_size,
+        inputs, = calibration_inputs(state.tokenizer, state.task, state.arch, examples, len(examples),
                                      state.recipe.max_seq_length, state.device)
         generator = torch.Generator().manual_seed(state.seed)
-        thresholds: dict[str, float] = {}
-        # layer by layer, each on the activations the cutoffs before it leave: cutting a layer shrinks what the next
-        # one sees, so cutoffs taken all at once from the untouched model overshoot (measured on MiniLM: a target
-        # of 0.1 gave 0.02-0.10 per layer)
-        for block in mlp_blocks(model, state.arch):
-            values = torch.cat(_activation_magnitudes(model, [block], batches, innermost_activation)[block.label])
-            if values.numel() > SAMPLED_VALUES:  # torch.quantile takes at most 16M values; a sample is plenty
-                values = values[torch.randint(values.numel(), (SAMPLED_VALUES,), generator=generator)]
-            thresholds[block.label] = float(torch.quantile(values, 1.0 - c.density_target))
-            set_thresholds(model, thresholds, state.arch)
-        after = _activation_magnitudes(model, mlp_blocks(model, state.arch), batches, innermost_activation)
-        achieved = {label: round(float(torch.cat(v).gt(0).float().mean()), 6) for label, v in after.items()}
+        thresholds, achieved = _calibrate(model, mlp_blocks(model, state.arch), inputs, c.density_target, generator,
+                                          innermost_activation)
+        set_thresholds(model, thresholds, state.arch)
         return {
             "density_target": c.density_target,
             "thresholds": {label: round(t, 8) for label, t in thresholds.items()},
-            "calibration": {"split": "train", "rows": len(examples)},
+            "calibration": {"split": "train", "rows": len(examples), "tokens": int(inputs["attention_mask"].sum())},
             "calibration_density": achieved,
             "seconds": round(time.perf_counter() - t0, 3),
             "saved_format": "config.json records the cutoffs (deftcompress_activation_thresholds); load with "
@@ -96,35 +85,40 @@ class ActivationThreshold(Pass):
         }
 
 
-def _activation_magnitudes(model, blocks, batches, innermost_activation) -> dict[str, list]:
-    """|activation| of every real token, per block, over the calibration batches (on the CPU)."""
+def _calibrate(model, blocks, inputs, target: float, generator, innermost_activation):
+    """One forward pass over every calibration row: at each MLP, in layer order, the cutoff is the quantile of the
+    activation magnitudes of the real tokens, and the cut output flows on, so each layer is calibrated on what the
+    cutoffs before it leave (cutoffs taken from the untouched model overshoot: on MiniLM a target of 0.1 gave
+    0.02-0.10 per layer). Returns (cutoffs, the fraction of calibration values above each)."""
     import torch
 
-    found: dict[str, list] = {b.label: [] for b in blocks}
-    mask_now: dict[str, Any] = {"mask": None}
+    mask = inputs["attention_mask"].bool()
+    thresholds: dict[str, float] = {}
+    achieved: dict[str, float] = {}
 
     def hook(label):
-        def record(module, inputs, output):
-            y = output.detach().abs().float()
-            mask = mask_now["mask"]
-            if mask is not None and mask.shape == y.shape[:-1]:
-                y = y[mask.bool()]
-            found[label].append(y.reshape(-1).cpu())
-        return record
+        def cut(module, args, output):
+            values = output.detach().abs().float()
+            values = (values[mask] if mask.shape == values.shape[:-1] else values).reshape(-1)
+            sample = values
+            if values.numel() > SAMPLED_VALUES:  # torch.quantile takes at most 16M values; a sample is plenty
+                sample = values[torch.randint(values.numel(), (SAMPLED_VALUES,), generator=generator).to(values.device)]
+            thresholds[label] = float(torch.quantile(sample, 1.0 - target))
+            achieved[label] = round(float((values > thresholds[label]).float().mean()), 6)
+            return output.masked_fill(output.abs() <= thresholds[label], 0.0)
+        return cut
 
     handles = [innermost_activation(b)[0].register_forward_hook(hook(b.label)) for b in blocks]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for inputs in batches:
-                mask_now["mask"] = inputs.get("attention_mask")
-                model(**inputs)
+            model(**inputs)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return found
+    return thresholds, achieved
 
 
 __all__ = ["ActivationThreshold", "ActivationThresholdConfig"]
