@@ -78,3 +78,23 @@ def test_t5_text_formats():
     assert parse_t5_prediction(sst2, " positive ") == 1 and parse_t5_prediction(sst2, "maybe") == -1
     stsb = get_task("glue/stsb")
     assert t5_target(stsb, {"label": 3.77}) == "3.8"
+
+
+def test_squad_contexts_is_language_modelling_on_each_paragraph_once_split_by_article(tiny_data, tiny_checkpoint,
+                                                                                         tmp_path):
+    from deftcompress.data.tasks import get_task, read_split
+    from deftcompress.pipeline.recipe import Recipe
+    from deftcompress.pipeline.runner import run_recipe
+
+    task = get_task("squad/contexts")
+    assert task.kind == "language_modeling" and task.metric == "perplexity" and not task.higher_is_better
+    train, validation = (read_split(task, split, str(tiny_data)) for split in ("train", "validation"))
+    assert len(train) == 16 and len(validation) == 4  # 10 articles of 2 paragraphs: every 5th article held out
+    assert all(r["text_b"] is None and r["label"] is None for r in train + validation)
+    assert not {r["text_a"] for r in train} & {r["text_a"] for r in validation}  # no paragraph in both
+    assert len({r["text_a"] for r in train}) == len(train)  # each paragraph once, however many questions
+    recipe = Recipe.build(name="lm", model=str(tiny_checkpoint("llama")), task="squad/contexts", data_dir=str(tiny_data),
+                          passes=[{"activation_threshold": {"density_target": 0.5}}])
+    report = run_recipe(recipe, output_dir=tmp_path / "run", quiet=True)
+    assert report.steps[0].task_metric == "perplexity" and report.steps[0].eval_examples == 4
+    assert report.steps[1].density["decoder"] < 0.7 < report.steps[0].density["decoder"]

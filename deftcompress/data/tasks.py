@@ -7,7 +7,8 @@ MNLI) and ``squad/{train,dev}-v1.1.json``. With no local folder the hub datasets
 split by article (every 5th article is held out for evaluation) so that no context is shared.
 
 Every example is normalised to a dict: ``text_a``, ``text_b`` (or None), ``label`` (int, float or
-the answer text) and, for SQuAD, ``answers`` (all reference answers) and ``id``.
+the answer text) and, for SQuAD, ``answers`` (all reference answers) and ``id``. ``squad/contexts`` is
+language modelling on SQuAD's Wikipedia paragraphs (each once, split by article as above).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class TaskSpec:
     t5_prefix: str = ""
     t5_fields: tuple[str, ...] = ()  # how T5 names the two inputs
     source: Any = field(default=None, compare=False)  # tasks given by data: own_data.DataSource
+    files: Literal["glue", "squad"] = "glue"  # which distribution's files hold the built-in task's rows
 
     @property
     def higher_is_better(self) -> bool:
@@ -74,7 +76,10 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("glue/mnli", "classification", "accuracy", 3, ("sentence1", "sentence2"), "gold_label",
                  hub_fields=("premise", "hypothesis"), dev_file="dev_matched.tsv", hub_validation="validation_matched",
                  label_names=("entailment", "neutral", "contradiction"), t5_prefix="mnli", t5_fields=("hypothesis", "premise")),
-        TaskSpec("squad", "qa", "f1", 0),
+        TaskSpec("squad", "qa", "f1", 0, files="squad"),
+        # Language modelling on real text: the Wikipedia paragraphs SQuAD's questions are about, each once, split by
+        # article as SQuAD is (perplexity over real tokens; decoder-only models)
+        TaskSpec("squad/contexts", "language_modeling", "perplexity", 0, files="squad"),
     )
 }
 
@@ -134,8 +139,10 @@ def read_split(task: TaskSpec, split: Split, data_dir: str | os.PathLike | None 
             raise DataError(f"{task.name} {split}: no examples found")
         return examples
     root = data_root(data_dir)
-    if task.kind == "qa":
+    if task.files == "squad":
         examples = _squad_local(root, split) if root else _squad_hub(split)
+        if task.kind == "language_modeling":
+            examples = _contexts(examples)
     else:
         examples = _glue_local(task, root, split) if root else _glue_hub(task, split)
     if not examples:
@@ -242,6 +249,14 @@ def _squad_rows(articles: list[dict], where: str) -> list[dict[str, Any]]:
     except (KeyError, TypeError) as exc:
         raise DataError(f"{where}: not SQuAD v1.1 JSON (missing {exc})") from None
     return out
+
+
+def _contexts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each paragraph of a SQuAD split once, in file order, as language-modelling text."""
+    seen: dict[str, None] = {}
+    for row in rows:
+        seen.setdefault(row["text_b"], None)
+    return [{"text_a": text, "text_b": None, "label": None} for text in seen]
 
 
 def _squad_local(root: Path, split: Split) -> list[dict[str, Any]]:

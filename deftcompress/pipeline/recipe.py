@@ -212,9 +212,10 @@ class Recipe:
         if not root.is_dir():
             raise RecipeError(f"{self.source}: {origin}: folder {root} not found")
         task = get_task(self.settings.task)
-        needed = {f"task {task.name}": root / "squad" / "dev-v1.1.json" if task.kind == "qa" else root / "glue" / task.glue_name / task.dev_file}
+        squad = task.files == "squad"
+        needed = {f"task {task.name}": root / "squad" / "dev-v1.1.json" if squad else root / "glue" / task.glue_name / task.dev_file}
         trainers = [p.where for p in self.plan if p.cls.needs_train_data(p.config)]
-        if trainers and task.kind != "qa":  # SQuAD without a train file trains on part of the dev articles
+        if trainers and not squad:  # SQuAD without a train file trains on part of the dev articles
             needed[trainers[0]] = root / "glue" / task.glue_name / "train.tsv"
         for user, path in needed.items():
             if not path.is_file():
