@@ -43,3 +43,18 @@ def test_the_gguf_file_is_converted_once_into_a_float_safetensors_folder(monkeyp
     load_model_and_tokenizer(ref, None)  # the second load reads the folder: no second conversion
     assert (tmp_path / "smollm2-135m-instruct-q4_1" / "model.safetensors").stat().st_mtime_ns == written
     assert tokenizer("Paris is")["input_ids"][-2:] == [38634, 314]
+
+
+def test_the_recipe_hash_of_a_gguf_alias_does_not_change_when_its_folder_appears(monkeypatch, tmp_path):
+    from deftcompress.core.model_refs import GGUF_ALIASES
+    from deftcompress.pipeline.progress import recipe_hash
+    from deftcompress.pipeline.recipe import Recipe
+
+    monkeypatch.setenv("DEFTCOMPRESS_CACHE", str(tmp_path))
+    folder = tmp_path / GGUF_ALIASES["smollm2"][1]
+    recipe = Recipe.build(name="s", model="minilm", passes=[{"evaluate": {}}])
+    recipe.settings.model = "smollm2"  # as written in the recipe (validation would need the package)
+    before = recipe_hash(recipe, str(folder))
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert recipe_hash(recipe, str(folder)) == before  # a compare planned before the conversion finds its run after

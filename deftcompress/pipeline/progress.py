@@ -69,8 +69,12 @@ def recipe_hash(recipe: "Recipe", model_ref: str, data: dict[str, Any] | None = 
     resolved["data"] = str(root.resolve()) if root is not None else "hub"
     if data is not None:
         resolved["data_identity"] = data
+    from deftcompress.core.model_refs import gguf_alias_of
+
     model = Path(model_ref).expanduser()
-    resolved["model"] = str(model.resolve()) if model.exists() else recipe.model
+    # a GGUF alias's folder appears on its first load: the alias names the model before and after
+    resolved["model"] = recipe.model if gguf_alias_of(model_ref) else str(model.resolve()) if model.exists() \
+        else recipe.model
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()
 
 
