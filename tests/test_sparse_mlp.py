@@ -426,3 +426,23 @@ def test_int8_products_refuse_float_weights_and_wrong_scales():
         down_int8(a, q.t().contiguous(), s[:10])
     with pytest.raises(ValueError, match="one float32 scale per output feature"):
         gate_int8(x, a, q, s.double())
+
+
+def test_the_int8_choice_runs_the_dense_layer_above_its_density(kernels):
+    from deftcompress.runtime.sparse_kernels import down_int8, down_int8_or_dense, quantize_rows
+
+    _, down, _, _, sparse_h = _int8_block(density=0.1)
+    dense_h = torch.relu(torch.randn_like(sparse_h)) + 0.1  # every activation nonzero
+    q, s = quantize_rows(down.weight)
+    calls = []
+
+    def dense(h):
+        calls.append(h.shape)
+        return torch.zeros(h.shape[0], 48)
+
+    with torch.no_grad():
+        torch.testing.assert_close(down_int8_or_dense(sparse_h, q.t().contiguous(), s, down.bias, dense),
+                                   down_int8(sparse_h, q.t().contiguous(), s, down.bias))
+        assert not calls
+        down_int8_or_dense(dense_h, q.t().contiguous(), s, down.bias, dense)
+    assert calls == [dense_h.shape]

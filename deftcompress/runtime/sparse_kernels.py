@@ -191,3 +191,15 @@ def _check_int8(q: torch.Tensor, scale: torch.Tensor, out_features: int, what: s
     if scale.dtype != torch.float32 or scale.shape != (out_features,):
         raise ValueError(f"{what}: one float32 scale per output feature expected ({out_features}), got "
                          f"{scale.dtype} {tuple(scale.shape)}")
+
+
+INT8_MAX_DENSITY = 0.2  # above it the dense int8 product wins (benchmarks/results/sparse_mlp_int8.md: crossover ~25%)
+
+
+def down_int8_or_dense(h: torch.Tensor, q_t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dense,
+                       max_density: float = INT8_MAX_DENSITY) -> torch.Tensor:
+    """The sparse int8 down-projection where `h` is at most `max_density` nonzero, else `dense(h)`: the layer's own
+    dense int8 product (one count decides; the sparse path loses above about a quarter)."""
+    if int(torch.count_nonzero(h)) <= max_density * h.numel():
+        return down_int8(h, q_t, scale, bias)
+    return dense(h)
