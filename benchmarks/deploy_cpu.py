@@ -124,13 +124,16 @@ def find_artifact(run: Path) -> Artifact:
     if not steps:
         raise BenchmarkError(f"{run}: report.json has no steps")
     last = steps[-1]
-    # a pass that left the model unchanged reuses the previous step's measurement: the step that measured decides
-    measured = next((s for s in reversed(steps) if "reused" not in str((s.get("details") or {}).get("evaluation", ""))),
-                    last)
+    from deftcompress.reporting.report import StepRecord, measured_in_onnxruntime, measuring_step
+
+    try:  # the step that measured decides (a pass that left the model unchanged reuses the one before)
+        measured = measuring_step([StepRecord.from_dict(s) for s in steps])
+    except (KeyError, TypeError):
+        raise BenchmarkError(f"{run}: report.json steps are not what a run writes") from None
     resolved_path = run / "recipe.resolved.yaml"
     resolved = (yaml.safe_load(resolved_path.read_text()) or {}) if resolved_path.is_file() else {}
     onnx = (report.get("final") or {}).get("onnx")
-    on_graph = str((measured.get("details") or {}).get("runtime", "")).startswith("onnxruntime")
+    on_graph = measured_in_onnxruntime(measured)
     common = dict(name=report.get("name") or run.name, run=str(run), task=resolved.get("task") or report.get("task"),
                   metric=last.get("task_metric", ""), reported_score=last.get("task_score"),
                   reported_rows=last.get("eval_examples"), resolved=resolved)

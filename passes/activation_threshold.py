@@ -3,8 +3,8 @@
 SiLU and GELU are (almost) never exactly zero, so a model that uses them keeps every activation however it is
 trained. The training-free answer (CATS, Lee et al. 2024; TEAL, Liu et al. 2024) is a cutoff per layer: the
 activation's magnitude at the quantile that leaves `density_target` of the values of a few hundred
-calibration rows above it (in one forward pass, each layer calibrated on what the cutoffs before it leave); below it the activation becomes exactly 0, with no other change. In gated MLPs the
-cutoff is on the activation of the gate, the factor that multiplies the other projection. A training pass
+calibration rows above it (in one forward pass, each layer calibrated on what the cutoffs before it leave);
+below it the activation becomes exactly 0, with no other change. In gated MLPs the cutoff is on the activation of the gate, the factor that multiplies the other projection. A training pass
 afterwards (DEFT, plain PEFT) can recover the score within the thresholded activation. The cutoffs are recorded
 in config.json (`deftcompress_activation_thresholds`), so the model reloads with the same zeros through
 deftcompress; stock transformers refuses the folder instead of loading a dense model.
@@ -57,7 +57,7 @@ class ActivationThreshold(Pass):
         import torch
 
         from deftcompress.architecture import mlp_blocks
-        from deftcompress.architecture.activation import innermost_activation, set_thresholds
+        from deftcompress.architecture.activation import set_thresholds
         from deftcompress.data.features import calibration_inputs
 
         c, model = self.config, state.model
@@ -71,8 +71,7 @@ class ActivationThreshold(Pass):
         inputs, = calibration_inputs(state.tokenizer, state.task, state.arch, examples, len(examples),
                                      state.recipe.max_seq_length, state.device)
         generator = torch.Generator().manual_seed(state.seed)
-        thresholds, achieved = _calibrate(model, mlp_blocks(model, state.arch), inputs, c.density_target, generator,
-                                          innermost_activation)
+        thresholds, achieved = _calibrate(model, mlp_blocks(model, state.arch), inputs, c.density_target, generator)
         set_thresholds(model, thresholds, state.arch)
         return {
             "density_target": c.density_target,
@@ -85,12 +84,14 @@ class ActivationThreshold(Pass):
         }
 
 
-def _calibrate(model, blocks, inputs, target: float, generator, innermost_activation):
+def _calibrate(model, blocks, inputs, target: float, generator):
     """One forward pass over every calibration row: at each MLP, in layer order, the cutoff is the quantile of the
     activation magnitudes of the real tokens, and the cut output flows on, so each layer is calibrated on what the
     cutoffs before it leave (cutoffs taken from the untouched model overshoot: on MiniLM a target of 0.1 gave
     0.02-0.10 per layer). Returns (cutoffs, the fraction of calibration values above each)."""
     import torch
+
+    from deftcompress.architecture.activation import innermost_activation
 
     mask = inputs["attention_mask"].bool()
     thresholds: dict[str, float] = {}

@@ -101,8 +101,7 @@ def replace_activations(model: nn.Module, kind: Kind, threshold: float = 0.0, ar
     replaced: dict[str, int] = {}
     labels = []
     for block in mlp_blocks(model, arch):
-        holder = block.act if hasattr(block.act, "act") and hasattr(block.act, "inverse_scale") else None
-        old = holder.act if holder is not None else block.act
+        old, holder = innermost_activation(block)
         replaced[type(old).__name__] = replaced.get(type(old).__name__, 0) + 1
         new = new_activation(kind, threshold)
         if holder is not None:  # DEFT's scales stay around the activation

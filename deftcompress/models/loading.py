@@ -23,6 +23,7 @@ from deftcompress.errors import ArchitectureError, CheckpointError, RecipeError
 # deftcompress: a concrete class (`BertForSequenceClassification.from_pretrained`), which ignores the model type, then
 # fails building the activation. The values replaced are kept under STOCK_VALUES_KEY and restored on loading.
 STOCK_VALUES_KEY = "deftcompress_stock_values"
+NEW_HEAD_NOTE = "initialised anew"  # how a loading note names task heads that got new random weights
 STOCK_ACTIVATION = "needs deftcompress: load this folder with deftcompress.load_model(folder)"  # no '-': T5 splits on it
 
 
@@ -178,7 +179,7 @@ def _check_loading_info(ref: str, arch: ArchSpec, info: dict[str, Any], notes: l
                               "task head may be initialised anew")
     new_heads = sorted({k.rsplit(".", 1)[0] for k in list(info.get("missing_keys", [])) + mismatched})
     if notes is not None and new_heads:
-        notes.append(f"initialised anew (not in the checkpoint, or sized for another label count): {', '.join(new_heads)}")
+        notes.append(f"{NEW_HEAD_NOTE} (not in the checkpoint, or sized for another label count): {', '.join(new_heads)}")
 
 
 def _with_config(config, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from deftcompress.models.loading import NEW_HEAD_NOTE
 from deftcompress.pipeline.run_files import RunFolderError, remove_own_folder
 from deftcompress.reporting.model_card import write_deploy_card
 from deftcompress.reporting.report import Report, measured_in_onnxruntime, measuring_step
@@ -31,7 +32,7 @@ def write_deploy_folder(out: Path, report: Report, graph, begin, passes: str, re
     of a base checkpoint with a new random head has nothing to ship).
     """
     step = measuring_step(report.steps)
-    new_head = any("initialised anew" in note for note in report.steps[0].details.get("notes", []))
+    new_head = any(NEW_HEAD_NOTE in note for note in report.steps[0].details.get("notes", []))
     if new_head and not model_changed:
         return {"folder": None, "runtime": None, "score": step.task_score, "metric": step.task_metric,
                 "rows": step.eval_examples, "step": step.index,

@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 
 from deftcompress.reporting.plots import save_figure
-from deftcompress.reporting.report import Report, measured_in_onnxruntime, measuring_step, write_atomic
+from deftcompress.reporting.report import (Report, measured_in_onnxruntime, measuring_step, spread_exceeds,
+                                           write_atomic)
 from deftcompress.reporting.text import md_cell, md_code
 
 COSTS = {"density": "MLP activation density", "latency": "latency at batch 1 (x first row)",
@@ -151,10 +152,8 @@ def set_report_ratios(rows: list[CompareRow]) -> None:
 
 def uncertain(row: CompareRow, key: str) -> bool:
     """True when the spread of a row's repeats is larger than its difference to the first row."""
-    spread, ms, ratio = row.latency_spread.get(key), row.latency_ms.get(key), row.latency_ratio.get(key)
-    if not spread or not ms or ratio is None:
-        return False
-    return (spread[1] - spread[0]) / ms > abs(1.0 - ratio)
+    ratio = row.latency_ratio.get(key)
+    return ratio is not None and spread_exceeds(ratio, (row.latency_spread.get(key), row.latency_ms.get(key)))
 
 
 def pareto_front(points: list[tuple[float | None, float | None]]) -> list[int]:

@@ -53,9 +53,14 @@ class StepRecord:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def measured(step: StepRecord) -> bool:
+    """False for a step that reused the step before it (its pass left the model unchanged)."""
+    return "reused" not in str(step.details.get("evaluation", ""))
+
+
 def measuring_step(steps: list[StepRecord]) -> StepRecord:
-    """The last step that measured (a pass that left the model unchanged reuses the step before it)."""
-    return next((s for s in reversed(steps) if "reused" not in str(s.details.get("evaluation", ""))), steps[-1])
+    """The last step that measured."""
+    return next((s for s in reversed(steps) if measured(s)), steps[-1])
 
 
 def measured_in_onnxruntime(step: StepRecord) -> bool:
@@ -64,22 +69,23 @@ def measured_in_onnxruntime(step: StepRecord) -> bool:
 
 def last_pytorch_step(steps: list[StepRecord]) -> StepRecord:
     """The last step that measured the PyTorch model (what a run's `model/` holds)."""
-    return next((s for s in reversed(steps) if not measured_in_onnxruntime(s)
-                 and "reused" not in str(s.details.get("evaluation", ""))), steps[0])
+    return next((s for s in reversed(steps) if measured(s) and not measured_in_onnxruntime(s)), steps[0])
 
 
 LATENCY_LEGEND = ("latency: median of repeats on one fixed workload, ratio to step 0; ~: the spread of the repeats "
                   "(interquartile range) is larger than the difference, so the ratio is noise")
 
 
-def within_spread(timing: dict[str, Any], base: dict[str, Any], batch: int, ratio: float) -> bool:
-    """True when the interquartile range of the repeats (`iqr_batch_N` of either timing) exceeds the difference."""
-    rel = []
-    for t in (timing, base):
-        iqr, ms = t.get(f"iqr_batch_{batch}"), t.get(f"ms_batch_{batch}")
-        if isinstance(iqr, list) and len(iqr) == 2 and ms:
-            rel.append((iqr[1] - iqr[0]) / ms)
+def spread_exceeds(ratio: float, *timings: tuple[Any, Any]) -> bool:
+    """True when the interquartile range of the repeats of any of `timings` ((q1, q3), median), relative to its
+    median, is larger than the difference the ratio shows: the ratio is then noise."""
+    rel = [(iqr[1] - iqr[0]) / ms for iqr, ms in timings if isinstance(iqr, (list, tuple)) and len(iqr) == 2 and ms]
     return bool(rel) and max(rel) > abs(1.0 - ratio)
+
+
+def within_spread(timing: dict[str, Any], base: dict[str, Any], batch: int, ratio: float) -> bool:
+    """`spread_exceeds` for two fixed-workload latency records (`iqr_batch_N`, `ms_batch_N`)."""
+    return spread_exceeds(ratio, *((t.get(f"iqr_batch_{batch}"), t.get(f"ms_batch_{batch}")) for t in (timing, base)))
 
 
 def density_dict(result: "DensityResult | None") -> dict[str, Any]:
