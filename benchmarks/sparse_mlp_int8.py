@@ -68,7 +68,7 @@ def block(torch, d_model: int, d_ff: int, gated: bool, density: float, seed: int
 
 
 def forwards(torch, b):
-    from deftcompress.runtime.sparse_kernels import INT8_MAX_DENSITY, down_int8, gate_int8
+    from deftcompress.runtime.sparse_kernels import down_int8, down_int8_or_dense, gate_int8, sparse_enough
 
     pool, thr, dense = b["pool"], b["threshold"], b["dense"]
     gated = b["gate_int8"] is not None
@@ -85,12 +85,13 @@ def forwards(torch, b):
         h = a * gate_int8(x, a, *b["gate_int8"]) if gated else a
         return down_int8(h, *b["down_int8"])
 
-    def auto_block(x):  # what a runtime would run: sparse where the count says it pays, else the dense int8 layers
+    def auto_block(x):  # what a runtime would run: sparse where the compiled count says it pays, else dense int8
         a = act(x)
-        sparse = int(torch.count_nonzero(a)) <= INT8_MAX_DENSITY * a.numel()
-        if gated:
-            a = a * (gate_int8(x, a, *b["gate_int8"]) if sparse else dense["gate"](x))
-        return down_int8(a, *b["down_int8"]) if sparse else dense["down"](a)
+        if not gated:
+            return down_int8_or_dense(a, *b["down_int8"], dense["down"])
+        if sparse_enough(a):
+            return down_int8(a * gate_int8(x, a, *b["gate_int8"]), *b["down_int8"])
+        return dense["down"](a * dense["gate"](x))
 
     def fp32_block(x):
         up, gate, down = b["fp32"]
@@ -104,6 +105,7 @@ def forwards(torch, b):
         "auto block": lambda i: auto_block(pool[i % 256:i % 256 + 1]),
         "dense down": lambda i: dense["down"](acts[i % 256]),
         "sparse down": lambda i: down_int8(acts[i % 256], *b["down_int8"]),
+        "count": lambda i: sparse_enough(acts[i % 256]),  # what the choice adds to a block that stays dense
     }, dense_block, sparse_block, fp32_block
 
 
@@ -134,6 +136,7 @@ def run(args) -> dict:
                              "dense_down_us": round(1e6 * t["dense down"], 2),
                              "sparse_down_us": round(1e6 * t["sparse down"], 2),
                              "down_speedup": round(t["dense down"] / t["sparse down"], 3),
+                             "count_us": round(1e6 * t["count"], 2),
                              "max_error_sparse_int8": err_sparse, "max_error_dense_int8": err_dense})
                 print(f"{label} density {density}: block {rows[-1]['block_speedup']}x, down {rows[-1]['down_speedup']}x",
                       file=sys.stderr)
@@ -152,13 +155,17 @@ def render(data: dict) -> str:
              "Speed-up = dense int8 time / sparse int8 time (above 1: the sparse path is faster). Error: largest "
              "absolute difference to the fp32 block on 64 tokens; the sparse path keeps activations in float, so its "
              "error is the weights' rounding only.", "",
-             f"Chosen: the block as a runtime would run it, sparse where one count finds at most "
-             f"{data.get('max_density', 0.2):g} of the activations nonzero, else the dense int8 layers.", "",
-             "| block | density | block: dense / sparse us | block speed-up | chosen speed-up | down: dense / sparse us "
-             "| down speed-up | error sparse int8 | error dense int8 |", "|---|---|---|---|---|---|---|---|---|"]
+             f"Chosen: the block as a runtime would run it, sparse where one compiled count (`sparse_enough`) finds at most "
+             f"{data.get('max_density', 0.2):g} of the activations nonzero, else the dense int8 layers. Count: the time of "
+             "that count alone, what the choice adds where the block stays dense (the chosen column's distance from "
+             "1.00x beyond it is the spread of the measurement).", "",
+             "| block | density | block: dense / sparse us | block speed-up | chosen speed-up | count us (of the dense block) "
+             "| down: dense / sparse us | down speed-up | error sparse int8 | error dense int8 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         lines.append(f"| {r['block']} | {r['density']:.2f} ({r['measured_density']:.3f}) | {r['dense_block_us']:.1f} / "
                      f"{r['sparse_block_us']:.1f} | {r['block_speedup']:.2f}x | {r['auto_block_speedup']:.2f}x | "
+                     f"{r['count_us']:.2f} ({r['count_us'] / r['dense_block_us']:.1%}) | "
                      f"{r['dense_down_us']:.1f} / "
                      f"{r['sparse_down_us']:.1f} | {r['down_speedup']:.2f}x | {r['max_error_sparse_int8']:.2e} | "
                      f"{r['max_error_dense_int8']:.2e} |")

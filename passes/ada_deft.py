@@ -21,17 +21,20 @@ from typing import Any
 from deftcompress.core.config import PassConfig
 from deftcompress.core.protocol import Need, Pass, PassState
 from deftcompress.core.registry import register_pass
-from deftcompress.training.options import (AdaOptions, DensityOptions, PeftOptions, TrainingOptions, deft_leaves,
-                                           deft_needs)
+from deftcompress.training.options import (AdaOptions, BudgetOptions, DensityOptions, PeftOptions, TrainingOptions,
+                                           deft_leaves, deft_needs)
 
 
 @dataclass
-class AdaDeftConfig(AdaOptions, TrainingOptions, DensityOptions, PeftOptions, PassConfig):
-    """DEFT's fields (PEFT method, density loss, training), then the block weights and budget."""
+class AdaDeftConfig(BudgetOptions, AdaOptions, TrainingOptions, DensityOptions, PeftOptions, PassConfig):
+    """DEFT's fields (PEFT method, density loss, training), the block weights and budget, the accuracy budget."""
 
     def problem(self) -> str | None:
         return (self.peft_problem() or self.density_problem(self.method) or self.training_problem()
-                or self.ada_problem(self.method))
+                or self.ada_problem(self.method) or self.budget_problem(self.distill_from)
+                or (self.max_score_drop is not None and not self.skip_blocks
+                    and "max_score_drop on ada_deft searches skip_blocks from the recipe's number down to 1: set "
+                        "skip_blocks >= 1") or None)
 
 
 @register_pass
@@ -64,7 +67,13 @@ class AdaDeft(Pass):
 
         c = self.config
         before = copy.deepcopy(state.model) if c.measure_speed else None  # the previous step's model
-        result = run_deft(TrainingContext.from_state(state, self.name), c, c.gate_settings(), c.gate_lr)
+        from deftcompress.training.score_budget import run_deft_within_budget
+
+        ctx = TrainingContext.from_state(state, self.name)
+        if c.max_score_drop is None:
+            result = run_deft(ctx, c, c.gate_settings(), c.gate_lr)
+        else:
+            result = run_deft_within_budget(ctx, c, ada=True)
         state.model = result.model
         details = result.details
         if before is not None:

@@ -18,18 +18,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from deftcompress.core.config import PassConfig
+from deftcompress.core.config import PassConfig, option
 from deftcompress.core.protocol import Need, Pass, PassState
 from deftcompress.core.registry import register_pass
-from deftcompress.training.options import DensityOptions, PeftOptions, TrainingOptions, deft_leaves, deft_needs
+from deftcompress.training.options import (BudgetOptions, DensityOptions, PeftOptions, TrainingOptions, deft_leaves,
+                                           deft_needs)
 
 
 @dataclass
-class DeftConfig(TrainingOptions, DensityOptions, PeftOptions, PassConfig):
-    """PEFT method, density loss and training options (fields in that order; see `deftcompress passes`)."""
+class DeftConfig(BudgetOptions, TrainingOptions, DensityOptions, PeftOptions, PassConfig):
+    """PEFT method, density loss, training options and the accuracy budget (fields in that order)."""
+
+    budget_density_targets: list[float] = option(
+        [0.2, 0.3, 0.38, 0.5, 0.7], "max_score_drop: the density targets searched (by bisection, lowest first; about "
+                                    "log2(n) + 1 trainings besides the reference)")
 
     def problem(self) -> str | None:
-        return self.peft_problem() or self.density_problem(self.method) or self.training_problem()
+        return (self.peft_problem() or self.density_problem(self.method) or self.training_problem()
+                or self.budget_problem(self.distill_from) or self._search_problem())
+
+    def _search_problem(self) -> str | None:
+        if self.max_score_drop is None:
+            return None
+        if self.density_weight == 0:
+            return "max_score_drop searches density targets: density_weight must be > 0"
+        if not self.budget_density_targets or not all(0 < t < 1 for t in self.budget_density_targets):
+            return "budget_density_targets must be a non-empty list of densities in (0, 1)"
+        return None
 
 
 @register_pass
@@ -57,8 +72,13 @@ class Deft(Pass):
     def run(self, state: PassState) -> dict[str, Any]:
         from deftcompress.training.context import TrainingContext
         from deftcompress.training.deft_run import run_deft
+        from deftcompress.training.score_budget import run_deft_within_budget
 
-        result = run_deft(TrainingContext.from_state(state, self.name), self.config)
+        ctx = TrainingContext.from_state(state, self.name)
+        if self.config.max_score_drop is None:
+            result = run_deft(ctx, self.config)
+        else:
+            result = run_deft_within_budget(ctx, self.config)
         state.model = result.model
         return result.details
 

@@ -446,3 +446,18 @@ def test_the_int8_choice_runs_the_dense_layer_above_its_density(kernels):
         assert not calls
         down_int8_or_dense(dense_h, q.t().contiguous(), s, down.bias, dense)
     assert calls == [dense_h.shape]
+
+
+def test_the_compiled_density_count_decides_at_the_limit_like_torch(kernels):
+    from deftcompress.runtime.sparse_kernels import load, sparse_enough
+
+    t = torch.zeros(2, 50)
+    t.view(-1)[:20] = 1.0  # 20 of 100 nonzero
+    assert sparse_enough(t, 0.2)
+    assert not sparse_enough(t, 0.19)
+    t.view(-1)[-1] = -3.0  # 21 of 100
+    assert not sparse_enough(t, 0.2)
+    assert sparse_enough(torch.zeros(3, 7), 0.0)
+    if kernels == "kernels":  # not the compiled count's case: it answers false, so the caller runs its dense layer
+        assert not load().density_at_most(torch.zeros(4, 4, dtype=torch.float64), 0.5)
+        assert not load().density_at_most(torch.zeros(4, 8)[:, ::2], 0.5)

@@ -196,10 +196,19 @@ def _check_int8(q: torch.Tensor, scale: torch.Tensor, out_features: int, what: s
 INT8_MAX_DENSITY = 0.2  # above it the dense int8 product wins (benchmarks/results/sparse_mlp_int8.md: crossover ~25%)
 
 
+def sparse_enough(t: torch.Tensor, max_density: float = INT8_MAX_DENSITY) -> bool:
+    """Whether at most `max_density` of `t` is nonzero: the compiled count (it stops at the limit), or
+    torch's where the kernels did not build."""
+    kernels = load()
+    if kernels is not None:
+        return kernels.density_at_most(t, max_density)
+    return int(torch.count_nonzero(t)) <= max_density * t.numel()
+
+
 def down_int8_or_dense(h: torch.Tensor, q_t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dense,
                        max_density: float = INT8_MAX_DENSITY) -> torch.Tensor:
     """The sparse int8 down-projection where `h` is at most `max_density` nonzero, else `dense(h)`: the layer's own
     dense int8 product (one count decides; the sparse path loses above about a quarter)."""
-    if int(torch.count_nonzero(h)) <= max_density * h.numel():
+    if sparse_enough(h, max_density):
         return down_int8(h, q_t, scale, bias)
     return dense(h)

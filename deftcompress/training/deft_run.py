@@ -53,8 +53,9 @@ class _Folded:
 
 
 def run_deft(ctx: TrainingContext, c, gate_settings: GateSettings | None = None,
-             gate_lr: float | None = None) -> DeftResult:
-    """Train `ctx.model` as configured by `c` (PeftOptions + DensityOptions + TrainingOptions); see the module docstring."""
+             gate_lr: float | None = None, teacher=None) -> DeftResult:
+    """Train `ctx.model` as configured by `c` (PeftOptions + DensityOptions + TrainingOptions); see the module docstring.
+    `teacher`: a frozen model to distil from, given instead of `c.distill_from` (the budget's reference)."""
     from deftcompress.peft_methods.wrapping import trainable_parameter_count
 
     density_mode = c.density_mode or ctx.density_mode
@@ -69,7 +70,7 @@ def run_deft(ctx: TrainingContext, c, gate_settings: GateSettings | None = None,
     train_rows, held_out = _training_rows(ctx, c)
     settings = _train_settings(ctx, c, density_mode, gate_settings)
     density, extra = _extra_losses(ctx, c, model, density_mode, extras)
-    teacher = _teacher(ctx, c)
+    teacher = teacher if teacher is not None else _teacher(ctx, c)
     result = _train(ctx, c, model, train_rows, held_out, settings, density, extra, groups, teacher, extras.temporary)
     folded = _fold_and_save(ctx, c, result.model, wrapped, extras)
     details = _report(c, wrapped, result, folded, total_params=total_params, trainable=trainable, density=density,
@@ -155,7 +156,7 @@ def _extra_losses(ctx: TrainingContext, c, model, density_mode: str, extras: _Tr
 
 
 def _teacher(ctx: TrainingContext, c):
-    if not (c.distill_from and c.distill_weight > 0):
+    if not (c.distill_from and (c.distill_weight > 0 or c.distill_features > 0)):
         return None
     from deftcompress.training.distillation import load_teacher
 
@@ -216,6 +217,7 @@ def _report(c, wrapped, result, folded: _Folded, *, total_params: int, trainable
         "train_mlp_bias": c.train_mlp_bias,
         "activation_scales": folded.scale_details or False,
         "distillation": {"from": c.distill_from, "weight": c.distill_weight, "temperature": c.distill_temperature,
+                         "features_weight": c.distill_features,
                          "teacher_params": sum(p.numel() for p in teacher.parameters())} if teacher is not None else None,
         **{k: v for k, v in result.to_dict().items() if k not in ("trainable_params", "notes")},
         "train_rows": len(train_rows),

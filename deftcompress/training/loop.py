@@ -46,7 +46,7 @@ from torch import nn
 from deftcompress.errors import DeftcompressError
 from deftcompress.data.features import Batch, collate, encode_examples
 from deftcompress.training.context import TrainingContext
-from deftcompress.training.distillation import distillation_term, teacher_logits
+from deftcompress.training.distillation import distillation_term, feature_term, hidden_states_of, teacher_outputs
 from deftcompress.training.options import TrainSettings  # noqa: F401  (the settings live with the options)
 
 
@@ -78,7 +78,7 @@ class EpochLog:
     train_loss: float
     task_loss: float
     extra_loss: float | None  # raw (unweighted) extra loss, mean over the epoch's steps
-    distill_loss: float | None = None  # raw distillation term (with a teacher), mean over the epoch's steps
+    distill_loss: float | None = None  # the teacher's terms as weighted (with a teacher), mean over the epoch's steps
     eval_score: float | None = None
     eval_density: float | None = None
     seconds: float = 0.0
@@ -169,9 +169,9 @@ def _restore(params: list[tuple[str, nn.Parameter]], saved: list[torch.Tensor]) 
             p.copy_(value.to(p.device))
 
 
-def _forward_loss(model: nn.Module, batch: Batch):
-    """(task loss, the model's output)."""
-    out = model(**batch.inputs)
+def _forward_loss(model: nn.Module, batch: Batch, hidden_states: bool = False):
+    """(task loss, the model's output, with every layer's hidden state if asked)."""
+    out = model(**batch.inputs, **({"output_hidden_states": True} if hidden_states else {}))
     loss = out.loss if hasattr(out, "loss") else out[0]
     if loss is None:
         raise TrainingError(f"{type(model).__name__} returned no loss; does it take `labels`?")
@@ -436,13 +436,18 @@ def _micro_step(run: _Run, global_batch: list[int], step: int, last_micro: bool)
         run.extra_loss.begin_step(batch.token_masks, step, run.plan.total_steps)
     # DDP: gradients are all-reduced only on the micro-batch that ends an optimizer step
     with nullcontext() if last_micro or run.world == 1 else accelerator.no_sync(run.ddp_model):
-        task_loss, out = _forward_loss(run.ddp_model, batch)
+        features = run.teacher is not None and settings.distill_features > 0
+        task_loss, out = _forward_loss(run.ddp_model, batch, hidden_states=features)
         loss, extra_raw, distill_raw = task_loss, None, None
         if run.teacher is not None:
-            distill = distillation_term(out.logits, teacher_logits(run.teacher, batch.inputs),
-                                        settings.distill_temperature, ctx.task.kind == "regression")
-            distill_raw = float(distill.detach())
-            loss = loss + settings.distill_weight * distill
+            taught = teacher_outputs(run.teacher, batch.inputs, hidden_states=features)
+            distill = settings.distill_weight * distillation_term(out.logits, taught.logits, settings.distill_temperature,
+                                                                  ctx.task.kind == "regression")
+            if features:
+                distill = distill + settings.distill_features * feature_term(
+                    hidden_states_of(out), hidden_states_of(taught), batch.inputs.get("attention_mask"))
+            distill_raw = float(distill.detach())  # the weighted sum of the teacher's terms
+            loss = loss + distill
         if run.extra_loss is not None:
             extra_term, extra_raw = run.extra_loss.end_step()
             if extra_term is not None:

@@ -65,6 +65,7 @@ class TrainSettings:
     report_to: tuple[str, ...] = ()  # accelerate trackers (tensorboard, wandb, ...)
     distill_weight: float = 1.0  # weight of the teacher's term beside the task loss (read only when there is a teacher)
     distill_temperature: float = 2.0
+    distill_features: float = 0.0  # weight of the teacher's layer-wise hidden-state term (SquareHead)
     # Keep-best considers only evaluations from this fraction of the steps on (DEFT: after the density ramp,
     # when the model is held to its target; an earlier, denser checkpoint would score better and undo DEFT)
     select_from_ratio: float = 0.0
@@ -290,10 +291,14 @@ class TrainingOptions:
     distill_from: str | None = option(
         None, "knowledge distillation: a model fine-tuned on the same task with the same tokenizer (a run's model/ "
               "folder, a checkpoint folder or hub id) whose logits the trained model also learns to match; each step "
-              "runs it once more, without gradients; null = none")
+              "runs it once more, without gradients; reference = the max_score_drop reference; null = none")
     distill_weight: float = option(1.0, "distill_from: weight of T^2 KL(teacher || model) (regression: squared "
                                         "difference) beside the task loss")
     distill_temperature: float = option(2.0, "distill_from: softmax temperature T of both logits")
+    distill_features: float = option(
+        0.0, "distill_from: weight of a layer-wise feature term beside the logits' (SquareHead: per layer, the squared "
+             "difference of the hidden states over real tokens divided by the teacher's own mean square, averaged "
+             "over layers); the teacher needs the trained model's depth and widths; 0 = logits only")
 
     def training_problem(self) -> str | None:
         for name, top in (("epochs", 10_000), ("batch_size", 65_536)):
@@ -329,7 +334,11 @@ class TrainingOptions:
             return "distill_weight must be in [0, 1000]"
         if not 0 < self.distill_temperature <= 100:
             return "distill_temperature must be in (0, 100]"
-        if self.distill_from is not None:
+        if not 0 <= self.distill_features <= 1000:
+            return "distill_features must be in [0, 1000]"
+        if self.distill_features > 0 and self.distill_from is None:
+            return "distill_features needs distill_from (the teacher whose hidden states are matched)"
+        if self.distill_from is not None and self.distill_from != "reference":  # reference: see BudgetOptions
             from deftcompress.core.model_refs import resolve_saved_model_ref
             from deftcompress.errors import DeftcompressError
 
@@ -350,7 +359,39 @@ class TrainingOptions:
                              mixed_precision=self.mixed_precision, eval_steps=self.eval_steps,
                              save_steps=self.save_steps, report_to=tuple(self.report_to),
                              distill_weight=self.distill_weight,
-                             distill_temperature=self.distill_temperature)
+                             distill_temperature=self.distill_temperature, distill_features=self.distill_features)
+
+
+@dataclass
+class BudgetOptions:
+    """An accuracy budget: the most compression whose held-out score stays within it (`training.score_budget`)."""
+
+    max_score_drop: float | None = option(
+        None, "accuracy budget, in points of the task metric (x100 for accuracy / F1; perplexity: percent above the "
+              "reference): train a reference, then search the compression (deft: budget_density_targets; ada_deft: "
+              "skip_blocks down to 1) and keep the most compressed model whose score on held-out training rows "
+              "(validation_fraction, 0.1 if unset) stays within it; the reference if none does; null = no budget")
+    budget_reference: str | None = option(
+        None, "max_score_drop: what the budget is measured against: null = PEFT trained here first (same method, "
+              "steps, data order and seed, no density loss, no skipped blocks); or a finished model (a run's model/ "
+              "folder, a checkpoint folder or hub id) fine-tuned on the same task, scored on the same held-out rows")
+
+    def budget_problem(self, distill_from: str | None) -> str | None:
+        if self.max_score_drop is not None and not 0 <= self.max_score_drop <= 100:
+            return f"max_score_drop must be in [0, 100] points, got {self.max_score_drop}"
+        if self.budget_reference is not None and self.max_score_drop is None:
+            return "budget_reference is set but max_score_drop is not (the reference measures a budget)"
+        if distill_from == "reference" and self.max_score_drop is None:
+            return "distill_from: reference learns from the budget's reference; set max_score_drop"
+        if self.budget_reference is not None:
+            from deftcompress.core.model_refs import resolve_saved_model_ref
+            from deftcompress.errors import DeftcompressError
+
+            try:
+                resolve_saved_model_ref(self.budget_reference, "budget_reference")
+            except DeftcompressError as exc:
+                return str(exc)
+        return None
 
 
 @dataclass

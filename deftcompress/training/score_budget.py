@@ -1,0 +1,222 @@
+"""An accuracy budget for DEFT and ADA-DEFT: the most compression whose held-out score stays within it.
+
+With `max_score_drop` set, `deft` and `ada_deft` do not train once. They
+
+1. score a reference on held-out training rows: PEFT trained here first (the same method, budget, data
+   order and seed, no density loss, no skipped blocks), or a finished model given by path;
+2. search the compression setting, most compressed first, by bisection over the candidates: `deft`
+   searches `budget_density_targets`, `ada_deft` searches `skip_blocks` from the recipe's down to 1.
+   Each tried point is a whole training from the same incoming model, scored on the same held-out rows.
+   The bisection assumes the score falls as compression rises (it reports every point it tried, so a
+   user can see where that did not hold);
+3. hand on the most compressed model within the budget, or the reference when none is (a trained
+   reference; a reference given by path is only scored, so then the least compressed point tried).
+
+Nothing is chosen on the recipe's evaluation rows: the held-out rows are `validation_fraction` of the
+training split (0.1 when the recipe leaves it unset). Points: the task metric x 100 for metrics in
+[0, 1] (accuracy, F1), the metric itself where it is already a percentage (SQuAD), and for perplexity
+the percentage above the reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from deftcompress.training.context import TrainingContext
+
+DEFAULT_VALIDATION_FRACTION = 0.1  # held-out rows when the recipe sets none: the budget must not look at dev
+
+
+def score_drop_points(task, reference: float, score: float) -> float:
+    """How far `score` falls below `reference`, in points of the task's metric (see the module docstring)."""
+    if not task.higher_is_better:  # perplexity: percent above the reference
+        return 100.0 * (score - reference) / reference
+    per_unit = 1.0 if task.kind == "qa" else 100.0  # SQuAD's metrics are percentages already
+    return per_unit * (reference - score)
+
+
+@dataclass
+class TriedPoint:
+    """One training of the search: its setting, held-out score and density, and the verdict."""
+
+    label: str  # e.g. "density_target 0.3"
+    value: Any
+    score: float
+    density: float | None
+    drop_points: float
+    within: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "value": self.value, "held_out_score": round(self.score, 6),
+                "held_out_density": round(self.density, 6) if self.density is not None else None,
+                "drop_points": round(self.drop_points, 3), "within_budget": self.within,
+                "seconds": round(self.seconds, 1)}
+
+
+@dataclass
+class BudgetSearch:
+    """What a pass gives the search: how to train one point, and the candidates, most compressed first."""
+
+    parameter: str  # the searched field, e.g. "density_target"
+    candidates: list[Any]
+    train: Callable[[TrainingContext, Any], Any]  # (context, value) -> DeftResult
+    train_reference: Callable[[TrainingContext], Any] | None  # (context) -> DeftResult; None: reference by path
+    reference_path: str | None = None
+    tried: list[TriedPoint] = field(default_factory=list)
+
+
+def search_within_budget(ctx: TrainingContext, max_score_drop: float, search: BudgetSearch,
+                         held_out: list[dict]) -> tuple[Any, dict[str, Any]]:
+    """(the DeftResult to hand on, the report's `budget` section); see the module docstring."""
+    import time
+
+    from deftcompress.measurement.evaluation import evaluate
+
+    def score(model) -> tuple[float, float | None]:
+        ev = evaluate(model, ctx.tokenizer, ctx.task, held_out, ctx.arch, ctx.eval_settings, progress=not ctx.quiet,
+                      desc="budget: held-out rows")
+        return ev.task_score, (ev.density.overall() if ev.density else None)
+
+    start = time.perf_counter()
+    reference_result = None
+    if search.train_reference is not None:
+        reference_result = search.train_reference(_point_context(ctx, "reference"))
+        ref_score, ref_density = score(reference_result.model)
+        reference = {"kind": "trained here", "held_out_score": round(ref_score, 6),
+                     "held_out_density": _round(ref_density), "seconds": round(time.perf_counter() - start, 1)}
+    else:
+        ref_score, ref_density = _score_reference_path(ctx, search.reference_path, score)
+        reference = {"kind": "given", "path": search.reference_path, "held_out_score": round(ref_score, 6),
+                     "held_out_density": _round(ref_density)}
+
+    results: dict[int, Any] = {}
+    lo, hi, best = 0, len(search.candidates) - 1, None
+    while lo <= hi:  # bisection for the first (most compressed) candidate within the budget
+        mid = (lo + hi) // 2
+        value = search.candidates[mid]
+        began = time.perf_counter()
+        result = search.train(_point_context(ctx, f"{search.parameter}_{value}"), value)
+        s, d = score(result.model)
+        drop = score_drop_points(ctx.task, ref_score, s)
+        within = drop <= max_score_drop + 1e-9
+        search.tried.append(TriedPoint(f"{search.parameter} {value}", value, s, d, drop, within,
+                                       time.perf_counter() - began))
+        results[mid] = result
+        if within:
+            best, hi = mid, mid - 1
+        else:
+            lo = mid + 1
+
+    if best is not None:
+        chosen, chosen_label, within_budget = results[best], f"{search.parameter} {search.candidates[best]}", True
+    elif reference_result is not None:
+        chosen, chosen_label, within_budget = reference_result, "the reference (no tried point is within the budget)", False
+    else:  # a reference by path is not this pass's model to hand on: the least compressed point tried
+        least = max(results)
+        chosen, within_budget = results[least], False
+        chosen_label = f"{search.parameter} {search.candidates[least]} (the least compressed tried; none within)"
+    section = {"max_score_drop": max_score_drop, "metric": ctx.task.metric, "held_out_rows": len(held_out),
+               "reference": reference, "parameter": search.parameter, "candidates": list(search.candidates),
+               "tried": [t.to_dict() for t in search.tried], "chosen": chosen_label, "within_budget": within_budget,
+               "seconds": round(time.perf_counter() - start, 1)}
+    return chosen, section
+
+
+def budget_message(section: dict[str, Any], where: str) -> str | None:
+    """The one line a pass that ends outside its budget prints (None when it is within)."""
+    if section["within_budget"]:
+        return None
+    best = min(section["tried"], key=lambda t: t["drop_points"], default=None)
+    closest = f"; the closest tried point, {best['label']}, fell {best['drop_points']:.2f}" if best else ""
+    return (f"{where}: no setting stays within max_score_drop {section['max_score_drop']:g} points of the "
+            f"reference on held-out rows{closest}; handing on {section['chosen']}")
+
+
+def _point_context(ctx: TrainingContext, name: str) -> TrainingContext:
+    """A context for one training of the search: a fresh copy of the incoming model, its own folder, and no step
+    checkpoints (a search resumes at the pass's boundary: the store holds one training's state)."""
+    folder = ctx.pass_dir / "budget" / name.replace(" ", "_")
+    folder.mkdir(parents=True, exist_ok=True)
+    return dataclasses.replace(ctx, model=copy.deepcopy(ctx.model), pass_dir=folder, step_checkpoints=None,
+                               quiet=ctx.quiet)
+
+
+def _score_reference_path(ctx: TrainingContext, path: str, score) -> tuple[float, float | None]:
+    from deftcompress.training.distillation import load_teacher
+
+    model = load_teacher(ctx, path, where="budget_reference")  # same checks: same task's labels, same tokenizer
+    try:
+        return score(model)
+    finally:
+        del model
+
+
+def held_out_rows(ctx: TrainingContext, c) -> list[dict]:
+    """The rows the budget is judged on: the same split `run_deft` trains around (`hold_out` of the training rows)."""
+    from deftcompress.training.deft_run import hold_out
+
+    return hold_out(ctx.train_examples(c.max_train_samples), c.validation_fraction, ctx.seed)[1]
+
+
+def with_held_out_rows(c):
+    """The pass's config with the held-out fraction the budget needs (the recipe's, or the default)."""
+    return c if c.validation_fraction else dataclasses.replace(c, validation_fraction=DEFAULT_VALIDATION_FRACTION)
+
+
+def _round(value: float | None) -> float | None:
+    return round(value, 6) if value is not None else None
+
+
+# ---- the searches of `deft` and `ada_deft` --------------------------------------------------------
+
+REFERENCE = "reference"  # distill_from: reference = learn from the budget's reference
+
+
+def run_deft_within_budget(ctx: TrainingContext, c, ada: bool = False):
+    """`deft` (density targets) or `ada_deft` (skipped blocks) under `c.max_score_drop`: a DeftResult whose details
+    carry the search (`budget`) and `within_budget`."""
+    from deftcompress.training.deft_run import run_deft
+    from deftcompress.training.distillation import frozen, load_teacher
+
+    c = with_held_out_rows(c)
+    held_out = held_out_rows(ctx, c)
+    teaches = c.distill_from == REFERENCE
+    plain = dataclasses.replace(c, density_weight=0.0, train_mlp_bias=False, mlp_bias_lr=None,
+                                distill_from=None if teaches else c.distill_from, distill_features=0.0)
+    point_config = dataclasses.replace(c, distill_from=None) if teaches else c
+    teacher: list = []  # filled once the reference exists
+
+    def train_reference(point_ctx):
+        result = run_deft(point_ctx, plain)  # PEFT: no density loss, no gates, the same data order and seed
+        if teaches:
+            teacher.append(frozen(copy.deepcopy(result.model)))
+        return result
+
+    if c.budget_reference is not None and teaches:
+        teacher.append(load_teacher(ctx, c.budget_reference, where="distill_from: reference"))
+    given = teacher[0] if teacher else None
+    if ada:
+        candidates = list(range(c.skip_blocks, 0, -1))
+        search = BudgetSearch(
+            "skip_blocks", candidates,
+            lambda pc, v: run_deft(pc, point_config, dataclasses.replace(c.gate_settings(), skip_blocks=v), c.gate_lr,
+                                   teacher=teacher[0] if teacher else given),
+            None if c.budget_reference else train_reference, c.budget_reference)
+    else:
+        candidates = sorted(c.budget_density_targets)
+        search = BudgetSearch(
+            "density_target", candidates,
+            lambda pc, v: run_deft(pc, dataclasses.replace(point_config, density_target=v),
+                                   teacher=teacher[0] if teacher else given),
+            None if c.budget_reference else train_reference, c.budget_reference)
+    chosen, section = search_within_budget(ctx, c.max_score_drop, search, held_out)
+    chosen.details["budget"] = section
+    chosen.details["within_budget"] = section["within_budget"]
+    message = budget_message(section, ctx.pass_name)
+    if message:
+        chosen.details.setdefault("warnings", []).append(message)
+    return chosen
