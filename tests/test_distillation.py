@@ -96,3 +96,56 @@ def test_a_run_folder_model_in_deftcompress_layout_teaches(tiny_checkpoint, tiny
     report = _run(tiny_checkpoint, tiny_data, tmp_path, "deft", max_steps=1, density_weight=1.0,
                   distill_from=str(tmp_path / "peft" / "model"))
     assert report.steps[1].details["distillation"]["from"] == str(tmp_path / "peft" / "model")
+
+
+def test_the_feature_term_by_hand():
+    """SquareHead: per layer, |h_s - h_t|^2 / |h_t|^2 over real tokens, averaged over layers; layer 0 (embeddings)
+    left out; padding ignored."""
+    from deftcompress.training.distillation import feature_term
+
+    torch.manual_seed(0)
+    teacher = tuple(torch.randn(2, 3, 4) for _ in range(3))
+    student = tuple(t + 0.1 * torch.randn_like(t) for t in teacher)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    by_hand = []
+    for s, t in zip(student[1:], teacher[1:]):
+        m = mask[..., None].float()
+        by_hand.append(((s - t) ** 2 * m).sum() / (t ** 2 * m).sum())
+    torch.testing.assert_close(feature_term(student, teacher, mask), torch.stack(by_hand).mean())
+    assert float(feature_term(teacher, teacher, mask)) == 0.0
+    changed_padding = tuple(s.clone() for s in student)
+    for s in changed_padding:
+        s[1, 2] += 100.0  # a padding position: not counted
+    torch.testing.assert_close(feature_term(changed_padding, teacher, mask), feature_term(student, teacher, mask))
+    with pytest.raises(DeftcompressError, match="the teacher has 2 layers and the trained model 1"):
+        feature_term(student[:2], teacher, mask)
+
+
+def test_feature_distillation_holds_the_hidden_states_to_the_teachers(tiny_checkpoint, tiny_data, tmp_path, one_thread):
+    """With the logits' term off, the feature term alone keeps every layer's hidden states closer to the teacher's
+    (the checkpoint itself) than training without it."""
+    from deftcompress.models.formats import load_model
+
+    teacher = tiny_checkpoint("bert")
+    _run(tiny_checkpoint, tiny_data, tmp_path, "alone", density_weight=1.0)
+    taught = _run(tiny_checkpoint, tiny_data, tmp_path, "taught", density_weight=1.0, distill_from=str(teacher),
+                  distill_weight=0.0, distill_features=50.0)
+    assert taught.steps[1].details["distillation"]["features_weight"] == 50.0
+    texts = ["the film was good and great", "a fine warm story"]
+
+    def gap(folder):
+        model, tokenizer, _ = load_model(folder)
+        reference, _, _ = load_model(teacher)
+        inputs = tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            a = model(**inputs, output_hidden_states=True).hidden_states
+            b = reference(**inputs, output_hidden_states=True).hidden_states
+        return sum(float(((x - y) ** 2).mean()) for x, y in zip(a[1:], b[1:]))
+    print(f"hidden-state gap: taught {gap(tmp_path / 'taught' / 'model'):.5f}, alone {gap(tmp_path / 'alone' / 'model'):.5f}")
+    assert gap(tmp_path / "taught" / "model") < 0.5 * gap(tmp_path / "alone" / "model")
+
+
+def test_feature_distillation_needs_a_teacher(tiny_checkpoint, tiny_data):
+    with pytest.raises(RecipeError, match="distill_features needs distill_from"):
+        Recipe.build(model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data),
+                     passes=[{"deft": {"method": "lora", "distill_features": 1.0}}])

@@ -154,7 +154,7 @@ def test_gradient_accumulation_runs_micro_batches_per_optimizer_step(tiny_checkp
 
     calls = []
     original = loop._forward_loss
-    monkeypatch.setattr(loop, "_forward_loss", lambda model, batch: calls.append(batch.size) or original(model, batch))
+    monkeypatch.setattr(loop, "_forward_loss", lambda model, batch, **kw: calls.append(batch.size) or original(model, batch, **kw))
     details, _ = _options_run(tiny_checkpoint, tiny_data, tmp_path, "accum", gradient_accumulation_steps=3)
     assert details["steps"] == 4 and details["gradient_accumulation_steps"] == 3
     assert calls == [4] * 12  # 3 micro-batches of 4 rows for each of the 4 optimizer steps

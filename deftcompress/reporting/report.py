@@ -242,6 +242,27 @@ class Report:
                          f"{r['dense_ms'] / r['runtime_ms']:.2f}x" if timed and r["runtime_ms"] > 0 else "-"])
         return rows
 
+    def budget_rows(self, step: StepRecord) -> list[list[str]]:
+        """An accuracy budget's search (`max_score_drop`): the reference, then every tried point, in the order tried."""
+        budget = (step.details or {}).get("budget")
+        if not budget:
+            return []
+        ref = budget["reference"]
+        rows = [["setting", "held-out score", "drop (points)", "held-out density", "within", "seconds"],
+                ["reference" + (f" ({ref['path']})" if ref.get("path") else " (trained here)"),
+                 _fmt(ref["held_out_score"]), "-", _fmt(ref.get("held_out_density")), "-", _fmt(ref.get("seconds"), 1)]]
+        for t in budget["tried"]:
+            rows.append([t["label"], _fmt(t["held_out_score"]), f"{t['drop_points']:+.2f}".replace("+", ""),
+                         _fmt(t["held_out_density"]), "yes" if t["within_budget"] else "no", _fmt(t["seconds"], 1)])
+        return rows
+
+    def budget_caption(self, step: StepRecord) -> str:
+        b = step.details["budget"]
+        verdict = "within the budget" if b["within_budget"] else "**outside the budget**"
+        return (f"Accuracy budget of step {step.index} ({step.pass_name}): max_score_drop {b['max_score_drop']:g} points "
+                f"of {b['metric']} on {b['held_out_rows']} held-out training rows; searched {b['parameter']} over "
+                f"{b['candidates']} by bisection; handed on: {b['chosen']} ({verdict}).")
+
     def deploy_line(self, run_folder: str = "") -> str:
         """What to ship, in one line (the CLI's last line; report.md's first): `final.deploy` of a finished run."""
         info = (self.final or {}).get("deploy")
@@ -277,6 +298,10 @@ class Report:
             if speed:
                 lines.append(f"\nlatency and memory, step {step.index} ({step.pass_name}) against the previous step, one process:")
                 lines.append(_align(speed))
+            budget = self.budget_rows(step)
+            if budget:
+                lines.append("\n" + self.budget_caption(step).replace("**", ""))
+                lines.append(_align(budget))
         return "\n".join(lines)
 
     def markdown(self) -> str:
@@ -307,6 +332,10 @@ class Report:
                     out += [f"Latency and memory of step {step.index} ({step.pass_name}) against the previous step, "
                             f"timed in one process (median of {w['repeats']} alternating repetitions, {w['rows']} rows; "
                             "memory = weights + peak of one forward of the largest batch):", "", _md(speed), ""]
+            for step in self.steps:
+                budget = self.budget_rows(step)
+                if budget:
+                    out += [md_text(self.budget_caption(step)).replace("\\*\\*", "**"), "", _md(budget), ""]
             for step in self.steps:
                 sparse = self.sparse_rows(step)
                 if sparse:

@@ -70,16 +70,19 @@ class BudgetSearch:
 
 
 def search_within_budget(ctx: TrainingContext, max_score_drop: float, search: BudgetSearch,
-                         held_out: list[dict]) -> tuple[Any, dict[str, Any]]:
-    """(the DeftResult to hand on, the report's `budget` section); see the module docstring."""
+                         held_out: list[dict], score: Callable | None = None) -> tuple[Any, dict[str, Any]]:
+    """(the DeftResult to hand on, the report's `budget` section); see the module docstring. `score(model)` ->
+    (held-out score, held-out density): by default the task metric on `held_out`."""
     import time
 
-    from deftcompress.measurement.evaluation import evaluate
+    def held_out_score(model) -> tuple[float, float | None]:
+        from deftcompress.measurement.evaluation import evaluate
 
-    def score(model) -> tuple[float, float | None]:
         ev = evaluate(model, ctx.tokenizer, ctx.task, held_out, ctx.arch, ctx.eval_settings, progress=not ctx.quiet,
                       desc="budget: held-out rows")
         return ev.task_score, (ev.density.overall() if ev.density else None)
+
+    score = score or held_out_score
 
     start = time.perf_counter()
     reference_result = None

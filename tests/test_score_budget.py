@@ -1,0 +1,141 @@
+"""The accuracy budget (`max_score_drop`): the search by hand, then wired into `deft` and `ada_deft`."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from deftcompress import Recipe, run_recipe
+from deftcompress.errors import RecipeError
+
+CANDIDATES = [0.2, 0.3, 0.38, 0.5, 0.7]
+
+
+def _context(tmp_path, task="glue/sst2"):
+    import torch
+
+    from deftcompress.data.tasks import get_task
+    from deftcompress.training.context import TrainingContext
+
+    return TrainingContext(model=None, tokenizer=None, task=get_task(task), arch=None, device=torch.device("cpu"),
+                           seed=0, quiet=True, constraints=[], train_examples=lambda n=None: [],
+                           eval_examples=lambda: [], eval_settings=None, density_mode="masked", max_seq_length=64,
+                           trust_pickle=False, pass_name="deft", pass_dir=tmp_path, run_dir=tmp_path, model_ref="m",
+                           earlier_passes=())
+
+
+def _search(scores: dict, reference=0.90, trained_reference=True):
+    """A search whose 'models' are their settings; `scores` maps a setting to its held-out score."""
+    from deftcompress.training.score_budget import BudgetSearch
+
+    def train(_ctx, value):
+        return SimpleNamespace(model=value, details={})
+
+    def train_reference(_ctx):
+        return SimpleNamespace(model="reference", details={"reference": True})
+
+    search = BudgetSearch("density_target", list(CANDIDATES), train, train_reference if trained_reference else None)
+    table = {**scores, "reference": reference}
+    return search, lambda model: (table[model], model / 2 if isinstance(model, float) else 1.0)
+
+
+def test_the_search_bisects_to_the_most_compressed_setting_within_the_budget(tmp_path):
+    from deftcompress.training.score_budget import search_within_budget
+
+    search, score = _search({0.2: 0.85, 0.3: 0.88, 0.38: 0.895, 0.5: 0.90, 0.7: 0.90})
+    chosen, section = search_within_budget(_context(tmp_path), 1.0, search, held_out=[{}] * 10, score=score)
+    assert chosen.model == 0.38 and section["within_budget"] is True
+    assert [t["value"] for t in section["tried"]] == [0.38, 0.2, 0.3]  # the middle, then the more compressed half
+    assert [t["within_budget"] for t in section["tried"]] == [True, False, False]
+    assert [t["drop_points"] for t in section["tried"]] == [0.5, 5.0, 2.0]
+    assert section["reference"]["held_out_score"] == 0.9 and section["reference"]["kind"] == "trained here"
+    assert section["chosen"] == "density_target 0.38" and section["held_out_rows"] == 10
+
+
+def test_nothing_within_the_budget_hands_on_the_reference_and_says_so(tmp_path):
+    from deftcompress.training.score_budget import budget_message, search_within_budget
+
+    search, score = _search({v: 0.80 for v in CANDIDATES})
+    chosen, section = search_within_budget(_context(tmp_path), 1.0, search, held_out=[{}], score=score)
+    assert chosen.model == "reference" and section["within_budget"] is False
+    assert [t["value"] for t in section["tried"]] == [0.38, 0.5, 0.7]  # bisected towards the less compressed end
+    message = budget_message(section, "deft")
+    assert message.startswith("deft: no setting stays within max_score_drop 1 points") and "\n" not in message
+    assert "handing on the reference" in message
+    assert budget_message({**section, "within_budget": True}, "deft") is None
+
+
+def test_points_follow_the_metric():
+    from deftcompress.data.tasks import get_task
+    from deftcompress.training.score_budget import score_drop_points
+
+    assert score_drop_points(get_task("glue/sst2"), 0.90, 0.885) == pytest.approx(1.5)
+    assert score_drop_points(get_task("squad"), 80.0, 78.5) == pytest.approx(1.5)  # SQuAD F1 is a percentage
+    assert score_drop_points(get_task("squad/contexts"), 20.0, 21.0) == pytest.approx(5.0)  # perplexity: +5%
+
+
+def _recipe(tiny_checkpoint, tiny_data, name, pass_name="deft", **options):
+    options = {"method": "lora", "r": 2, "max_steps": 3, "batch_size": 8, "max_train_samples": 40,
+               "learning_rate": 1e-2, "save_steps": None, **options}
+    return Recipe.build(name=name, model=str(tiny_checkpoint("bert")), task="glue/sst2", data_dir=str(tiny_data),
+                        max_eval_samples=8, eval_batch_size=8, passes=[{pass_name: options}])
+
+
+def test_deft_with_a_budget_trains_a_reference_and_reports_every_point(tiny_checkpoint, tiny_data, tmp_path, one_thread):
+    recipe = _recipe(tiny_checkpoint, tiny_data, "budget", max_score_drop=100.0, budget_density_targets=[0.6, 0.3])
+    report = run_recipe(recipe, output_dir=tmp_path / "budget", quiet=True)
+    details = report.steps[1].details
+    budget = details["budget"]
+    assert details["within_budget"] is True and budget["within_budget"] is True
+    assert budget["candidates"] == [0.3, 0.6] and [t["value"] for t in budget["tried"]] == [0.3]
+    assert budget["reference"]["kind"] == "trained here" and budget["held_out_rows"] == 4  # 0.1 of 40 rows
+    assert details["density_loss"]["target"] == 0.3  # the handed-on model is the chosen point's
+    for folder in ("reference", "density_target_0.3"):
+        assert (tmp_path / "budget" / "passes" / "01_deft" / "budget" / folder / "adapter").is_dir()
+    saved = json.loads((tmp_path / "budget" / "report.json").read_text())
+    assert saved["steps"][1]["details"]["within_budget"] is True
+    assert "Accuracy budget" in (tmp_path / "budget" / "report.md").read_text()
+
+
+def test_outside_the_budget_with_a_given_reference(tiny_checkpoint, tiny_data, tmp_path, one_thread, monkeypatch,
+                                                   capsys):
+    """A reference given by path is scored, not trained; when no point is within, the least compressed one tried is
+    handed on, report.json says within_budget: false and one warning line says so."""
+    from deftcompress.training import score_budget
+
+    monkeypatch.setattr(score_budget, "score_drop_points", lambda task, reference, score: 50.0)
+    recipe = _recipe(tiny_checkpoint, tiny_data, "outside", max_score_drop=1.0, budget_density_targets=[0.3, 0.6],
+                     budget_reference=str(tiny_checkpoint("bert")))
+    report = run_recipe(recipe, output_dir=tmp_path / "outside", quiet=True)
+    details = report.steps[1].details
+    assert details["within_budget"] is False and details["budget"]["reference"]["kind"] == "given"
+    assert [t["value"] for t in details["budget"]["tried"]] == [0.3, 0.6]
+    assert details["budget"]["chosen"].startswith("density_target 0.6 (the least compressed tried")
+    assert not (tmp_path / "outside" / "passes" / "01_deft" / "budget" / "reference").exists()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "max_score_drop" in line]
+    assert len(warnings) == 1 and "no setting stays within max_score_drop 1 points" in warnings[0]
+
+
+def test_ada_deft_searches_skipped_blocks(tiny_checkpoint, tiny_data, tmp_path, one_thread):
+    recipe = _recipe(tiny_checkpoint, tiny_data, "ada", pass_name="ada_deft", skip_blocks=1, max_score_drop=100.0,
+                     measure_speed=False)
+    report = run_recipe(recipe, output_dir=tmp_path / "ada", quiet=True)
+    details = report.steps[1].details
+    assert details["budget"]["parameter"] == "skip_blocks" and details["budget"]["candidates"] == [1]
+    assert details["within_budget"] is True and len(details["blocks"]["skipped"]) == 1
+
+
+@pytest.mark.parametrize("pass_name, options, message", [
+    ("deft", {"max_score_drop": -1}, r"max_score_drop must be in \[0, 100\] points"),
+    ("deft", {"budget_reference": "x"}, "budget_reference is set but max_score_drop is not"),
+    ("deft", {"distill_from": "reference"}, "distill_from: reference learns from the budget's reference"),
+    ("deft", {"max_score_drop": 1, "density_weight": 0}, "density_weight must be > 0"),
+    ("deft", {"max_score_drop": 1, "budget_density_targets": [0.3, 1.2]}, r"densities in \(0, 1\)"),
+    ("deft", {"max_score_drop": 1, "budget_reference": "/nonexistent/ref"}, "budget_reference: checkpoint folder"),
+    ("ada_deft", {"max_score_drop": 1, "skip_fraction": 0.5}, "set skip_blocks >= 1"),
+])
+def test_bad_budgets_are_one_line_errors(tiny_checkpoint, tiny_data, pass_name, options, message):
+    with pytest.raises(RecipeError, match=message) as info:
+        Recipe.build(model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data),
+                     passes=[{pass_name: {"method": "lora", **options}}])
+    assert "\n" not in str(info.value)
