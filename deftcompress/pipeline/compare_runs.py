@@ -35,7 +35,7 @@ from deftcompress.reporting.compare_tables import CompareRow, load_rows, row_fro
 from deftcompress.reporting.report import write_atomic
 
 COMPARE_MARKER = ".deftcompress-compare"
-OUTPUT_FILES = frozenset({COMPARE_MARKER, "compare.json", "compare.md", "compare.csv", "compare.png", ".shared"})
+OUTPUT_FILES = frozenset({COMPARE_MARKER, "compare.json", "compare.md", "compare.csv", "compare.png", "compare_budget.png", ".shared"})
 
 
 class CompareError(DeftcompressError):

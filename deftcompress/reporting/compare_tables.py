@@ -56,6 +56,7 @@ class CompareRow:
     rows: int = 0  # evaluation rows the score was measured on
     ship: str = ""  # the folder a deployer ships (deploy/ or model/), relative to the run folder
     peak_memory_bytes: int | None = None  # a fresh process loading the artifact and running one batch (timing only)
+    budget: dict[str, Any] | None = None  # the accuracy budget's search of the run's last step that had one
 
     @property
     def density(self) -> float | None:
@@ -117,6 +118,9 @@ def row_from_run(folder: str | Path, sweep: dict[str, Any] | None = None, reused
                      sweep=dict(sweep or {}), reused=reused, task=str(report.task), rows=int(measured_last.eval_examples),
                      ship=_ship(final))
     row.latency_ms = {f"b{k[9:]}": float(v) for k, v in last.latency.items() if k.startswith("ms_batch_") and v}
+    searched = [s for s in report.steps if (s.details or {}).get("budget")]
+    if searched:
+        row.budget = {"step": searched[-1].index, "pass": searched[-1].pass_name, **searched[-1].details["budget"]}
     return row
 
 
@@ -197,6 +201,9 @@ def table(rows: list[CompareRow]) -> list[list[str]]:
     metric = rows[0].task_metric if rows else "score"
     head = ["#", "run", *keys, "passes", metric, "rows", "density enc", "density dec", "nonzero", "size",
             *[f"ms {k}" for k in sizes], *[f"latency {k}" for k in sizes], "peak memory", "runtime", "ship", "front"]
+    budgets = any(r.budget for r in rows)
+    if budgets:
+        head.insert(head.index("ship"), "budget")
     out = [head]
     ok = comparable_rows(rows)
     for i, r in enumerate(rows, 1):
@@ -206,9 +213,16 @@ def table(rows: list[CompareRow]) -> list[list[str]]:
                     _num(r.density_encoder), _num(r.density_decoder), f"{r.nonzero_params / 1e6:.2f}M",
                     f"{r.size_bytes / 1e6:.1f}MB", *[_num(r.latency_ms.get(k), 2) for k in sizes],
                     *[(f"{r.latency_ratio[k]:.2f}x{'~' if i > 1 and uncertain(r, k) else ''}" if k in r.latency_ratio else "-")
-                      for k in sizes], _mb(r.peak_memory_bytes), r.runtime, r.ship or "-",
-                    marks or "-"])
+                      for k in sizes], _mb(r.peak_memory_bytes), r.runtime, *([_budget_cell(r)] if budgets else []),
+                    r.ship or "-", marks or "-"])
     return out
+
+
+def _budget_cell(r: CompareRow) -> str:
+    """max_score_drop and whether the run ended within it, on held-out training rows ('-': no budget)."""
+    if not r.budget:
+        return "-"
+    return f"{'within' if r.budget['within_budget'] else 'OUTSIDE'} {r.budget['max_score_drop']:g} pt"
 
 
 def _mb(x: int | None) -> str:
@@ -243,6 +257,9 @@ def _legend(rows: list[CompareRow]) -> str:
     if not all(comparable_rows(rows)):
         text += (f". !: scored on another number of rows than run 1 ({rows[0].rows}): its score does not compare "
                  "and it is on no front; give every run the same max_eval_samples")
+    if any(r.budget for r in rows):
+        text += (". budget: the run's max_score_drop (points of the metric against its reference, on held-out training "
+                 "rows) and whether it ended within it; compare_budget.png shows every point its search tried")
     return (f"{text}. size: the weight files a deployer ships (the .onnx files of a graph, the safetensors of model/; "
             f"no tokenizer, config or card). ship: the folder to deploy. peak memory: what a fresh process added to load the artifact and run "
             f"one batch of the largest size (timed comparisons only). density: exact nonzero MLP activations, {' / '.join(modes) or 'masked'} mode, from each run's "
@@ -250,7 +267,7 @@ def _legend(rows: list[CompareRow]) -> str:
             "(no other run scores at least as high at a cost at least as low).")
 
 
-def markdown(rows: list[CompareRow], command: str, picture: str | None) -> str:
+def markdown(rows: list[CompareRow], command: str, picture: str | None, budget_picture: str | None = None) -> str:
     lines = [line + [how] for line, how in zip(table(rows), ["obtained"] + [r.reused for r in rows])]
     md = ["# Comparison", "", f"Command: {md_code(command)}", "",
           "| " + " | ".join(md_cell(c) for c in lines[0]) + " |", "|" + "---|" * len(lines[0])]
@@ -258,6 +275,8 @@ def markdown(rows: list[CompareRow], command: str, picture: str | None) -> str:
     md += ["", _legend(rows), ""]
     if picture:
         md += [f"![score against density, latency and size]({picture})", ""]
+    if budget_picture:
+        md += [f"![every point the accuracy budgets' searches tried]({budget_picture})", ""]
     return "\n".join(md)
 
 
@@ -287,13 +306,17 @@ def _blank(x: Any) -> Any:
 def write_outputs(rows: list[CompareRow], folder: Path, command: str, timing: dict[str, Any] | None) -> dict[str, Path]:
     """compare.json, compare.md, compare.csv and compare.png in `folder` (each replaced atomically)."""
     picture = plot_compare(rows, folder / "compare.png")
+    budget_picture = plot_budgets(rows, folder / "compare_budget.png")
     payload = {"command": command, "timing": timing, "pareto": fronts(rows), "rows": [asdict(r) for r in rows]}
     write_atomic(folder / "compare.json", json.dumps(payload, indent=2, default=str) + "\n")
-    write_atomic(folder / "compare.md", markdown(rows, command, picture.name if picture else None))
+    write_atomic(folder / "compare.md", markdown(rows, command, picture.name if picture else None,
+                                                 budget_picture.name if budget_picture else None))
     write_atomic(folder / "compare.csv", csv_text(rows))
     out = {"json": folder / "compare.json", "md": folder / "compare.md", "csv": folder / "compare.csv"}
     if picture:
         out["png"] = picture
+    if budget_picture:
+        out["budget_png"] = budget_picture
     return out
 
 
@@ -336,6 +359,43 @@ def plot_compare(rows: list[CompareRow], path: Path) -> Path | None:
     fig.suptitle("filled: on the Pareto front (higher score, lower cost)", fontsize=9)
     legend = "\n".join(f"{i}: {r.name} ({r.passes})" for i, r in enumerate(rows, 1))
     fig.text(0.01, -0.02, legend, fontsize=7, va="top", family="monospace")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_budgets(rows: list[CompareRow], path: Path) -> Path | None:
+    """One panel per run with an accuracy budget: every tried point's drop against its held-out density, the budget
+    as a line (points on or under it are within), the handed-on point ringed."""
+    searched = [(i, r) for i, r in enumerate(rows, 1) if r.budget]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not searched:
+        return None
+    fig, axes = plt.subplots(1, len(searched), figsize=(4.6 * len(searched), 4.0), squeeze=False)
+    for ax, (i, r) in zip(axes[0], searched):
+        b = r.budget
+        for t in b["tried"]:
+            x = t["held_out_density"] if t["held_out_density"] is not None else float("nan")
+            chosen = b["chosen"].startswith(t["label"])
+            ax.scatter([x], [t["drop_points"]], s=80 if chosen else 40, zorder=3,
+                       color="tab:green" if t["within_budget"] else "tab:red",
+                       edgecolors="black" if chosen else "none")
+            ax.annotate(str(t["value"]), (x, t["drop_points"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.axhline(b["max_score_drop"], color="grey", ls="--", lw=1)
+        ax.axhline(0.0, color="black", lw=0.6)
+        ax.set_xlabel("held-out density (exact nonzero MLP activations)")
+        ax.set_ylabel(f"drop against the reference ({b['metric']} points)")
+        ax.set_title(f"{i}: {r.name}: {b['parameter']} ({'within' if b['within_budget'] else 'outside'})", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle("accuracy budget searches: green within, red outside, ringed = handed on, dashed = max_score_drop",
+                 fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
