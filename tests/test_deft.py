@@ -662,3 +662,37 @@ def test_two_process_run_writes_one_report(tiny_checkpoint, tiny_data, tmp_path)
     assert done.stdout.count("per-layer density") == 1  # one table, from rank 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.yaml", "out"]  # no temporary folders left behind
     assert (out / details["adapter_dir"] / "adapter_model.safetensors").is_file()
+
+
+def test_lora_plus_trains_b_faster_than_a(tiny_checkpoint, tiny_data, tmp_path, one_thread):
+    """LoRA+ (lora_plus_ratio): B's learning rate is the ratio times A's. Adam's first steps move each weight by
+    about its learning rate, so B (which starts at zero) ends far larger; A moves as without LoRA+."""
+    from safetensors.torch import load_file
+
+    from deftcompress import Recipe, run_recipe
+
+    def norms(name, **extra):
+        recipe = Recipe.build(name=name, model=str(tiny_checkpoint("bert")), task="glue/sst2", data_dir=str(tiny_data),
+                              max_eval_samples=8, passes=[{"deft": {"method": "lora", "r": 2, "max_steps": 3,
+                                                                    "batch_size": 8, "max_train_samples": 24,
+                                                                    "density_weight": 0.0, "save_steps": None,
+                                                                    "warmup_ratio": 0.0, **extra}}])
+        run_recipe(recipe, output_dir=tmp_path / name, quiet=True)
+        weights = load_file(str(tmp_path / name / "passes" / "01_deft" / "adapter" / "adapter_model.safetensors"))
+        a = sum(float(w.norm()) for k, w in weights.items() if "lora_A" in k)
+        b = sum(float(w.norm()) for k, w in weights.items() if "lora_B" in k)
+        return a, b
+
+    a_plain, b_plain = norms("plain")
+    a_plus, b_plus = norms("plus", lora_plus_ratio=16.0)
+    assert b_plus > 8 * b_plain
+    assert a_plus == pytest.approx(a_plain, rel=0.2)
+
+
+def test_lora_plus_is_for_lora(tiny_checkpoint, tiny_data):
+    from deftcompress import Recipe
+    from deftcompress.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="lora_plus_ratio applies to lora and qlora"):
+        Recipe.build(model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data),
+                     passes=[{"deft": {"method": "adapter", "lora_plus_ratio": 16}}])

@@ -342,7 +342,8 @@ def _finish_gates(ctx: TrainingContext, model, gates, budget) -> dict[str, Any]:
 
 
 def _parameter_groups(c, model, trained_biases, scales, gates, gate_lr):
-    """AdamW groups when some parameters have their own learning rate (MLP biases, activation scales, gates)."""
+    """AdamW groups when some parameters have their own learning rate (MLP biases, activation scales, gates,
+    LoRA+'s B matrices)."""
     from deftcompress.training.loop import default_parameter_groups
 
     rates: dict[int, float] = {}
@@ -352,6 +353,9 @@ def _parameter_groups(c, model, trained_biases, scales, gates, gate_lr):
         rates.update({id(p): c.mlp_bias_lr for _, p in trained_biases})
     if gates is not None and gate_lr is not None:
         rates.update({id(p): gate_lr for p in gates.parameters()})
+    if c.lora_plus_ratio is not None:  # LoRA+: B learns faster than A
+        rates.update({id(p): c.learning_rate * c.lora_plus_ratio for name, p in model.named_parameters()
+                      if p.requires_grad and ".lora_B." in name})
     return default_parameter_groups(model, c.weight_decay, rates) if rates else None
 
 

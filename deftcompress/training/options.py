@@ -113,6 +113,9 @@ class PeftOptions:
     r: int = option(8, "lora / qlora: rank")
     lora_alpha: float = option(16.0, "lora / qlora: scaling numerator (updates are scaled by alpha / r)")
     lora_dropout: float = option(0.0, "lora / qlora: dropout on the LoRA input")
+    lora_plus_ratio: float | None = option(
+        None, "lora / qlora: LoRA+ (Hayou et al., 2402.12354): LoRA's B matrices learn at learning_rate times this "
+              "ratio (the paper suggests 16), A at learning_rate; null = one rate for both")
     target_modules: list[str] | None = option(
         None, "lora / qlora / ia3: module-name suffixes to adapt; null = per family from the architecture table "
               "(query, value for LoRA; key, value for IA3; plus the MLP up-projection if target_mlp_up)")
@@ -141,6 +144,9 @@ class PeftOptions:
             return "lora_alpha must be > 0"
         if not 0 <= self.lora_dropout < 1:
             return "lora_dropout must be in [0, 1)"
+        if self.lora_plus_ratio is not None and (m not in ("lora", "qlora") or not 0 < self.lora_plus_ratio <= 1000):
+            return ("lora_plus_ratio applies to lora and qlora" if m not in ("lora", "qlora")
+                    else "lora_plus_ratio must be in (0, 1000]")
         return patterns_problem(self.quantize_skip, "quantize_skip")
 
     def peft_settings(self):
