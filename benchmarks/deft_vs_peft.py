@@ -263,11 +263,12 @@ def summarize(rows: list[dict]) -> str:
                      f"{r['density_masked']:.4f} | {r['density_paper']:.4f} | {r['above_tau_masked']:.4f} | {cut} | "
                      f"{r['median_seconds_per_step']:.3f} | {ratio} | {_selection_cell(r)} | "
                      f"{_plain_cell(r) if r['run'] == 'deft' else '-'} |")
-    lines += ["", "## Means over seeds, against the targets (>= 60% masked density cut at <= 1.0 point loss of the "
-              "task metric, QLoRA: >= 50% at <= 1.5 points; step time <= 1.10x PEFT, measured side by side by "
-              "`deft_step_time.py` where it was run)", "",
-              "| task | method | run | steps | seeds | score | d score (pts) | density masked | rel. cut | time ratio | targets |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Means over seeds, against the targets (SST-2: >= 60% masked density cut at <= 1.0 point loss of "
+              "the task metric; MRPC: >= 50% at <= 1.0 F1 point; QLoRA: >= 50% at <= 1.5 points; 3 seeds; step time "
+              "<= 1.10x PEFT, measured side by side by `deft_step_time.py` where it was run)", "",
+              "| task | method | run | steps | seeds | score | d score (pts) | d per seed (pts) | density masked | rel. cut "
+              "| time ratio | targets |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r.get("task", "glue/sst2"), r["method"], _label(r), r["steps"]), []).append(r)
@@ -276,6 +277,8 @@ def summarize(rows: list[dict]) -> str:
         dens = statistics.mean(r["density_masked"] for r in rs)
         bases = [peft[_key(r)] for r in rs if _key(r) in peft]
         verdict, dacc = "-", "-"
+        per_seed = " / ".join(f"{100 * (_score(r) - _score(peft[_key(r)])):+.1f}" for r in sorted(rs, key=lambda r: r["seed"])
+                              if _key(r) in peft) if run.startswith("deft") else "-"
         if run.startswith("deft") and bases:
             cut_value = 1 - dens / statistics.mean(b["density_masked"] for b in bases)
             dacc_value = 100 * (acc - statistics.mean(_score(b) for b in bases))
@@ -284,16 +287,18 @@ def summarize(rows: list[dict]) -> str:
                                                          / statistics.mean(b["median_seconds_per_step"] for b in bases))
             cut, dacc = f"{100 * cut_value:.1f}%", f"{dacc_value:+.2f}"
             ratio = f"{ratio_value:.2f}" + (" (side by side)" if side is not None else " (separate runs)")
-            cut_bound, loss_bound = (0.50, 1.5) if method == "qlora" else (0.60, 1.0)  # the QLoRA target
+            cut_bound, loss_bound = ((0.50, 1.5) if method == "qlora" else
+                                     (0.50, 1.0) if task == "glue/mrpc" else (0.60, 1.0))
             misses = [m for m, ok in ((f"cut < {cut_bound:.0%}", cut_value >= cut_bound),
                                       (f"score loss > {loss_bound} pt", dacc_value >= -loss_bound),
                                       ("step time > 1.10x", ratio_value <= 1.10)) if not ok]
-            if len(rs) < 2:
-                misses.append("fewer than 2 seeds")
+            if len(rs) < 3:
+                misses.append(f"{len(rs)} of 3 seeds")
             verdict = "met" if not misses else "missed: " + ", ".join(misses)
         else:
             cut, ratio = "-", "-"
-        lines.append(f"| {task} | {method} | {run} | {steps} | {len(rs)} | {acc:.4f} | {dacc} | {dens:.4f} | {cut} | {ratio} | {verdict} |")
+        lines.append(f"| {task} | {method} | {run} | {steps} | {len(rs)} | {acc:.4f} | {dacc} | {per_seed or '-'} | "
+                     f"{dens:.4f} | {cut} | {ratio} | {verdict} |")
     lines += ["", "Where a target is missed, what was tried is in `deft_research.md` (same data and budget): the paper's "
               "loss a^2/(a^2+eps) at weights 1-10, ramps and eps schedules (density barely moves or accuracy collapses), "
               "pre-activation losses with a trainable bias (collapse at fixed weight), a density target via "

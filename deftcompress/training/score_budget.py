@@ -96,8 +96,8 @@ def search_within_budget(ctx: TrainingContext, max_score_drop: float, search: Bu
         reference = {"kind": "given", "path": search.reference_path, "held_out_score": round(ref_score, 6),
                      "held_out_density": _round(ref_density)}
 
-    results: dict[int, Any] = {}
-    lo, hi, best = 0, len(search.candidates) - 1, None
+    best_result, least_result = None, None  # only these are kept: a search may try several large models
+    lo, hi, best, least = 0, len(search.candidates) - 1, None, None
     while lo <= hi:  # bisection for the first (most compressed) candidate within the budget
         mid = (lo + hi) // 2
         value = search.candidates[mid]
@@ -108,19 +108,19 @@ def search_within_budget(ctx: TrainingContext, max_score_drop: float, search: Bu
         within = drop <= max_score_drop + 1e-9
         search.tried.append(TriedPoint(f"{search.parameter} {value}", value, s, d, drop, within,
                                        time.perf_counter() - began))
-        results[mid] = result
-        if within:
-            best, hi = mid, mid - 1
+        if within:  # more compressed than any earlier point within
+            best, hi, best_result = mid, mid - 1, result
         else:
             lo = mid + 1
+        if reference_result is None and (least is None or mid > least):  # the fallback of a reference by path
+            least, least_result = mid, result
 
     if best is not None:
-        chosen, chosen_label, within_budget = results[best], f"{search.parameter} {search.candidates[best]}", True
+        chosen, chosen_label, within_budget = best_result, f"{search.parameter} {search.candidates[best]}", True
     elif reference_result is not None:
         chosen, chosen_label, within_budget = reference_result, "the reference (no tried point is within the budget)", False
     else:  # a reference by path is not this pass's model to hand on: the least compressed point tried
-        least = max(results)
-        chosen, within_budget = results[least], False
+        chosen, within_budget = least_result, False
         chosen_label = f"{search.parameter} {search.candidates[least]} (the least compressed tried; none within)"
     section = {"max_score_drop": max_score_drop, "metric": ctx.task.metric, "held_out_rows": len(held_out),
                "reference": reference, "parameter": search.parameter, "candidates": list(search.candidates),
@@ -145,7 +145,7 @@ def _point_context(ctx: TrainingContext, name: str) -> TrainingContext:
     folder = ctx.pass_dir / "budget" / name.replace(" ", "_")
     folder.mkdir(parents=True, exist_ok=True)
     return dataclasses.replace(ctx, model=copy.deepcopy(ctx.model), pass_dir=folder, step_checkpoints=None,
-                               quiet=ctx.quiet)
+                               pass_name=f"{ctx.pass_name} [{name}]")  # the progress bar says which training
 
 
 def _score_reference_path(ctx: TrainingContext, path: str, score) -> tuple[float, float | None]:
