@@ -151,11 +151,8 @@ def _point_context(ctx: TrainingContext, name: str) -> TrainingContext:
 def _score_reference_path(ctx: TrainingContext, path: str, score) -> tuple[float, float | None]:
     from deftcompress.training.distillation import load_teacher
 
-    model = load_teacher(ctx, path, where="budget_reference")  # same checks: same task's labels, same tokenizer
-    try:
-        return score(model)
-    finally:
-        del model
+    # the teacher's checks: the same task's labels, the same tokenizer
+    return score(load_teacher(ctx, path, where="budget_reference"))
 
 
 def held_out_rows(ctx: TrainingContext, c) -> list[dict]:
@@ -201,20 +198,19 @@ def run_deft_within_budget(ctx: TrainingContext, c, ada: bool = False):
 
     if c.budget_reference is not None and teaches:
         teacher.append(load_teacher(ctx, c.budget_reference, where="distill_from: reference"))
-    given = teacher[0] if teacher else None
     if ada:
         candidates = list(range(c.skip_blocks, 0, -1))
         search = BudgetSearch(
             "skip_blocks", candidates,
             lambda pc, v: run_deft(pc, point_config, dataclasses.replace(c.gate_settings(), skip_blocks=v), c.gate_lr,
-                                   teacher=teacher[0] if teacher else given),
+                                   teacher=teacher[0] if teacher else None),
             None if c.budget_reference else train_reference, c.budget_reference)
     else:
         candidates = sorted(c.budget_density_targets)
         search = BudgetSearch(
             "density_target", candidates,
             lambda pc, v: run_deft(pc, dataclasses.replace(point_config, density_target=v),
-                                   teacher=teacher[0] if teacher else given),
+                                   teacher=teacher[0] if teacher else None),
             None if c.budget_reference else train_reference, c.budget_reference)
     chosen, section = search_within_budget(ctx, c.max_score_drop, search, held_out)
     chosen.details["budget"] = section
