@@ -252,16 +252,16 @@ class Report:
                 ["reference" + (f" ({ref['path']})" if ref.get("path") else " (trained here)"),
                  _fmt(ref["held_out_score"]), "-", _fmt(ref.get("held_out_density")), "-", _fmt(ref.get("seconds"), 1)]]
         for t in budget["tried"]:
-            rows.append([t["label"], _fmt(t["held_out_score"]), f"{t['drop_points']:+.2f}".replace("+", ""),
+            rows.append([t["label"], _fmt(t["held_out_score"]), f"{t['drop_points']:.2f}",
                          _fmt(t["held_out_density"]), "yes" if t["within_budget"] else "no", _fmt(t["seconds"], 1)])
         return rows
 
     def budget_caption(self, step: StepRecord) -> str:
+        """What the search was and what it handed on (the verdict apart: report.md sets it in bold when outside)."""
         b = step.details["budget"]
-        verdict = "within the budget" if b["within_budget"] else "**outside the budget**"
         return (f"Accuracy budget of step {step.index} ({step.pass_name}): max_score_drop {b['max_score_drop']:g} points "
                 f"of {b['metric']} on {b['held_out_rows']} held-out training rows; searched {b['parameter']} over "
-                f"{b['candidates']} by bisection; handed on: {b['chosen']} ({verdict}).")
+                f"{b['candidates']} by bisection; handed on: {b['chosen']}")
 
     def deploy_line(self, run_folder: str = "") -> str:
         """What to ship, in one line (the CLI's last line; report.md's first): `final.deploy` of a finished run."""
@@ -300,7 +300,8 @@ class Report:
                 lines.append(_align(speed))
             budget = self.budget_rows(step)
             if budget:
-                lines.append("\n" + self.budget_caption(step).replace("**", ""))
+                within = step.details["budget"]["within_budget"]
+                lines.append(f"\n{self.budget_caption(step)} ({'within' if within else 'outside'} the budget).")
                 lines.append(_align(budget))
         return "\n".join(lines)
 
@@ -335,7 +336,8 @@ class Report:
             for step in self.steps:
                 budget = self.budget_rows(step)
                 if budget:
-                    out += [md_text(self.budget_caption(step)).replace("\\*\\*", "**"), "", _md(budget), ""]
+                    verdict = "within the budget" if step.details["budget"]["within_budget"] else "**outside the budget**"
+                    out += [f"{md_text(self.budget_caption(step))} ({verdict}).", "", _md(budget), ""]
             for step in self.steps:
                 sparse = self.sparse_rows(step)
                 if sparse:

@@ -344,7 +344,7 @@ class TrainingOptions:
             return "distill_features must be in [0, 1000]"
         if self.distill_features > 0 and self.distill_from is None:
             return "distill_features needs distill_from (the teacher whose hidden states are matched)"
-        if self.distill_from is not None and self.distill_from != "reference":  # reference: see BudgetOptions
+        if self.distill_from is not None and self.distill_from != REFERENCE:  # checked by BudgetOptions
             from deftcompress.core.model_refs import resolve_saved_model_ref
             from deftcompress.errors import DeftcompressError
 
@@ -368,6 +368,9 @@ class TrainingOptions:
                              distill_temperature=self.distill_temperature, distill_features=self.distill_features)
 
 
+REFERENCE = "reference"  # distill_from: reference = learn from the budget's reference (BudgetOptions)
+
+
 @dataclass
 class BudgetOptions:
     """An accuracy budget: the most compression whose held-out score stays within it (`training.score_budget`)."""
@@ -387,7 +390,7 @@ class BudgetOptions:
             return f"max_score_drop must be in [0, 100] points, got {self.max_score_drop}"
         if self.budget_reference is not None and self.max_score_drop is None:
             return "budget_reference is set but max_score_drop is not (the reference measures a budget)"
-        if distill_from == "reference" and self.max_score_drop is None:
+        if distill_from == REFERENCE and self.max_score_drop is None:
             return "distill_from: reference learns from the budget's reference; set max_score_drop"
         if self.budget_reference is not None:
             from deftcompress.core.model_refs import resolve_saved_model_ref

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from deftcompress.training.context import TrainingContext
+from deftcompress.training.options import REFERENCE
 
 DEFAULT_VALIDATION_FRACTION = 0.1  # held-out rows when the recipe sets none: the budget must not look at dev
 
@@ -172,8 +173,6 @@ def _round(value: float | None) -> float | None:
 
 
 # ---- the searches of `deft` and `ada_deft` --------------------------------------------------------
-
-REFERENCE = "reference"  # distill_from: reference = learn from the budget's reference
 
 
 def run_deft_within_budget(ctx: TrainingContext, c, ada: bool = False):
