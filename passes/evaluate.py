@@ -30,6 +30,14 @@ class EvaluateConfig(PassConfig):
                                         "shows each layer's dense and sparse MLP time")
     threads: int = option(0, "onnxruntime: intra-op threads (0: onnxruntime decides)")
     optimization: Literal["disable", "basic", "extended", "all"] = option("all", "onnxruntime: graph optimisation level")
+    decode_speed: bool = option(
+        False, "causal language models: also time greedy decoding at batch 1 (key-value cache, end of sequence "
+               "ignored) as tokens/s, the dense PyTorch model and this step's runtime (sparse or onnxruntime) side by "
+               "side in one process, and say whether they generate the same tokens (report: details.decoding)")
+    decode_prompts: int = option(4, "decode_speed: prompts, the first evaluation rows with decode_prompt_tokens tokens")
+    decode_prompt_tokens: int = option(64, "decode_speed: tokens per prompt")
+    decode_new_tokens: int = option(64, "decode_speed: tokens generated per prompt")
+    decode_repeats: int = option(3, "decode_speed: repetitions (runtimes alternate; the median is reported)")
 
     def problem(self) -> str | None:
         bounded = out_of_range("eval_batch_size", self.eval_batch_size, EVAL_BATCH_SIZE, nullable=True)
@@ -41,6 +49,10 @@ class EvaluateConfig(PassConfig):
             return "threads must be in [0, 1024]"
         if not 0 <= self.sparse_timed_calls <= 10_000:
             return "sparse_timed_calls must be in [0, 10000]"
+        for field, low, high in (("decode_prompts", 1, 1000), ("decode_prompt_tokens", 1, 8192),
+                                 ("decode_new_tokens", 1, 8192), ("decode_repeats", 1, 1000)):
+            if not low <= getattr(self, field) <= high:
+                return f"{field} must be in [{low}, {high}]"
         return None
 
 
@@ -58,12 +70,21 @@ class Evaluate(Pass):
         return [Need(ONNX_GRAPH, True, "{here}.runtime: onnxruntime evaluates an exported graph: put an onnx_export "
                                        "pass before it")]
 
+    @classmethod
+    def task_problem(cls, config, task) -> str | None:
+        if config.decode_speed and task.kind != "language_modeling":
+            return (f"decode_speed times greedy generation of a causal language model; task {task.name} is "
+                    f"{task.kind.replace('_', ' ')} (use a language-modelling task such as squad/contexts)")
+        return None
+
     def eval_settings(self, base):
         c = self.config
         changes = {k: v for k, v in (("density_mode", c.density_mode), ("density_tau", c.density_tau),
                                       ("batch_size", c.eval_batch_size)) if v is not None}
         changes.update(runtime=c.runtime, ort_threads=c.threads, ort_optimization=c.optimization,
-                       sparse_timed_calls=c.sparse_timed_calls)
+                       sparse_timed_calls=c.sparse_timed_calls, decode_prompts=c.decode_prompts if c.decode_speed else 0,
+                       decode_prompt_tokens=c.decode_prompt_tokens, decode_new_tokens=c.decode_new_tokens,
+                       decode_repeats=c.decode_repeats)
         return dataclasses.replace(base, **changes)
 
     @classmethod

@@ -121,6 +121,8 @@ def parity_check(state, graph, config) -> dict[str, Any]:
 
     rows = state.eval_examples()[: config.check_rows] if config.check_rows else state.eval_examples()
     settings = SessionSettings(config.threads, config.optimization)
+    if graph.kind == "causal_lm":
+        return _causal_lm_parity(state, graph, rows, settings, config)
     if graph.kind != "classifier":
         return _text_to_text_parity(state, graph, rows, settings, config)
     sess = session(f"{graph.folder}/{graph.main_file()}", settings)
@@ -193,6 +195,37 @@ def _text_to_text_parity(state, graph, rows, settings, config) -> dict[str, Any]
                           f"{config.check_tolerance:g}), {compared - same} rows with other greedy tokens")
     return {"rows": compared, "max_abs_logit_diff": worst, "same_predictions": same, "tolerance": config.check_tolerance,
             "compared": "teacher-forced decoder logits on the reference answers"}
+
+
+def _causal_lm_parity(state, graph, rows, settings, config) -> dict[str, Any]:
+    """Causal LMs: next-token logits of PyTorch and optimum's ORTModelForCausalLM over the real tokens of the rows."""
+    import numpy as np
+    import torch
+
+    from deftcompress.data.features import encode_inputs, pad_inputs
+    from deftcompress.runtime.onnxruntime import causal_lm
+
+    ort_model = causal_lm(graph.folder, settings)
+    features = encode_inputs(state.tokenizer, state.task, state.arch, rows, state.recipe.max_seq_length)
+    worst, same, compared = 0.0, 0, 0
+    model = state.model.eval()
+    for s in range(0, len(features), 16):
+        batch = pad_inputs(state.tokenizer, features[s:s + 16], "longest", state.recipe.max_seq_length)
+        real = batch["attention_mask"].bool().numpy()
+        with torch.no_grad():
+            torch_logits = model(**{k: v.to(state.device) for k, v in batch.items()},
+                                 use_cache=False).logits.float().cpu().numpy()[real]
+        ort_logits = np.asarray(ort_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          use_cache=False).logits, dtype=np.float32)[real]
+        worst = max(worst, float(np.abs(ort_logits - torch_logits).max()))
+        same += int((ort_logits.argmax(-1) == torch_logits.argmax(-1)).sum())
+        compared += len(torch_logits)
+    if worst > config.check_tolerance:
+        raise ParityError(f"onnx_export: the exported graph does not match the PyTorch model on {len(rows)} evaluation "
+                          f"rows: largest next-token logit difference {worst:.3g} > check_tolerance "
+                          f"{config.check_tolerance:g} ({compared - same} of {compared} tokens predict another token)")
+    return {"rows": len(rows), "tokens": compared, "max_abs_logit_diff": worst, "same_next_token": same,
+            "tolerance": config.check_tolerance, "compared": "next-token logits over real tokens"}
 
 
 __all__ = ["OnnxExport", "OnnxExportConfig", "ParityError"]

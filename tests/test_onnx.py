@@ -87,7 +87,7 @@ def test_t5_exports_encoder_and_decoder_graphs(tiny_checkpoint, tiny_data, tmp_p
 def test_density_outputs_for_text_to_text_are_refused_clearly(pipeline_state):
     from deftcompress.export.onnx import ExportError
 
-    with pytest.raises(ExportError, match="density_outputs is not available for text-to-text"):
+    with pytest.raises(ExportError, match="density_outputs is available for classifiers only, not text to text"):
         _run_pass(pipeline_state("t5_relu"), "onnx_export", density_outputs=True)
 
 

@@ -136,6 +136,11 @@ class Pass:
             return []
         return [Need(QUANTIZED, False, "{here}: {earlier} must come after every pass that changes the model")]
 
+    @classmethod
+    def task_problem(cls, config: Any, task: Any) -> str | None:
+        """What is wrong with this config for the recipe's task (a `data.tasks.TaskSpec`), or None."""
+        return None
+
     def eval_settings(self, base: Any) -> Any:
         """Evaluation settings for the measurement after this pass (default: the recipe's)."""
         return base

@@ -1,9 +1,10 @@
 """ONNX export through optimum, with optional density outputs added to the graph.
 
 `export_onnx(model, tokenizer, arch, folder)` writes what optimum's exporter writes for the family
-(`model.onnx` for classifiers; `encoder_model.onnx`, `decoder_model.onnx`, ... for text-to-text
-models), plus `config.json` and the tokenizer, so the folder loads in optimum's
-`ORTModelForSequenceClassification` / `ORTModelForSeq2SeqLM` and in plain onnxruntime.
+(`model.onnx` for classifiers; `model.onnx` with past key values for causal language models;
+`encoder_model.onnx`, `decoder_model.onnx`, ... for text-to-text models), plus `config.json` and the
+tokenizer, so the folder loads in optimum's `ORTModelForSequenceClassification` / `ORTModelForCausalLM`
+/ `ORTModelForSeq2SeqLM` and in plain onnxruntime.
 
 The MLP activation is exported as the model computes it (erf-GELU as Erf, ReLU as Relu; a family
 whose model uses tanh-GELU keeps tanh-GELU), so the graph produces the same exact zeros.
@@ -38,7 +39,7 @@ class OnnxGraph:
     """An exported model: its folder (relative to the run folder when saved) and what it holds."""
 
     folder: str
-    kind: str  # "classifier" | "text_to_text"
+    kind: str  # "classifier" | "causal_lm" | "text_to_text"
     files: list[str] = field(default_factory=list)
     density_outputs: bool = False
     layers: list[str] = field(default_factory=list)  # MLP block labels, in output order
@@ -46,7 +47,7 @@ class OnnxGraph:
     quantized: str | None = None  # e.g. "ort_int8"
 
     def main_file(self) -> str:
-        return CLASSIFIER_FILE if self.kind == "classifier" else "encoder_model.onnx"
+        return "encoder_model.onnx" if self.kind == "text_to_text" else CLASSIFIER_FILE
 
 
 def _scope(module_name: str) -> str:
@@ -69,7 +70,12 @@ def export_onnx(model, tokenizer, arch, folder: Path, opset: int = 18, density_o
     folder = Path(folder)
     if folder.exists():
         shutil.rmtree(folder)
-    task = "text2text-generation-with-past" if arch.text_to_text else "text-classification"
+    kind = graph_kind(model, arch)
+    task = {"text_to_text": "text2text-generation-with-past", "causal_lm": "text-generation-with-past",
+            "classifier": "text-classification"}[kind]
+    if density_outputs and kind != "classifier":
+        raise ExportError(f"onnx_export: density_outputs is available for classifiers only, not {kind.replace('_', ' ')} "
+                          f"graphs (their decoder graphs have no token mask to count over); set density_outputs: false")
     model.eval()
     try:
         # a copy: the exporter patches the model (T5's encoder comes back with use_cache=True, which its forward refuses)
@@ -79,18 +85,22 @@ def export_onnx(model, tokenizer, arch, folder: Path, opset: int = 18, density_o
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     tokenizer.save_pretrained(folder)
     blocks = mlp_blocks(model, arch)
-    graph = OnnxGraph(folder=str(folder), kind="text_to_text" if arch.text_to_text else "classifier",
-                      files=sorted(p.name for p in folder.glob("*.onnx")))
+    graph = OnnxGraph(folder=str(folder), kind=kind, files=sorted(p.name for p in folder.glob("*.onnx")))
     if density_outputs:
-        if arch.text_to_text:
-            raise ExportError("onnx_export: density_outputs is not available for text-to-text models yet "
-                              "(the decoder graph has no token mask input); set density_outputs: false")
         add_density_outputs(folder / CLASSIFIER_FILE, [b.names["act"] for b in blocks],
                             [int(b.down.in_features) for b in blocks])
         graph.density_outputs = True
         graph.layers = [b.label for b in blocks]
         graph.widths = [int(b.down.in_features) for b in blocks]
     return graph
+
+
+def graph_kind(model, arch) -> str:
+    """What the exporter writes for this model: a text-to-text pair, a causal LM with past key values, or a classifier."""
+    if arch.text_to_text:
+        return "text_to_text"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "causal_lm" if type(base).__name__.endswith("ForCausalLM") else "classifier"
 
 
 def add_density_outputs(path: Path, act_modules: list[str], widths: list[int]) -> None:
@@ -154,6 +164,6 @@ def describe(graph: OnnxGraph) -> dict[str, Any]:
     folder = Path(graph.folder)
     main = onnx.load(str(folder / graph.main_file()), load_external_data=False)
     ops = sorted({n.op_type for n in main.graph.node})
-    return {"files": graph.files, "bytes": directory_bytes(folder), "opset": max(o.version for o in main.opset_import),
+    return {"kind": graph.kind, "files": graph.files, "bytes": directory_bytes(folder), "opset": max(o.version for o in main.opset_import),
             "activation_ops": [op for op in ops if op in ("Erf", "Gelu", "FastGelu", "Relu", "Tanh", "Sigmoid", "BiasGelu")],
             "nodes": len(main.graph.node)}

@@ -39,6 +39,10 @@ class EvalSettings:
     ort_threads: int = 0
     ort_optimization: str = "all"
     sparse_timed_calls: int = 8  # runtime sparse: per layer, calls timed both dense and as chosen (for the report)
+    decode_prompts: int = 0  # > 0: also time greedy decoding at batch 1 on this many prompts (measurement.decoding)
+    decode_prompt_tokens: int = 64
+    decode_new_tokens: int = 64
+    decode_repeats: int = 3
 
 
 @dataclass

@@ -141,6 +141,10 @@ class Recipe:
             plan = plan_passes(items)
         except RecipeError as exc:
             errors.append(exc)
+        if settings is not None and not errors:
+            task = get_task(settings.task)
+            errors += [RecipeError(f"{p.where}: {problem}") for p in plan
+                       if (problem := p.cls.task_problem(p.config, task))]
         raise_all(errors)
         recipe = cls(settings=settings, source=source, trust_pickle=trust_pickle)
         recipe.plan = plan

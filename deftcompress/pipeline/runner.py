@@ -70,6 +70,8 @@ def _step(state: PipelineState, name: str, evaluation: Evaluation, seconds: floa
     else:
         size = state_dict_bytes(state.model)
     details.update(evaluation.runtime_details)
+    if settings.decode_prompts:
+        details["decoding"] = _decoding(state, settings, evaluation.sparse_runtime)
     step = make_step(state.step_index, name, evaluation, params, nonzero, size, seconds, details)
     step.latency = _fixed_latency(state, settings, evaluation.sparse_runtime)
     return step
@@ -86,7 +88,8 @@ def _fixed_latency(state: PipelineState, settings: EvalSettings, sparse_runtime=
     model: Any = state.model
     if settings.runtime == "onnxruntime":
         if state.onnx.kind != "classifier":
-            return {"note": "not timed: text-to-text graphs run through generation"}
+            return {"note": f"not timed: {state.onnx.kind.replace('_', '-')} graphs run through generation "
+                             "(evaluate's decode_speed times them)"}
         model = onnx_forward(state.onnx.folder, state.onnx.main_file(), settings.ort_threads, settings.ort_optimization)
     if sparse_runtime is not None:  # the runtime the evaluation ran in, its checks already made
         sparse_runtime.stop_timing()  # the report's per-layer timing would run dense too inside the timed calls
@@ -97,6 +100,26 @@ def _fixed_latency(state: PipelineState, settings: EvalSettings, sparse_runtime=
     return step_latency(model, state.tokenizer, state.task, state.arch, state.eval_examples(), settings.batch_size,
                         repeats=repeats, max_seq_length=settings.max_seq_length,
                         max_target_length=settings.max_target_length)
+
+
+def _decoding(state: PipelineState, settings: EvalSettings, sparse_runtime=None) -> dict[str, Any]:
+    """Greedy decoding at batch 1: the dense PyTorch model and, side by side, the runtime the step measured in."""
+    from deftcompress.measurement.decoding import compare_decoding, decode_prompts, torch_greedy
+
+    prompts = decode_prompts(state.tokenizer, state.eval_examples(), settings.decode_prompt_tokens, settings.decode_prompts)
+    new_tokens = settings.decode_new_tokens
+    generators = {"torch": torch_greedy(state.model, new_tokens)}
+    if sparse_runtime is not None:
+        sparse_runtime.stop_timing()  # its per-layer dense-against-sparse timing would run inside the timed calls
+        generators["sparse"] = torch_greedy(state.model, new_tokens, around=lambda: sparse_runtime)
+    elif settings.runtime == "onnxruntime":
+        from deftcompress.runtime.onnxruntime import SessionSettings, ort_greedy
+
+        # no spinning: idle onnxruntime threads would take the cores PyTorch needs between turns
+        generators["onnxruntime"] = ort_greedy(state.onnx.folder, new_tokens, SessionSettings(
+            settings.ort_threads, settings.ort_optimization, spinning=False))
+    result = compare_decoding(generators, prompts, new_tokens, settings.decode_repeats, progress=not state.quiet)
+    return result.to_dict()
 
 
 class Pipeline:

@@ -57,6 +57,7 @@ class CompareRow:
     ship: str = ""  # the folder a deployer ships (deploy/ or model/), relative to the run folder
     peak_memory_bytes: int | None = None  # a fresh process loading the artifact and running one batch (timing only)
     budget: dict[str, Any] | None = None  # the accuracy budget's search of the run's last step that had one
+    decoding: dict[str, Any] | None = None  # evaluate's decode_speed of the run's last step that had one
 
     @property
     def density(self) -> float | None:
@@ -121,7 +122,18 @@ def row_from_run(folder: str | Path, sweep: dict[str, Any] | None = None, reused
     searched = [s for s in report.steps if (s.details or {}).get("budget")]
     if searched:
         row.budget = {"step": searched[-1].index, "pass": searched[-1].pass_name, **searched[-1].details["budget"]}
+    decoded = [s for s in report.steps if (s.details or {}).get("decoding")]
+    if decoded:
+        row.decoding = {"step": decoded[-1].index, **decoded[-1].details["decoding"]}
     return row
+
+
+def decoding_summary(decoding: dict[str, Any] | None) -> tuple[str, float, float] | None:
+    """(the runtime the step measured in, its tokens/s, its ratio to the dense PyTorch model timed beside it)."""
+    if not decoding:
+        return None
+    name, r = list(decoding["runtimes"].items())[-1]
+    return name, r["tokens_per_second"], r["speedup"]
 
 
 def _ship(final: dict[str, Any]) -> str:
@@ -204,6 +216,9 @@ def table(rows: list[CompareRow]) -> list[list[str]]:
     budgets = any(r.budget for r in rows)
     if budgets:
         head.insert(head.index("ship"), "budget")
+    decodes = any(r.decoding for r in rows)
+    if decodes:
+        head.insert(head.index("runtime"), "decode tok/s")
     out = [head]
     ok = comparable_rows(rows)
     for i, r in enumerate(rows, 1):
@@ -213,9 +228,18 @@ def table(rows: list[CompareRow]) -> list[list[str]]:
                     _num(r.density_encoder), _num(r.density_decoder), f"{r.nonzero_params / 1e6:.2f}M",
                     f"{r.size_bytes / 1e6:.1f}MB", *[_num(r.latency_ms.get(k), 2) for k in sizes],
                     *[(f"{r.latency_ratio[k]:.2f}x{'~' if i > 1 and uncertain(r, k) else ''}" if k in r.latency_ratio else "-")
-                      for k in sizes], _mb(r.peak_memory_bytes), r.runtime, *([_budget_cell(r)] if budgets else []),
+                      for k in sizes], _mb(r.peak_memory_bytes), *([_decode_cell(r)] if decodes else []), r.runtime,
+                    *([_budget_cell(r)] if budgets else []),
                     r.ship or "-", marks or "-"])
     return out
+
+
+def _decode_cell(r: CompareRow) -> str:
+    summary = decoding_summary(r.decoding)
+    if summary is None:
+        return "-"
+    name, rate, ratio = summary
+    return f"{rate:.1f} {name}" + ("" if name == "torch" else f" ({ratio:.2f}x torch)")
 
 
 def _budget_cell(r: CompareRow) -> str:
@@ -260,6 +284,10 @@ def _legend(rows: list[CompareRow]) -> str:
     if any(r.budget for r in rows):
         text += (". budget: the run's max_score_drop (points of the metric against its reference, on held-out training "
                  "rows) and whether it ended within it; compare_budget.png shows every point its search tried")
+    if any(r.decoding for r in rows):
+        text += (". decode tok/s: greedy decoding at batch 1 from the run's evaluate decode_speed, in the runtime that "
+                 "step measured in, and its ratio to the dense PyTorch model timed beside it in the same process (the "
+                 "ratio compares; tokens/s of different runs were timed in different processes)")
     return (f"{text}. size: the weight files a deployer ships (the .onnx files of a graph, the safetensors of model/; "
             f"no tokenizer, config or card). ship: the folder to deploy. peak memory: what a fresh process added to load the artifact and run "
             f"one batch of the largest size (timed comparisons only). density: exact nonzero MLP activations, {' / '.join(modes) or 'masked'} mode, from each run's "
@@ -288,13 +316,14 @@ def csv_text(rows: list[CompareRow]) -> str:
     writer = csv.writer(buffer)
     writer.writerow(["run", *keys, "passes", "task_metric", "score", "rows", "density_encoder", "density_decoder", "params",
                      "nonzero_params", "size_bytes", *[f"latency_ms_{k}" for k in sizes],
-                     *[f"latency_ratio_{k}" for k in sizes], "peak_memory_bytes", "timing", "runtime",
+                     *[f"latency_ratio_{k}" for k in sizes], "peak_memory_bytes", "decode_runtime",
+                     "decode_tokens_per_second", "decode_ratio_to_torch", "timing", "runtime",
                      *[f"pareto_{what}" for what in COSTS], "obtained", "folder", "ship"])
     for r in rows:
         writer.writerow([r.name, *[r.sweep.get(k, "") for k in keys], r.passes, r.task_metric, r.score, r.rows,
                          _blank(r.density_encoder), _blank(r.density_decoder), r.params, r.nonzero_params, r.size_bytes,
                          *[_blank(r.latency_ms.get(k)) for k in sizes], *[_blank(r.latency_ratio.get(k)) for k in sizes],
-                         _blank(r.peak_memory_bytes), r.timing, r.runtime, *[int(r.name in on_front[what]) for what in COSTS], r.reused, r.folder,
+                         _blank(r.peak_memory_bytes), *(decoding_summary(r.decoding) or ("", "", "")), r.timing, r.runtime, *[int(r.name in on_front[what]) for what in COSTS], r.reused, r.folder,
                          r.ship])
     return buffer.getvalue()
 

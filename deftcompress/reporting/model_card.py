@@ -102,7 +102,7 @@ def deploy_card(report: Report, step, info: dict[str, Any], passes: str, recipe_
         "",
         "## How to run it (no deftcompress needed)",
         "",
-        *(_seq2seq_lines() if info.get("kind") == "text_to_text" else _classifier_lines(graph)),
+        *{"text_to_text": _seq2seq_lines, "causal_lm": _causal_lm_lines}.get(info.get("kind"), lambda: _classifier_lines(graph))(),
         "## Recipe",
         "",
         *md_fence(recipe_yaml, "yaml"),
@@ -125,6 +125,13 @@ def _seq2seq_lines() -> list[str]:
             "from optimum.onnxruntime import ORTModelForSeq2SeqLM", "from transformers import AutoTokenizer", "",
             'tokenizer = AutoTokenizer.from_pretrained("deploy")', 'model = ORTModelForSeq2SeqLM.from_pretrained("deploy")',
             'answer = model.generate(**tokenizer(["sst2 sentence: a sentence"], return_tensors="pt"))', "```", ""]
+
+
+def _causal_lm_lines() -> list[str]:
+    return ["With optimum (one graph with past key values):", "", "```python",
+            "from optimum.onnxruntime import ORTModelForCausalLM", "from transformers import AutoTokenizer", "",
+            'tokenizer = AutoTokenizer.from_pretrained("deploy")', 'model = ORTModelForCausalLM.from_pretrained("deploy")',
+            'text = model.generate(**tokenizer(["The river"], return_tensors="pt"), max_new_tokens=32)', "```", ""]
 
 
 def write_deploy_card(folder: Path, report: Report, step, info: dict[str, Any], passes: str, recipe_yaml: str) -> Path:

@@ -242,6 +242,27 @@ class Report:
                          f"{r['dense_ms'] / r['runtime_ms']:.2f}x" if timed and r["runtime_ms"] > 0 else "-"])
         return rows
 
+    def decoding_rows(self, step: StepRecord) -> list[list[str]]:
+        """evaluate's decode_speed: tokens/s per runtime, its ratio to the dense PyTorch model, and token agreement."""
+        decoding = (step.details or {}).get("decoding")
+        if not decoding:
+            return []
+        prompts = decoding["workload"]["prompts"]
+        rows = [["runtime", "tokens/s", "IQR", f"x {decoding['reference']}", "identical prompts", "first difference"]]
+        for name, r in decoding["runtimes"].items():
+            rows.append([name, f"{r['tokens_per_second']:.2f}", f"{r['iqr'][0]:.2f}-{r['iqr'][1]:.2f}",
+                         f"{r['speedup']:.2f}x", f"{r['identical_prompts']}/{prompts}",
+                         "-" if r["first_difference"] is None else f"token {r['first_difference']}"])
+        return rows
+
+    @staticmethod
+    def decoding_caption(step: StepRecord) -> str:
+        w = step.details["decoding"]["workload"]
+        load = f"; other processes used {w['others_load']:.0%} of the machine" if w.get("others_load") else ""
+        return (f"Decoding speed, step {step.index} ({step.pass_name}): greedy, batch 1, {w['prompts']} prompts of "
+                f"{w['prompt_tokens']} tokens + {w['new_tokens']} new tokens, median of {w['repeats']} alternating "
+                f"repetitions in one process{load}")
+
     def budget_rows(self, step: StepRecord) -> list[list[str]]:
         """An accuracy budget's search (`max_score_drop`): the reference, then every tried point, in the order tried."""
         budget = (step.details or {}).get("budget")
@@ -298,6 +319,10 @@ class Report:
             if speed:
                 lines.append(f"\nlatency and memory, step {step.index} ({step.pass_name}) against the previous step, one process:")
                 lines.append(_align(speed))
+            decoding = self.decoding_rows(step)
+            if decoding:
+                lines.append(f"\n{self.decoding_caption(step)}:")
+                lines.append(_align(decoding))
             budget = self.budget_rows(step)
             if budget:
                 within = step.details["budget"]["within_budget"]
@@ -333,6 +358,10 @@ class Report:
                     out += [f"Latency and memory of step {step.index} ({step.pass_name}) against the previous step, "
                             f"timed in one process (median of {w['repeats']} alternating repetitions, {w['rows']} rows; "
                             "memory = weights + peak of one forward of the largest batch):", "", _md(speed), ""]
+            for step in self.steps:
+                decoding = self.decoding_rows(step)
+                if decoding:
+                    out += [f"{md_text(self.decoding_caption(step))}:", "", _md(decoding), ""]
             for step in self.steps:
                 budget = self.budget_rows(step)
                 if budget:

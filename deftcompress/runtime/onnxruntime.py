@@ -5,8 +5,10 @@ is a PyTorch-side measurement.
 
 Classifier graphs run in a plain `onnxruntime.InferenceSession` over the same features and batches
 as the PyTorch evaluation (`deftcompress.data.features`); the score comes from the logits and, when
-the graph has density outputs, the density from its per-layer counts. Text-to-text graphs run
-through optimum's `ORTModelForSeq2SeqLM` (generation); their density is not measured in onnxruntime.
+the graph has density outputs, the density from its per-layer counts. Causal language models run
+through optimum's `ORTModelForCausalLM` (perplexity from its logits; `ort_greedy` for decoding speed),
+text-to-text graphs through `ORTModelForSeq2SeqLM` (generation); the density of either is not measured
+in onnxruntime.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ def evaluate_onnx(graph: OnnxGraph, tokenizer, task, examples: list[dict], arch,
     from deftcompress.measurement.density import density_from_counts
     from deftcompress.measurement.evaluation import Evaluation
 
+    if graph.kind == "causal_lm":
+        return _evaluate_causal_lm(graph, tokenizer, task, examples, arch, settings, session_settings, progress, desc)
     if graph.kind != "classifier":
         return _evaluate_text_to_text(graph, tokenizer, task, examples, arch, settings, session_settings, progress, desc)
     sess = session(Path(graph.folder) / graph.main_file(), session_settings)
@@ -138,3 +142,54 @@ def _evaluate_text_to_text(graph, tokenizer, task, examples, arch, settings, ses
     metrics = compute_metrics(task, predictions, examples)
     return Evaluation(task_metric=task.metric, task_score=metrics[task.metric], metrics=metrics, density=None,
                       examples=len(examples), seconds=seconds, predictions=predictions)
+
+
+def causal_lm(folder: str, session_settings: SessionSettings = SessionSettings()):
+    """optimum's `ORTModelForCausalLM` over an exported causal LM graph (past key values in and out)."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    return ORTModelForCausalLM.from_pretrained(folder, session_options=session_settings.options(),
+                                               provider="CPUExecutionProvider")
+
+
+def ort_greedy(folder: str, new_tokens: int, session_settings: SessionSettings = SessionSettings()):
+    """A `measurement.decoding` generator: greedy decoding of a causal LM graph, exactly `new_tokens` new ids."""
+    import torch
+
+    model = causal_lm(folder, session_settings)
+    config = model.generation_config
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    pad = pad[0] if isinstance(pad, list) else pad
+
+    def generate(prompt):
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, num_beams=1,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True, pad_token_id=pad)
+        return out[0, prompt.shape[1]:]
+
+    return generate
+
+
+def _evaluate_causal_lm(graph, tokenizer, task, examples, arch, settings, session_settings, progress, desc):
+    import math
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from deftcompress.measurement.evaluation import Evaluation, _next_token_loss
+
+    model = causal_lm(graph.folder, session_settings)
+    features = encode_inputs(tokenizer, task, arch, examples, settings.max_seq_length)
+    nll, tokens = 0.0, 0
+    start = time.perf_counter()
+    with tqdm(total=len(examples), desc=desc, disable=not progress, leave=False, unit="ex") as bar:
+        for idx in length_sorted_batches(features, settings.batch_size):
+            batch = pad_inputs(tokenizer, [features[i] for i in idx], "longest", settings.max_seq_length)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            batch_nll, batch_tokens = _next_token_loss(torch.as_tensor(logits), batch["input_ids"], batch["attention_mask"])
+            nll, tokens = nll + batch_nll, tokens + batch_tokens
+            bar.update(len(idx))
+    seconds = time.perf_counter() - start
+    mean = nll / max(tokens, 1)
+    metrics = {"perplexity": math.exp(min(mean, 700.0)), "loss": mean, "tokens": float(tokens)}
+    return Evaluation(task_metric=task.metric, task_score=metrics[task.metric], metrics=metrics, density=None,
+                      examples=len(examples), seconds=seconds, predictions=[None] * len(examples))
