@@ -149,3 +149,45 @@ def test_feature_distillation_needs_a_teacher(tiny_checkpoint, tiny_data):
     with pytest.raises(RecipeError, match="distill_features needs distill_from"):
         Recipe.build(model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data),
                      passes=[{"deft": {"method": "lora", "distill_features": 1.0}}])
+
+
+def test_the_next_token_term_by_hand_counts_real_tokens_only():
+    from deftcompress.training.distillation import distillation_term
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    t = 2.0
+    p = F.softmax(teacher / t, dim=-1)
+    per_token = (p * (p.log() - F.log_softmax(student / t, dim=-1))).sum(-1)
+    by_hand = per_token[mask.bool()].mean() * t * t
+    torch.testing.assert_close(distillation_term(student, teacher, t, regression=False, token_mask=mask), by_hand)
+    scrambled = student.clone()
+    scrambled[mask == 0] = 100.0  # padding positions do not count
+    torch.testing.assert_close(distillation_term(scrambled, teacher, t, regression=False, token_mask=mask), by_hand)
+
+
+def test_a_causal_lm_teaches_a_thresholded_decoder_next_tokens(tiny_checkpoint, tiny_data, tmp_path, one_thread):
+    """Language modelling: the dense model teaches the model with activation cutoffs (logits and hidden states); a
+    classifier is refused as a language-modelling teacher in one line."""
+    from deftcompress.data.tasks import get_task
+    from deftcompress.models.loading import load_model_and_tokenizer
+
+    model, tokenizer, _ = load_model_and_tokenizer(str(tiny_checkpoint("llama")), get_task("squad/contexts"))
+    model.save_pretrained(tmp_path / "dense_lm")
+    tokenizer.save_pretrained(tmp_path / "dense_lm")
+
+    def run(name, teacher):
+        recipe = Recipe.build(name=name, model=str(tmp_path / "dense_lm"), task="squad/contexts", data_dir=str(tiny_data),
+                              max_eval_samples=4, passes=[
+                                  {"activation_threshold": {"density_target": 0.3, "calibration_samples": 8}},
+                                  {"deft": {"method": "lora", "r": 2, "max_steps": 2, "batch_size": 4,
+                                            "density_weight": 0.0, "distill_from": teacher, "distill_features": 1.0}}])
+        return run_recipe(recipe, output_dir=tmp_path / name, quiet=True)
+
+    details = run("taught", str(tmp_path / "dense_lm")).steps[2].details
+    assert details["distillation"]["from"] == str(tmp_path / "dense_lm")
+    assert details["epochs"][0]["distill_loss"] > 0
+    with pytest.raises(DeftcompressError, match="is not a causal language model") as info:
+        run("refused", str(tiny_checkpoint("llama")))
+    assert "\n" not in str(info.value)

@@ -4,7 +4,9 @@ and optionally its hidden states layer by layer.
 DEFT's density pressure costs task score; a fine-tuned dense model of the same task (the PEFT run, or
 any checkpoint with the same tokenizer and labels) knows the answers the sparse model drifts from.
 The term is Hinton's: T^2 KL(softmax(teacher / T) || softmax(model / T)) for classification, the
-squared difference of the predictions for regression. The teacher runs without gradients on the
+squared difference of the predictions for regression; for language modelling the same KL over the
+next-token distribution at every real token, averaged over those tokens (a dense teacher, e.g. the
+model before activation cutoffs, tells the sparse one what it predicted). The teacher runs without gradients on the
 same batch, so a step costs one more forward pass.
 
 The feature term (`distill_features`) is SquareHead's (Kurtic et al., 2310.06927, who found logit
@@ -26,7 +28,7 @@ from deftcompress.errors import DeftcompressError
 if TYPE_CHECKING:
     from deftcompress.training.context import TrainingContext
 
-TASK_KINDS = ("classification", "regression")  # heads whose logits the term compares
+TASK_KINDS = ("classification", "regression", "language_modeling")  # heads whose logits the term compares
 
 
 def load_teacher(ctx: "TrainingContext", ref: str, where: str = "deft: distill_from") -> nn.Module:
@@ -36,12 +38,16 @@ def load_teacher(ctx: "TrainingContext", ref: str, where: str = "deft: distill_f
 
     task = ctx.task
     if task.kind not in TASK_KINDS:
-        raise DeftcompressError(f"{where}: distillation compares classification or regression logits; task "
-                                f"{task.name} is {task.kind}")
+        raise DeftcompressError(f"{where}: distillation compares classification, regression or next-token logits; "
+                                f"task {task.name} is {task.kind}")
     path = resolve_saved_model_ref(ref, where, trust_pickle=ctx.trust_pickle)
     teacher, tokenizer, _ = load_model(path, task=None, device=ctx.device)  # its own trained head
-    labels = getattr(teacher.config, "num_labels", None)
-    if labels != task.num_labels:
+    if task.kind == "language_modeling":
+        if not type(teacher).__name__.endswith("ForCausalLM"):
+            raise DeftcompressError(f"{where}: {ref} is not a causal language model ({type(teacher).__name__}); "
+                                    "a language-modelling student learns from next-token logits")
+    elif getattr(teacher.config, "num_labels", None) != task.num_labels:
+        labels = getattr(teacher.config, "num_labels", None)
         raise DeftcompressError(f"{where}: {ref} predicts {labels} labels, task {task.name} has "
                                 f"{task.num_labels}; the teacher must be fine-tuned on the same task")
     if tokenizer.get_vocab() != ctx.tokenizer.get_vocab():
@@ -90,10 +96,17 @@ def feature_term(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor,
     return torch.stack(terms).mean()
 
 
-def distillation_term(logits: torch.Tensor, target: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:
-    """T^2 KL(teacher || model) at temperature T, mean over the batch (regression: mean squared difference)."""
+def distillation_term(logits: torch.Tensor, target: torch.Tensor, temperature: float, regression: bool,
+                      token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 KL(teacher || model) at temperature T, mean over the batch (regression: mean squared difference); logits
+    per token ([batch, tokens, vocabulary]): the mean over the real tokens of `token_mask`."""
     if regression:
         return F.mse_loss(logits.float().squeeze(-1), target.float().squeeze(-1))
     t = temperature
+    if logits.dim() == 3:
+        per_token = F.kl_div(F.log_softmax(logits.float() / t, dim=-1), F.log_softmax(target.float() / t, dim=-1),
+                             log_target=True, reduction="none").sum(-1)
+        mask = token_mask.to(per_token.dtype) if token_mask is not None else torch.ones_like(per_token)
+        return (per_token * mask).sum() / mask.sum().clamp_min(1.0) * (t * t)
     return F.kl_div(F.log_softmax(logits.float() / t, dim=-1), F.log_softmax(target.float() / t, dim=-1),
                     log_target=True, reduction="batchmean") * (t * t)

@@ -442,7 +442,8 @@ def _micro_step(run: _Run, global_batch: list[int], step: int, last_micro: bool)
         if run.teacher is not None:
             taught = teacher_outputs(run.teacher, batch.inputs, hidden_states=features)
             distill = settings.distill_weight * distillation_term(out.logits, taught.logits, settings.distill_temperature,
-                                                                  ctx.task.kind == "regression")
+                                                                  ctx.task.kind == "regression",
+                                                                  batch.inputs.get("attention_mask"))
             if features:
                 distill = distill + settings.distill_features * feature_term(
                     hidden_states_of(out), hidden_states_of(taught), batch.inputs.get("attention_mask"))
