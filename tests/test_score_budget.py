@@ -139,3 +139,19 @@ def test_bad_budgets_are_one_line_errors(tiny_checkpoint, tiny_data, pass_name, 
         Recipe.build(model=str(tiny_checkpoint("bert")), data_dir=str(tiny_data),
                      passes=[{pass_name: {"method": "lora", **options}}])
     assert "\n" not in str(info.value)
+
+
+def test_a_relufy_chain_searches_within_its_budget(tiny_checkpoint, tiny_data, tmp_path, one_thread):
+    """relufy then deft with a budget: the reference and every point train from the relufied model, and the handed-on
+    model keeps ReLU (a reference by path, e.g. a plain LoRA run, bounds the whole chain's drop instead)."""
+    options = {"method": "lora", "r": 2, "max_steps": 3, "batch_size": 8, "max_train_samples": 40,
+               "learning_rate": 1e-2, "save_steps": None, "max_score_drop": 100.0, "budget_density_targets": [0.3],
+               "target_mlp_up": True, "train_mlp_bias": True}
+    recipe = Recipe.build(name="relu", model=str(tiny_checkpoint("bert")), task="glue/sst2", data_dir=str(tiny_data),
+                          max_eval_samples=8, eval_batch_size=8,
+                          passes=[{"relufy": {"activation": "relu"}}, {"deft": options}])
+    report = run_recipe(recipe, output_dir=tmp_path / "relu", quiet=True)
+    details = report.steps[2].details
+    assert details["within_budget"] is True and [t["value"] for t in details["budget"]["tried"]] == [0.3]
+    assert details["budget"]["reference"]["kind"] == "trained here"
+    assert json.loads((tmp_path / "relu" / "model" / "config.json").read_text())["hidden_act"] == "relu"
