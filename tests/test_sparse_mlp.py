@@ -461,3 +461,71 @@ def test_the_compiled_density_count_decides_at_the_limit_like_torch(kernels):
     if kernels == "kernels":  # not the compiled count's case: it answers false, so the caller runs its dense layer
         assert not load().density_at_most(torch.zeros(4, 4, dtype=torch.float64), 0.5)
         assert not load().density_at_most(torch.zeros(4, 8)[:, ::2], 0.5)
+
+
+class _SparseBelowNineTenths:  # a calibration: the per-token kernel pays below 90% density, the union never
+    def costs(self, d_in, d_out, tokens, gated):
+        return LayerCosts(dense=1.0, per_token=(0.0, 1.0), union=None)
+
+
+def _thresholded_llama():
+    from deftcompress.architecture.activation import set_thresholds
+
+    model, _ = build_tiny_model("llama")
+    model.eval()
+    set_thresholds(model, {b.label: 0.05 for b in mlp_blocks(model)})  # exact zeros in SiLU's output
+    return model
+
+
+def test_one_token_calls_of_a_gated_block_run_as_one_compiled_call(monkeypatch):
+    """Decoding: once the block's two projections settled on the kernel at one token, the whole block runs as one
+    compiled call (checked once against its own forward); outputs stay the block's own, both projections' reports
+    count the calls, and leaving the runtime gives the block its own forward back."""
+    from deftcompress.runtime import sparse_projections
+    from deftcompress.runtime.sparse_mlp import VERIFY_CALLS
+
+    _needs_kernels()
+    # on layers this small the kernel may lose to dense in place and be dropped; this test is about what follows
+    monkeypatch.setattr(sparse_projections._Swapped, "_check_in_place", lambda *args: None)
+    model = _thresholded_llama()
+    blocks = mlp_blocks(model)
+    torch.manual_seed(3)
+    tokens = [torch.randn(1, 1, 32) for _ in range(VERIFY_CALLS + 4)]
+    with torch.no_grad():
+        expected = [[b.block(x) for x in tokens] for b in blocks]
+        runtime = SparseMLPRuntime(model, calibration=_SparseBelowNineTenths())
+        with runtime:
+            got = [[b.block(x) for x in tokens] for b in blocks]
+            prompt = torch.randn(1, 5, 32)  # more tokens: the block's own forward, through the swapped projections
+            torch.testing.assert_close(blocks[0].block(prompt), expected_prompt := type(blocks[0].block).forward(
+                blocks[0].block, prompt), atol=1e-5, rtol=0)
+    for e, g in zip(expected, got):
+        for a, b in zip(e, g):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    report = runtime.layer_report()
+    for gate, down in zip(report[1::2], report[0::2]):
+        assert gate["role"] == "gate" and 0 < gate["fused_block_calls"] < len(tokens)
+        assert gate["calls"] == down["calls"]  # the fused calls went into both projections' tallies
+    assert all("forward" not in vars(b.block) for b in blocks)
+    assert expected_prompt.shape == (1, 5, 32)
+
+
+def test_a_block_that_computes_otherwise_keeps_its_own_forward(monkeypatch):
+    import transformers.models.llama.modeling_llama as llama
+
+    from deftcompress.runtime import sparse_projections
+
+    _needs_kernels()
+    monkeypatch.setattr(sparse_projections._Swapped, "_check_in_place", lambda *args: None)
+    own = llama.LlamaMLP.forward
+    monkeypatch.setattr(llama.LlamaMLP, "forward", lambda self, x: 2.0 * own(self, x))  # not down(act(up) * gate)
+    model = _thresholded_llama()
+    block = mlp_blocks(model)[0].block
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad():
+        expected = block(x)
+        with SparseMLPRuntime(model, calibration=_SparseBelowNineTenths()) as runtime:
+            for _ in range(10):
+                torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-4)
+    assert "fused_block_calls" not in runtime.layer_report()[1]
+    assert runtime._fused[0]._call is False

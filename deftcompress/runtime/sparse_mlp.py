@@ -8,6 +8,8 @@ Per MLP block (found through the architecture table):
   union of active neurons;
 - in gated MLPs (`down(act(up(x)) * gate(x))`, Llama's `gate_proj`/`up_proj`), the multiplied
   projection computes only the rows of neurons the activation left nonzero.
+  At one token per call (decoding), once both have settled on the compiled kernel, the whole gated block
+  runs as one compiled call (`FusedGatedMLP`: the block's forward, checked once against its own).
 
 Each call counts the zeros and picks dense, per-token or union from a cost model of the layer's shape
 calibrated once on the machine (`SparseCalibration`, cached under `~/.cache/deftcompress/`), sparse only
@@ -34,8 +36,8 @@ from torch import nn
 from deftcompress.architecture import ArchSpec, MLPBlock, mlp_blocks
 from deftcompress.runtime.cost_model import FixedChoice, LayerCosts, SparseCalibration, _choose, _evict_caches
 from deftcompress.runtime.sparse_kernels import _down_per_token, _down_union
-from deftcompress.runtime.sparse_projections import (DENSE_STREAK, FAST_AFTER, VERIFY_CALLS, LayerStats, SparseDown,
-                                                     SparseGate, _Timer)
+from deftcompress.runtime.sparse_projections import (DENSE_STREAK, FAST_AFTER, VERIFY_CALLS, FusedGatedMLP, LayerStats,
+                                                     SparseDown, SparseGate, _Timer)
 
 # Names tests and benchmarks import from here (their homes: cost_model, sparse_projections, sparse_kernels)
 __all__ = ["DENSE_STREAK", "FAST_AFTER", "VERIFY_CALLS", "FixedChoice", "LayerCosts", "LayerStats", "SparseCalibration",
@@ -57,30 +59,39 @@ class SparseMLPRuntime:
         self.timer = _Timer(timed_calls) if timed_calls else None
         self.stats: list[LayerStats] = []
         self._swaps: list[tuple] | None = None  # (module name, original Linear, sparse module, activation or None)
+        self._fused: list[FusedGatedMLP] = []  # gated blocks whose one-token calls run as one compiled call
         self._hooks: list = []
 
     def __enter__(self) -> "SparseMLPRuntime":
         if self._swaps is None:  # built once: the in-place checks and the statistics carry over between entries
             self._swaps = []
             for block in self.blocks:
-                self._build(block, "down", SparseDown, None)
+                down = self._build(block, "down", SparseDown, None)
                 if block.gate is not None:
-                    self._build(block, "gate", SparseGate, block.act)
+                    gate = self._build(block, "gate", SparseGate, block.act)
+                    if down is not None and gate is not None:
+                        self._fused.append(FusedGatedMLP(block, gate, down))
         for name, _, module, act in self._swaps:
             self.model.set_submodule(name, module)
             if act is not None:  # the gate reads the activation's zeros
                 self._hooks.append(act.register_forward_hook(lambda m, inputs, output, gate=module: gate.take_pattern(output)))
+        for fused in self._fused:  # an instance attribute: the block's class, hooks and names stay as they are
+            fused.block.block.forward = fused.forward
         return self
 
-    def _build(self, block: MLPBlock, role: str, cls, act) -> None:
+    def _build(self, block: MLPBlock, role: str, cls, act):
         linear = getattr(block, role)
         if type(linear) is not nn.Linear:  # quantized or adapter-wrapped layers keep their own forward
-            return
+            return None
         stats = LayerStats(block.label, role)
         self.stats.append(stats)
-        self._swaps.append((block.names[role], linear, cls(linear, self.calibration, stats, self.timer), act))
+        module = cls(linear, self.calibration, stats, self.timer)
+        self._swaps.append((block.names[role], linear, module, act))
+        return module
 
     def __exit__(self, *exc) -> None:
+        for fused in self._fused:
+            fused.block.block.__dict__.pop("forward", None)
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()

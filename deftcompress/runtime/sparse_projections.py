@@ -54,6 +54,7 @@ class LayerStats:
     paths: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PATHS})
     timed_dense: list[float] = field(default_factory=list)
     timed_chosen: list[float] = field(default_factory=list)
+    fused: int = 0  # one-token calls that ran the whole gated block as one compiled call (`FusedGatedMLP`)
 
     def record(self, tokens: int, width: int, nonzero: int, union: float | None, path: str) -> None:
         self.calls += 1
@@ -75,6 +76,8 @@ class LayerStats:
                "union_density": round(self.union_sum / self.union_calls, 4) if self.union_calls else None,
                "paths": {**self.paths, "dense": self.paths["dense"] + self.unchecked + in_kernel - kernel_sparse,
                          "per_token": self.paths["per_token"] + kernel_sparse}}
+        if self.fused:
+            out["fused_block_calls"] = self.fused
         if self.dropped:
             out["dropped_in_place"] = list(self.dropped)
         if self.timed_dense:
@@ -348,3 +351,51 @@ class SparseGate(_Swapped):
                 "union": lambda: _gated_union(flat, weight, bias, nonzero)})
         return out.reshape(*x.shape[:-1], width)
 
+
+
+class FusedGatedMLP:
+    """A gated MLP block's own forward, replaced for one-token calls (decoding) once both of its swapped projections
+    chose the compiled kernel at one token and passed their in-place checks: the whole block,
+    `down(act(up(x)) * gate(x))`, in one compiled call over the activation's nonzeros (`gated_mlp_auto`), which
+    counts and chooses as the projections' calls do and adds to both their tallies. At one token the two calls,
+    the product between them and the Python around each cost about as much as the sparse rows themselves.
+
+    The first fused call is checked against the block's own forward on the same input; a block that computes
+    something else (a family whose forward is not that formula) keeps its own forward. Other calls (prompts,
+    batches, gradients, arguments beyond the input) go to the block's own forward, whose projections are the
+    swapped ones.
+    """
+
+    def __init__(self, block, gate: SparseGate, down: SparseDown):
+        self.block, self.gate, self.down = block, gate, down
+        self.own_forward = type(block.block).forward.__get__(block.block)
+        self._call: Any = None  # the bound compiled call; False once the check refused it
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._call is not False and not args and not kwargs and x.numel() == x.shape[-1] and not x.requires_grad:
+            call = self._call or self._settle(x)
+            if call:
+                self.gate.stats.fused += 1
+                return call(x, self.block.act(self.block.up(x)))
+        return self.own_forward(x, *args, **kwargs)
+
+    def _settle(self, x: torch.Tensor):
+        """The fused call once both projections run the kernel at one token (None before; False if it computes
+        something other than the block's own forward)."""
+        kernels = _kernels()
+        if kernels is None or not hasattr(kernels, "gated_mlp_auto") or x.dtype != torch.float32:
+            return None
+        settled = [getattr(m._fast_calls.get(1), "func", None) is m._kernel for m in (self.gate, self.down)]
+        if not all(settled):
+            return None
+        limit = min(self.gate._plans[1][2], self.down._plans[1][2])
+        call = functools.partial(kernels.gated_mlp_auto, *self.gate._weight_bias, self.down.weight_t,
+                                 *self.down._weight_bias, limit, self.gate.stats.tally, self.down.stats.tally)
+        # checked once with a limit of 1.0 (sparse whatever the count) against the block's own forward
+        probe = functools.partial(kernels.gated_mlp_auto, *self.gate._weight_bias, self.down.weight_t,
+                                  *self.down._weight_bias, 1.0, torch.zeros(4, dtype=torch.int64),
+                                  torch.zeros(4, dtype=torch.int64))
+        own = self.own_forward(x)
+        fused = probe(x, self.block.act(self.block.up(x)))
+        self._call = call if torch.allclose(fused, own, rtol=1e-4, atol=1e-5) else False
+        return self._call

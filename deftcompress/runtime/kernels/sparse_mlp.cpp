@@ -114,6 +114,56 @@ torch::Tensor gated_rows(const torch::Tensor& x, const torch::Tensor& a, const t
   return out;
 }
 
+// A whole gated MLP over the activation's nonzeros: out[t] = down_bias + sum over k with a[t, k] != 0 of
+// a[t, k] * (dot(w[k], x[t]) + bias[k]) * down_t[k] (down_t = the down-projection's weight transposed). The same
+// sums as gated_rows then down_rows, in one call and without the [tokens, width] intermediate: at one token the
+// calls, the product a * u and the intermediate between them cost about as much as the sparse rows themselves.
+torch::Tensor gated_mlp_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& w,
+                             const torch::Tensor& bias, const torch::Tensor& down_t, const torch::Tensor& down_bias) {
+  const int64_t n = x.size(0), din = x.size(1), f = w.size(0), d = down_t.size(1);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  const float* dp = down_t.data_ptr<float>();
+  const float* dbp = down_bias.numel() ? down_bias.data_ptr<float>() : nullptr;
+  ByNeuron g = group_by_neuron(a.data_ptr<float>(), n, f);
+  const int64_t m = g.neurons.size();
+  // first the multiplied projection's rows: each entry's value becomes a[t, k] * u[t, k]
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < std::min(begin + kRowsAhead, end); ++i) prefetch_row(wp + g.neurons[i] * din, din);
+    for (int64_t i = begin; i < end; ++i) {
+      if (i + kRowsAhead < end) prefetch_row(wp + g.neurons[i + kRowsAhead] * din, din);
+      const int64_t k = g.neurons[i];
+      const float* __restrict wk = wp + k * din;
+      for (int32_t e = g.first[i]; e < g.first[i + 1]; ++e) {
+        const float* __restrict xt = xp + g.token[e] * din;
+        float s = 0.0f;
+        #pragma omp simd reduction(+:s)
+        for (int64_t j = 0; j < din; ++j) s += wk[j] * xt[j];
+        g.value[e] *= s + (bp ? bp[k] : 0.0f);
+      }
+    }
+  });
+  // then the down-projection's rows, as down_rows
+  auto out = torch::empty({n, d}, x.options());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, d, 256, [&](int64_t j0, int64_t j1) {
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = j0; j < j1; ++j) op[t * d + j] = dbp ? dbp[j] : 0.0f;
+    for (int64_t i = 0; i < std::min(kRowsAhead, m); ++i) prefetch_row(dp + g.neurons[i] * d + j0, j1 - j0);
+    for (int64_t i = 0; i < m; ++i) {
+      if (i + kRowsAhead < m) prefetch_row(dp + g.neurons[i + kRowsAhead] * d + j0, j1 - j0);
+      const float* __restrict r = dp + g.neurons[i] * d;
+      for (int32_t e = g.first[i]; e < g.first[i + 1]; ++e) {
+        const float v = g.value[e];
+        float* __restrict o = op + g.token[e] * d;
+        for (int64_t j = j0; j < j1; ++j) o[j] += v * r[j];
+      }
+    }
+  });
+  return out;
+}
+
 // int8 weights with one scale per output feature (symmetric, per channel, as onnxruntime's and fbgemm's dynamic
 // int8 store them): the same products as down_rows / gated_rows, reading a quarter of the bytes per active row.
 // Activations stay float, so the result is exactly h @ (scale * q) in float arithmetic (no activation rounding).
@@ -290,12 +340,35 @@ torch::Tensor gate_auto(torch::Tensor w, torch::Tensor bias, double max_density,
                         [&] { return gated_rows(flat, pattern, w, bias); });
 }
 
+// The fused gated MLP with its count and choice: the dense block (down(a * gate(x))) above max_density. Both
+// swapped projections' tallies get the call, so the per-layer report stays whole.
+torch::Tensor gated_mlp_auto(torch::Tensor w, torch::Tensor bias, torch::Tensor down_t, torch::Tensor down_w,
+                             torch::Tensor down_bias, double max_density, torch::Tensor gate_tally,
+                             torch::Tensor down_tally, torch::Tensor x, torch::Tensor a) {
+  const int64_t f = w.size(0), din = w.size(1), d = down_t.size(1);
+  auto dense = [&] { return dense_product(a * dense_product(x, w, bias), down_w, down_bias); };
+  if (x.scalar_type() != torch::kFloat || a.scalar_type() != torch::kFloat || !x.device().is_cpu() || x.dim() < 1
+      || x.size(-1) != din || a.numel() != x.numel() / din * f || down_t.size(0) != f)
+    return dense();
+  auto flat = x.reshape({-1, din}).contiguous();
+  auto pattern = a.reshape({-1, f}).contiguous();
+  const int64_t count = nonzero_count(pattern);
+  const bool is_sparse = count <= max_density * pattern.numel();
+  add_to_tally(gate_tally, pattern.size(0), count, is_sparse);
+  add_to_tally(down_tally, pattern.size(0), count, is_sparse);
+  if (!is_sparse) return dense();
+  auto sizes = x.sizes().vec();
+  sizes.back() = d;
+  return gated_mlp_rows(flat, pattern, w, bias, down_t, down_bias).view(sizes);
+}
+
 // The Python bindings (what torch's load_inline generates for a list of functions)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_down", torch::wrap_pybind_function(sparse_down), "sparse_down");
   m.def("gate_rows", torch::wrap_pybind_function(gate_rows), "gate_rows");
   m.def("down_auto", torch::wrap_pybind_function(down_auto), "down_auto");
   m.def("gate_auto", torch::wrap_pybind_function(gate_auto), "gate_auto");
+  m.def("gated_mlp_auto", torch::wrap_pybind_function(gated_mlp_auto), "gated_mlp_auto");
   m.def("sparse_down_int8", torch::wrap_pybind_function(sparse_down_int8), "sparse_down_int8");
   m.def("gate_rows_int8", torch::wrap_pybind_function(gate_rows_int8), "gate_rows_int8");
   m.def("density_at_most", torch::wrap_pybind_function(density_at_most), "density_at_most");
