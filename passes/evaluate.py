@@ -33,11 +33,14 @@ class EvaluateConfig(PassConfig):
     decode_speed: bool = option(
         False, "causal language models: also time greedy decoding at batch 1 (key-value cache, end of sequence "
                "ignored) as tokens/s, the dense PyTorch model and this step's runtime (sparse or onnxruntime) side by "
-               "side in one process, and say whether they generate the same tokens (report: details.decoding)")
-    decode_prompts: int = option(4, "decode_speed: prompts, the first evaluation rows with decode_prompt_tokens tokens")
-    decode_prompt_tokens: int = option(64, "decode_speed: tokens per prompt")
-    decode_new_tokens: int = option(64, "decode_speed: tokens generated per prompt")
-    decode_repeats: int = option(3, "decode_speed: repetitions (runtimes alternate; the median is reported)")
+               "side in one process, and say whether they generate the same tokens (report: details.decoding)",
+        timing_only=True)
+    decode_prompts: int = option(4, "decode_speed: prompts, the first evaluation rows with decode_prompt_tokens tokens",
+                                 timing_only=True)
+    decode_prompt_tokens: int = option(64, "decode_speed: tokens per prompt", timing_only=True)
+    decode_new_tokens: int = option(64, "decode_speed: tokens generated per prompt", timing_only=True)
+    decode_repeats: int = option(3, "decode_speed: repetitions (runtimes alternate; the median is reported)",
+                                 timing_only=True)
 
     def problem(self) -> str | None:
         bounded = out_of_range("eval_batch_size", self.eval_batch_size, EVAL_BATCH_SIZE, nullable=True)

@@ -114,3 +114,16 @@ def test_the_report_shows_decoding_per_runtime():
     assert "| sparse | 27.00 | 26.00-28.00 | 1.35x | 3/4 | token 41 |" in md
     assert "greedy, batch 1, 4 prompts of 64 tokens + 64 new tokens, median of 3 alternating repetitions" in md
     assert "| torch | 20.00 | 19.50-20.50 | 1.00x | 4/4 | - |" in md
+
+
+def test_decoding_options_time_and_leave_the_recipe_hash_alone(tiny_checkpoint, tiny_data):
+    """Adding decode_speed to a finished run's recipe must not make it another run: the options only time."""
+    from deftcompress.pipeline.progress import recipe_hash
+
+    def hashed(evaluate):
+        recipe = _lm_recipe(tiny_checkpoint, tiny_data, [{"evaluate": evaluate}])
+        return recipe_hash(recipe, str(tiny_checkpoint("llama")))
+
+    plain = hashed({})
+    assert hashed({**DECODE}) == plain
+    assert hashed({"density_tau": 0.5}) != plain  # a field that changes what is measured still counts

@@ -80,7 +80,8 @@ def test_resolved_recipe_fills_defaults(tiny_data):
     assert d["density_mode"] == "masked" and d["max_seq_length"] == 128
     assert d["passes"] == [{"evaluate": {"density_mode": None, "density_tau": None, "eval_batch_size": None,
                                          "runtime": "torch", "threads": 0, "optimization": "all",
-                                         "sparse_timed_calls": 8}}]
+                                         "sparse_timed_calls": 8, "decode_speed": False, "decode_prompts": 4,
+                                         "decode_prompt_tokens": 64, "decode_new_tokens": 64, "decode_repeats": 3}}]
     # the resolved recipe is itself a valid recipe
     again = Recipe.from_dict(yaml.safe_load(r.to_yaml()))
     assert again.to_dict() == d

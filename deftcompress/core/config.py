@@ -33,11 +33,14 @@ def out_of_range(name: str, value: int | None, bounds: tuple[int, int], nullable
     return None
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a help text (lists and dicts get a fresh copy per instance)."""
+def option(default: Any, help: str, timing_only: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field with a help text (lists and dicts get a fresh copy per instance). `timing_only`: the field
+    changes what is timed, never a score or a model, so it is left out of the recipe's hash (a finished run stays
+    finished when only such a field changes)."""
+    metadata = {"help": help, "timing_only": timing_only}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclasses.dataclass

@@ -62,9 +62,16 @@ def recipe_hash(recipe: "Recipe", model_ref: str, data: dict[str, Any] | None = 
     model, resolved by `resolve_model_ref`)."""
     from deftcompress.data.tasks import data_root
 
+    import dataclasses
+
     resolved = recipe.to_dict()
     for key in ("name", "output_dir", "data_dir", "latency_repeats"):  # none of these changes a score
         resolved.pop(key, None)
+    for item, planned in zip(resolved.get("passes") or [], getattr(recipe, "plan", None) or []):
+        config = item.get(planned.name) if isinstance(item, dict) else None
+        for f in dataclasses.fields(planned.cls.Config) if isinstance(config, dict) else ():
+            if f.metadata.get("timing_only"):  # e.g. evaluate's decode_speed: what is timed, not what is scored
+                config.pop(f.name, None)
     root = data_root(recipe.data_dir)
     resolved["data"] = str(root.resolve()) if root is not None else "hub"
     if data is not None:
