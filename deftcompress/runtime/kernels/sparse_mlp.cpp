@@ -57,23 +57,18 @@ int64_t nonzero_count(const torch::Tensor& t) {
   return count;
 }
 
-// out[t] = bias + sum over k with h[t, k] != 0 of h[t, k] * w_t[k]
-torch::Tensor down_rows(const torch::Tensor& h, const torch::Tensor& w_t, const torch::Tensor& bias) {
-  const int64_t n = h.size(0), f = h.size(1), d = w_t.size(1);
-  auto out = torch::empty({n, d}, h.options());  // a fresh tensor: never the bias itself (one token)
-  const float* wp = w_t.data_ptr<float>();
-  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
-  const ByNeuron g = group_by_neuron(h.data_ptr<float>(), n, f);
+// out[t] = bias + sum over the entries e of g with token t of g.value[e] * rows[neuron of e]: the down-projection's
+// sum over active rows (rows = its weight transposed, [f, d]). Threads split the output columns: each reads its
+// slice of every active row, and no two write the same place.
+void add_active_rows(const ByNeuron& g, int64_t n, const float* rp, int64_t d, const float* bp, float* op) {
   const int64_t m = g.neurons.size();
-  // threads split the output columns: each reads its slice of every active row, and no two write the same place
   at::parallel_for(0, d, 256, [&](int64_t j0, int64_t j1) {
     for (int64_t t = 0; t < n; ++t)
       for (int64_t j = j0; j < j1; ++j) op[t * d + j] = bp ? bp[j] : 0.0f;
-    for (int64_t i = 0; i < std::min(kRowsAhead, m); ++i) prefetch_row(wp + g.neurons[i] * d + j0, j1 - j0);
+    for (int64_t i = 0; i < std::min(kRowsAhead, m); ++i) prefetch_row(rp + g.neurons[i] * d + j0, j1 - j0);
     for (int64_t i = 0; i < m; ++i) {
-      if (i + kRowsAhead < m) prefetch_row(wp + g.neurons[i + kRowsAhead] * d + j0, j1 - j0);
-      const float* __restrict w = wp + g.neurons[i] * d;
+      if (i + kRowsAhead < m) prefetch_row(rp + g.neurons[i + kRowsAhead] * d + j0, j1 - j0);
+      const float* __restrict w = rp + g.neurons[i] * d;
       for (int32_t e = g.first[i]; e < g.first[i + 1]; ++e) {
         const float v = g.value[e];
         float* __restrict o = op + g.token[e] * d;
@@ -81,21 +76,14 @@ torch::Tensor down_rows(const torch::Tensor& h, const torch::Tensor& w_t, const 
       }
     }
   });
-  return out;
 }
 
-// u[t, k] = dot(w[k], x[t]) + bias[k] where a[t, k] != 0, else 0
-torch::Tensor gated_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& w,
-                         const torch::Tensor& bias) {
-  const int64_t n = x.size(0), din = x.size(1), f = w.size(0);
-  auto out = torch::zeros({n, f}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
-  const ByNeuron g = group_by_neuron(a.data_ptr<float>(), n, f);
+// For every entry e of g (token t, neuron k): take(e, t, k, dot(w[k], x[t]) + bias[k]). Threads split the active
+// neurons.
+template <typename Take>
+void active_dots(const ByNeuron& g, const float* xp, const float* wp, int64_t din, const float* bp, Take take) {
   const int64_t m = g.neurons.size();
-  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {  // threads split the active neurons
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < std::min(begin + kRowsAhead, end); ++i) prefetch_row(wp + g.neurons[i] * din, din);
     for (int64_t i = begin; i < end; ++i) {
       if (i + kRowsAhead < end) prefetch_row(wp + g.neurons[i + kRowsAhead] * din, din);
@@ -107,10 +95,32 @@ torch::Tensor gated_rows(const torch::Tensor& x, const torch::Tensor& a, const t
         // without the pragma (and -fopenmp-simd) the compiler keeps this sum serial: 3-4x slower
         #pragma omp simd reduction(+:s)
         for (int64_t j = 0; j < din; ++j) s += wk[j] * xt[j];
-        op[g.token[e] * f + k] = s + (bp ? bp[k] : 0.0f);
+        take(e, g.token[e], k, s + (bp ? bp[k] : 0.0f));
       }
     }
   });
+}
+
+const float* bias_or_null(const torch::Tensor& bias) { return bias.numel() ? bias.data_ptr<float>() : nullptr; }
+
+// out[t] = bias + sum over k with h[t, k] != 0 of h[t, k] * w_t[k]
+torch::Tensor down_rows(const torch::Tensor& h, const torch::Tensor& w_t, const torch::Tensor& bias) {
+  const int64_t n = h.size(0), f = h.size(1), d = w_t.size(1);
+  auto out = torch::empty({n, d}, h.options());  // a fresh tensor: never the bias itself (one token)
+  const ByNeuron g = group_by_neuron(h.data_ptr<float>(), n, f);
+  add_active_rows(g, n, w_t.data_ptr<float>(), d, bias_or_null(bias), out.data_ptr<float>());
+  return out;
+}
+
+// u[t, k] = dot(w[k], x[t]) + bias[k] where a[t, k] != 0, else 0
+torch::Tensor gated_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& w,
+                         const torch::Tensor& bias) {
+  const int64_t n = x.size(0), din = x.size(1), f = w.size(0);
+  auto out = torch::zeros({n, f}, x.options());
+  float* op = out.data_ptr<float>();
+  const ByNeuron g = group_by_neuron(a.data_ptr<float>(), n, f);
+  active_dots(g, x.data_ptr<float>(), w.data_ptr<float>(), din, bias_or_null(bias),
+              [&](int32_t, int64_t t, int64_t k, float u) { op[t * f + k] = u; });
   return out;
 }
 
@@ -121,46 +131,12 @@ torch::Tensor gated_rows(const torch::Tensor& x, const torch::Tensor& a, const t
 torch::Tensor gated_mlp_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& w,
                              const torch::Tensor& bias, const torch::Tensor& down_t, const torch::Tensor& down_bias) {
   const int64_t n = x.size(0), din = x.size(1), f = w.size(0), d = down_t.size(1);
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  const float* dp = down_t.data_ptr<float>();
-  const float* dbp = down_bias.numel() ? down_bias.data_ptr<float>() : nullptr;
   ByNeuron g = group_by_neuron(a.data_ptr<float>(), n, f);
-  const int64_t m = g.neurons.size();
-  // first the multiplied projection's rows: each entry's value becomes a[t, k] * u[t, k]
-  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < std::min(begin + kRowsAhead, end); ++i) prefetch_row(wp + g.neurons[i] * din, din);
-    for (int64_t i = begin; i < end; ++i) {
-      if (i + kRowsAhead < end) prefetch_row(wp + g.neurons[i + kRowsAhead] * din, din);
-      const int64_t k = g.neurons[i];
-      const float* __restrict wk = wp + k * din;
-      for (int32_t e = g.first[i]; e < g.first[i + 1]; ++e) {
-        const float* __restrict xt = xp + g.token[e] * din;
-        float s = 0.0f;
-        #pragma omp simd reduction(+:s)
-        for (int64_t j = 0; j < din; ++j) s += wk[j] * xt[j];
-        g.value[e] *= s + (bp ? bp[k] : 0.0f);
-      }
-    }
-  });
-  // then the down-projection's rows, as down_rows
+  // each entry's activation becomes the down-projection's coefficient a[t, k] * u[t, k]
+  active_dots(g, x.data_ptr<float>(), w.data_ptr<float>(), din, bias_or_null(bias),
+              [&](int32_t e, int64_t, int64_t, float u) { g.value[e] *= u; });
   auto out = torch::empty({n, d}, x.options());
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, d, 256, [&](int64_t j0, int64_t j1) {
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t j = j0; j < j1; ++j) op[t * d + j] = dbp ? dbp[j] : 0.0f;
-    for (int64_t i = 0; i < std::min(kRowsAhead, m); ++i) prefetch_row(dp + g.neurons[i] * d + j0, j1 - j0);
-    for (int64_t i = 0; i < m; ++i) {
-      if (i + kRowsAhead < m) prefetch_row(dp + g.neurons[i + kRowsAhead] * d + j0, j1 - j0);
-      const float* __restrict r = dp + g.neurons[i] * d;
-      for (int32_t e = g.first[i]; e < g.first[i + 1]; ++e) {
-        const float v = g.value[e];
-        float* __restrict o = op + g.token[e] * d;
-        for (int64_t j = j0; j < j1; ++j) o[j] += v * r[j];
-      }
-    }
-  });
+  add_active_rows(g, n, down_t.data_ptr<float>(), d, bias_or_null(down_bias), out.data_ptr<float>());
   return out;
 }
 
