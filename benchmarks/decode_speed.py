@@ -11,6 +11,10 @@ within one process (order alternating), median of `--repeats` repetitions (`deft
 decoding`, the code behind `evaluate`'s `decode_speed`). The same model in three runtimes: the tokens should
 be identical (the table says for how many prompts they are, and where they first differ).
 
+Where the time goes: one more dense generation of the first prompt with forward hooks around the MLP blocks,
+the attention blocks (and their projections) and the output layer: each one's share of the generation's time
+(the hooks add a little to every share; the rest is norms, the cache and generation's own Python).
+
 Density: the sparse runtime's own count of nonzero activations over every MLP call of the timed generations
 (prompt and decode steps), the mean over layers. Run it alone. Writes results/decode_speed.{json,md}.
 """
@@ -66,6 +70,7 @@ def time_run(run: Path, args) -> dict:
             generators["onnxruntime"] = ort_greedy(str(Path(tmp) / "onnx"), args.new_tokens,
                                                    SessionSettings(threads=args.threads, spinning=False))
         result = compare_decoding(generators, prompts, args.new_tokens, args.repeats, progress=True)
+    shares = time_shares(model, arch, prompts[0], args.new_tokens)
     layers = runtime.layer_report()
     gate_or_down = [r for r in layers if r["role"] == "down" and r["density"] is not None]
     report = Report.load(run)
@@ -73,7 +78,46 @@ def time_run(run: Path, args) -> dict:
             "score": {report.steps[-1].task_metric: report.steps[-1].task_score},
             "density_in_decoding": round(statistics.mean(r["density"] for r in gate_or_down), 4) if gate_or_down else None,
             "sparse_paths": {p: sum(r["paths"][p] for r in layers) for p in ("dense", "per_token", "union")},
+            "fused_block_calls": sum(r.get("fused_block_calls", 0) for r in layers),
+            "dense_time_shares": shares,
             **result.to_dict()}
+
+
+def time_shares(model, arch, prompt, new_tokens: int) -> dict:
+    """Each module kind's share of one dense greedy generation (forward hooks around each module)."""
+    import time
+
+    from deftcompress.architecture import attention_blocks, mlp_blocks
+    from deftcompress.measurement.decoding import torch_greedy
+
+    spent: dict[str, float] = {}
+    handles = []
+
+    def timed(module, kind):
+        def before(m, args):
+            m._deftcompress_t0 = time.perf_counter()
+
+        def after(m, args, out):
+            spent[kind] = spent.get(kind, 0.0) + time.perf_counter() - m._deftcompress_t0
+        handles.extend([module.register_forward_pre_hook(before), module.register_forward_hook(after)])
+
+    for block in mlp_blocks(model, arch):
+        timed(block.block, "mlp")
+    for block in attention_blocks(model, arch):
+        timed(block.module, "attention")
+    head = model.get_output_embeddings()
+    if head is not None:
+        timed(head, "output layer")
+    generate = torch_greedy(model, new_tokens)
+    generate(prompt)
+    spent.clear()
+    start = time.perf_counter()
+    generate(prompt)
+    total = time.perf_counter() - start
+    for h in handles:
+        h.remove()
+    return {"ms_per_token": round(1000 * total / new_tokens, 2),
+            "shares": {k: round(v / total, 3) for k, v in spent.items()}}
 
 
 def markdown(results: list[dict], command: str, threads: int) -> str:
@@ -92,6 +136,14 @@ def markdown(results: list[dict], command: str, threads: int) -> str:
                          f"{t['identical_prompts']}/{r['workload']['prompts']} | "
                          f"{'-' if t['first_difference'] is None else t['first_difference']} | "
                          f"{r['workload']['others_load']} |")
+    lines += ["", "Where dense generation's time goes (one more generation of the first prompt, forward hooks around "
+              "each module):", "", "| run | ms per token | MLP | attention | output layer | rest |", "|---|---|---|---|---|---|"]
+    for r in results:
+        d = r["dense_time_shares"]
+        sh = d["shares"]
+        rest = 1 - sum(sh.values())
+        lines.append(f"| {r['name']} | {d['ms_per_token']} | {sh.get('mlp', 0):.0%} | {sh.get('attention', 0):.0%} | "
+                     f"{sh.get('output layer', 0):.0%} | {rest:.0%} |")
     w = results[0]["workload"]
     lines += ["", f"Workload: {w['prompts']} prompts of {w['prompt_tokens']} tokens, {w['new_tokens']} new tokens each, "
               f"greedy with the key-value cache, end of sequence ignored; {w['repeats']} repetitions.", ""]
