@@ -1,11 +1,13 @@
 """Decoding speed: greedy generation at batch 1, tokens per second, runtimes side by side in one process.
 
-    prompts = decode_prompts(tokenizer, task, arch, examples, prompt_tokens=64, count=4)
-    result = compare_decoding({"dense": torch_greedy(model), "sparse": sparse_greedy}, prompts, new_tokens=64)
-    result.tokens_per_second["sparse"] / result.tokens_per_second["dense"]
+    prompts = decode_prompts(tokenizer, examples, prompt_tokens=64, count=4)
+    with_runtime = torch_greedy(model, 64, around=lambda: runtime)          # e.g. a SparseMLPRuntime
+    result = compare_decoding({"dense": torch_greedy(model, 64), "sparse": with_runtime}, prompts, new_tokens=64)
+    result.ratio("sparse")                                                   # tokens/s against the first
 
 A "generator" is any callable that takes a prompt (`[1, prompt_tokens]` int64 ids) and returns exactly
-`new_tokens` generated ids (greedy, end-of-sequence ignored so that every runtime does the same work);
+`new_tokens` generated ids (greedy; the end of sequence is held off with `min_new_tokens`, in every runtime
+alike, so that each does the same work);
 runtimes other than PyTorch are built in `deftcompress.runtime` and handed in as callables.
 
 As in `measurement.speed`, timings are only comparable within one process and one stretch of time: the
