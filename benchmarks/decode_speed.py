@@ -48,7 +48,7 @@ def parse_args(argv=None):
 def time_run(run: Path, args) -> dict:
     from deftcompress.data.tasks import get_task, load_examples, take_examples
     from deftcompress.export.onnx import export_onnx
-    from deftcompress.measurement.decoding import compare_decoding, decode_prompts, torch_greedy
+    from deftcompress.measurement.decoding import compare_decoding, decode_prompts, greedy
     from deftcompress.models.formats import load_model
     from deftcompress.pipeline.recipe import Recipe
     from deftcompress.reporting.report import Report
@@ -62,8 +62,8 @@ def time_run(run: Path, args) -> dict:
     rows = take_examples(load_examples(task, "validation", recipe.data_dir), "validation", None, recipe.seed)
     prompts = decode_prompts(tokenizer, rows, args.prompt_tokens, args.prompts)
     runtime = SparseMLPRuntime(model, arch)
-    generators = {"torch": torch_greedy(model, args.new_tokens),
-                  "sparse": torch_greedy(model, args.new_tokens, around=lambda: runtime)}
+    generators = {"torch": greedy(model, args.new_tokens),
+                  "sparse": greedy(model, args.new_tokens, around=lambda: runtime)}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_onnx:
             export_onnx(model, tokenizer, arch, Path(tmp) / "onnx")
@@ -88,7 +88,7 @@ def time_shares(model, arch, prompt, new_tokens: int) -> dict:
     import time
 
     from deftcompress.architecture import attention_blocks, mlp_blocks
-    from deftcompress.measurement.decoding import torch_greedy
+    from deftcompress.measurement.decoding import greedy
 
     spent: dict[str, float] = {}
     handles = []
@@ -108,7 +108,7 @@ def time_shares(model, arch, prompt, new_tokens: int) -> dict:
     head = model.get_output_embeddings()
     if head is not None:
         timed(head, "output layer")
-    generate = torch_greedy(model, new_tokens)
+    generate = greedy(model, new_tokens)
     generate(prompt)
     spent.clear()
     start = time.perf_counter()

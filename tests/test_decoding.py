@@ -17,7 +17,7 @@ def _lm_recipe(tiny_checkpoint, tiny_data, passes, **settings):
 
 
 def test_greedy_generators_agree_and_count_exactly_the_new_tokens(tiny_checkpoint, one_thread):
-    from deftcompress.measurement.decoding import compare_decoding, torch_greedy
+    from deftcompress.measurement.decoding import compare_decoding, greedy
     from deftcompress.models.loading import load_model_and_tokenizer
     from deftcompress.data.tasks import get_task
 
@@ -26,15 +26,15 @@ def test_greedy_generators_agree_and_count_exactly_the_new_tokens(tiny_checkpoin
     other = load_model_and_tokenizer(str(tiny_checkpoint("llama")), get_task("squad/contexts"))[0]
     with torch.no_grad():
         other.lm_head.weight.mul_(-1)  # another model: its greedy tokens differ from the first step on
-    result = compare_decoding({"a": torch_greedy(model, 6), "same": torch_greedy(model, 6),
-                               "other": torch_greedy(other, 6)}, prompts, new_tokens=6, repeats=3)
+    result = compare_decoding({"a": greedy(model, 6), "same": greedy(model, 6),
+                               "other": greedy(other, 6)}, prompts, new_tokens=6, repeats=3)
     d = result.to_dict()["runtimes"]
     assert d["a"]["speedup"] == 1.0 and d["same"]["identical_prompts"] == 2 and d["same"]["first_difference"] is None
     assert d["other"]["identical_prompts"] == 0 and d["other"]["first_difference"] == 0
     assert all(r["tokens_per_second"] > 0 and r["iqr"][0] <= r["iqr"][1] for r in d.values())
     expected = model.generate(input_ids=prompts[0], attention_mask=torch.ones_like(prompts[0]), do_sample=False,
                               max_new_tokens=6, min_new_tokens=6)[0, 8:]
-    assert torch.equal(torch_greedy(model, 6)(prompts[0]), expected)
+    assert torch.equal(greedy(model, 6)(prompts[0]), expected)
 
 
 def test_prompts_too_short_for_the_rows_name_the_option(tiny_checkpoint):

@@ -1,8 +1,8 @@
 """Decoding speed: greedy generation at batch 1, tokens per second, runtimes side by side in one process.
 
     prompts = decode_prompts(tokenizer, examples, prompt_tokens=64, count=4)
-    with_runtime = torch_greedy(model, 64, around=lambda: runtime)          # e.g. a SparseMLPRuntime
-    result = compare_decoding({"dense": torch_greedy(model, 64), "sparse": with_runtime}, prompts, new_tokens=64)
+    with_runtime = greedy(model, 64, around=lambda: runtime)          # e.g. a SparseMLPRuntime
+    result = compare_decoding({"dense": greedy(model, 64), "sparse": with_runtime}, prompts, new_tokens=64)
     result.ratio("sparse")                                                   # tokens/s against the first
 
 A "generator" is any callable that takes a prompt (`[1, prompt_tokens]` int64 ids) and returns exactly
@@ -45,17 +45,17 @@ def decode_prompts(tokenizer, examples: list[dict], prompt_tokens: int, count: i
                     f"tokens, {count} are needed; lower decode_prompt_tokens or decode_prompts, or raise max_eval_samples")
 
 
-def torch_greedy(model, new_tokens: int, around: Callable[[], Any] | None = None) -> Generator:
-    """Greedy `model.generate` with the key-value cache, exactly `new_tokens` new ids; `around()` gives a
-    context entered for each call (e.g. the sparse MLP runtime)."""
+def greedy(model, new_tokens: int, around: Callable[[], Any] | None = None) -> Generator:
+    """Greedy `model.generate` with the key-value cache, exactly `new_tokens` new ids, for any model with
+    transformers' `generate` (a PyTorch model, optimum's ORTModelForCausalLM); `around()` gives a context entered
+    for each call (e.g. the sparse MLP runtime)."""
     from contextlib import nullcontext
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    pad = base.generation_config.pad_token_id
-    if pad is None:
-        pad = base.generation_config.eos_token_id
+    config = base.generation_config
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     pad = pad[0] if isinstance(pad, list) else pad
-    device = next(base.parameters()).device
+    device = getattr(model, "device", torch.device("cpu"))
 
     def generate(prompt: torch.Tensor) -> torch.Tensor:
         prompt = prompt.to(device)

@@ -99,7 +99,7 @@ def evaluate(model: nn.Module, tokenizer, task: TaskSpec, examples: list[dict], 
             elif task.kind == "language_modeling":
                 if meter:
                     meter.set_token_mask(arch.stacks[0].name, batch["attention_mask"])
-                batch_nll, batch_tokens = _next_token_loss(model(**batch).logits, batch["input_ids"], batch["attention_mask"])
+                batch_nll, batch_tokens = next_token_loss(model(**batch).logits, batch["input_ids"], batch["attention_mask"])
                 nll, tokens = nll + batch_nll, tokens + batch_tokens
                 preds = [None] * len(idx)
             else:
@@ -117,8 +117,7 @@ def evaluate(model: nn.Module, tokenizer, task: TaskSpec, examples: list[dict], 
         model.train(was_training)
     seconds = time.perf_counter() - start
     if task.kind == "language_modeling":
-        mean = nll / max(tokens, 1)
-        metrics = {"perplexity": math.exp(min(mean, 700.0)), "loss": mean, "tokens": float(tokens)}
+        metrics = perplexity_metrics(nll, tokens)
     else:
         metrics = compute_metrics(task, predictions, examples)
     return Evaluation(task_metric=task.metric, task_score=metrics[task.metric], metrics=metrics,
@@ -126,7 +125,13 @@ def evaluate(model: nn.Module, tokenizer, task: TaskSpec, examples: list[dict], 
                       predictions=predictions)
 
 
-def _next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+def perplexity_metrics(nll: float, tokens: int) -> dict[str, float]:
+    """Perplexity, mean loss and token count from the summed next-token loss over `tokens` real tokens."""
+    mean = nll / max(tokens, 1)
+    return {"perplexity": math.exp(min(mean, 700.0)), "loss": mean, "tokens": float(tokens)}
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
     """(summed cross-entropy of predicting each real token from the ones before it, number of such tokens)."""
     targets = input_ids[:, 1:]
     counted = mask[:, 1:].bool() & mask[:, :-1].bool()

@@ -104,14 +104,14 @@ def _fixed_latency(state: PipelineState, settings: EvalSettings, sparse_runtime=
 
 def _decoding(state: PipelineState, settings: EvalSettings, sparse_runtime=None) -> dict[str, Any]:
     """Greedy decoding at batch 1: the dense PyTorch model and, side by side, the runtime the step measured in."""
-    from deftcompress.measurement.decoding import compare_decoding, decode_prompts, torch_greedy
+    from deftcompress.measurement.decoding import compare_decoding, decode_prompts, greedy
 
     prompts = decode_prompts(state.tokenizer, state.eval_examples(), settings.decode_prompt_tokens, settings.decode_prompts)
     new_tokens = settings.decode_new_tokens
-    generators = {"torch": torch_greedy(state.model, new_tokens)}
+    generators = {"torch": greedy(state.model, new_tokens)}
     if sparse_runtime is not None:
         sparse_runtime.stop_timing()  # its per-layer dense-against-sparse timing would run inside the timed calls
-        generators["sparse"] = torch_greedy(state.model, new_tokens, around=lambda: sparse_runtime)
+        generators["sparse"] = greedy(state.model, new_tokens, around=lambda: sparse_runtime)
     elif settings.runtime == "onnxruntime":
         from deftcompress.runtime.onnxruntime import SessionSettings, ort_greedy
 

@@ -154,28 +154,16 @@ def causal_lm(folder: str, session_settings: SessionSettings = SessionSettings()
 
 def ort_greedy(folder: str, new_tokens: int, session_settings: SessionSettings = SessionSettings()):
     """A `measurement.decoding` generator: greedy decoding of a causal LM graph, exactly `new_tokens` new ids."""
-    import torch
+    from deftcompress.measurement.decoding import greedy
 
-    model = causal_lm(folder, session_settings)
-    config = model.generation_config
-    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-    pad = pad[0] if isinstance(pad, list) else pad
-
-    def generate(prompt):
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, num_beams=1,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True, pad_token_id=pad)
-        return out[0, prompt.shape[1]:]
-
-    return generate
+    return greedy(causal_lm(folder, session_settings), new_tokens)
 
 
 def _evaluate_causal_lm(graph, tokenizer, task, examples, arch, settings, session_settings, progress, desc):
-    import math
-
     import torch
     from tqdm.auto import tqdm
 
-    from deftcompress.measurement.evaluation import Evaluation, _next_token_loss
+    from deftcompress.measurement.evaluation import Evaluation, next_token_loss, perplexity_metrics
 
     model = causal_lm(graph.folder, session_settings)
     features = encode_inputs(tokenizer, task, arch, examples, settings.max_seq_length)
@@ -185,11 +173,10 @@ def _evaluate_causal_lm(graph, tokenizer, task, examples, arch, settings, sessio
         for idx in length_sorted_batches(features, settings.batch_size):
             batch = pad_inputs(tokenizer, [features[i] for i in idx], "longest", settings.max_seq_length)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            batch_nll, batch_tokens = _next_token_loss(torch.as_tensor(logits), batch["input_ids"], batch["attention_mask"])
+            batch_nll, batch_tokens = next_token_loss(torch.as_tensor(logits), batch["input_ids"], batch["attention_mask"])
             nll, tokens = nll + batch_nll, tokens + batch_tokens
             bar.update(len(idx))
     seconds = time.perf_counter() - start
-    mean = nll / max(tokens, 1)
-    metrics = {"perplexity": math.exp(min(mean, 700.0)), "loss": mean, "tokens": float(tokens)}
+    metrics = perplexity_metrics(nll, tokens)
     return Evaluation(task_metric=task.metric, task_score=metrics[task.metric], metrics=metrics, density=None,
                       examples=len(examples), seconds=seconds, predictions=[None] * len(examples))
