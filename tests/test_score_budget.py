@@ -90,6 +90,9 @@ def test_deft_with_a_budget_trains_a_reference_and_reports_every_point(tiny_chec
     assert budget["candidates"] == [0.3, 0.6] and [t["value"] for t in budget["tried"]] == [0.3]
     assert budget["reference"]["kind"] == "trained here" and budget["held_out_rows"] == 4  # 0.1 of 40 rows
     assert details["density_loss"]["target"] == 0.3  # the handed-on model is the chosen point's
+    on_dev = budget["on_evaluation_rows"]  # scored after the choice, for the report only
+    assert on_dev["rows"] == 8 and on_dev["chosen_score"] == pytest.approx(report.steps[1].task_score, abs=1e-6)
+    assert on_dev["drop_points"] == pytest.approx(100 * (on_dev["reference_score"] - on_dev["chosen_score"]), abs=1e-3)
     for folder in ("reference", "density_target_0.3"):
         assert (tmp_path / "budget" / "passes" / "01_deft" / "budget" / folder / "adapter").is_dir()
     saved = json.loads((tmp_path / "budget" / "report.json").read_text())
@@ -112,6 +115,8 @@ def test_outside_the_budget_with_a_given_reference(tiny_checkpoint, tiny_data, t
     assert [t["value"] for t in details["budget"]["tried"]] == [0.3, 0.6]
     assert details["budget"]["chosen"].startswith("density_target 0.6 (the least compressed tried")
     assert not (tmp_path / "outside" / "passes" / "01_deft" / "budget" / "reference").exists()
+    assert details["budget"]["on_evaluation_rows"]["rows"] == 8  # the given reference is loaded again for it
+    assert "On the 8 evaluation rows (reported only)" in (tmp_path / "outside" / "report.md").read_text()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "max_score_drop" in line]
     assert len(warnings) == 1 and "no setting stays within max_score_drop 1 points" in warnings[0]
 

@@ -246,7 +246,9 @@ def _budget_cell(r: CompareRow) -> str:
     """max_score_drop and whether the run ended within it, on held-out training rows ('-': no budget)."""
     if not r.budget:
         return "-"
-    return f"{'within' if r.budget['within_budget'] else 'OUTSIDE'} {r.budget['max_score_drop']:g} pt"
+    dev = r.budget.get("on_evaluation_rows")
+    on_dev = f" (eval {dev['drop_points']:+.2f})" if dev else ""
+    return f"{'within' if r.budget['within_budget'] else 'OUTSIDE'} {r.budget['max_score_drop']:g} pt{on_dev}"
 
 
 def _mb(x: int | None) -> str:
@@ -283,7 +285,8 @@ def _legend(rows: list[CompareRow]) -> str:
                  "and it is on no front; give every run the same max_eval_samples")
     if any(r.budget for r in rows):
         text += (". budget: the run's max_score_drop (points of the metric against its reference, on held-out training "
-                 "rows) and whether it ended within it; compare_budget.png shows every point its search tried")
+                 "rows) and whether it ended within it, with the drop on the evaluation rows in brackets (eval, reported only: "
+                 "the search never looks at them); compare_budget.png shows every point its search tried")
     if any(r.decoding for r in rows):
         text += (". decode tok/s: greedy decoding at batch 1 from the run's evaluate decode_speed, in the runtime that "
                  "step measured in, and its ratio to the dense PyTorch model timed beside it in the same process (the "

@@ -282,7 +282,7 @@ class Report:
         b = step.details["budget"]
         return (f"Accuracy budget of step {step.index} ({step.pass_name}): max_score_drop {b['max_score_drop']:g} points "
                 f"of {b['metric']} on {b['held_out_rows']} held-out training rows; searched {b['parameter']} over "
-                f"{b['candidates']} by bisection; handed on: {b['chosen']}")
+                f"{b['candidates']} by bisection; handed on: {b['chosen']}{_budget_on_evaluation_rows(b)}")
 
     def deploy_line(self, run_folder: str = "") -> str:
         """What to ship, in one line (the CLI's last line; report.md's first): `final.deploy` of a finished run."""
@@ -434,3 +434,12 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "__dataclass_fields__"):
         return asdict(o)
     return str(o)
+
+
+def _budget_on_evaluation_rows(budget: dict) -> str:
+    """The budget's outcome on the recipe's evaluation rows (reported after the choice, never used for it)."""
+    dev = budget.get("on_evaluation_rows")
+    if not dev:
+        return ""
+    return (f". On the {dev['rows']} evaluation rows (reported only): reference {dev['reference_score']:.4f}, handed "
+            f"on {dev['chosen_score']:.4f}, a drop of {dev['drop_points']:.2f} points")
