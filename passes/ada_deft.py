@@ -31,7 +31,7 @@ class AdaDeftConfig(BudgetOptions, AdaOptions, TrainingOptions, DensityOptions, 
 
     def problem(self) -> str | None:
         return (self.peft_problem() or self.density_problem(self.method) or self.training_problem()
-                or self.ada_problem(self.method) or self.budget_problem(self.distill_from)
+                or self.ada_problem(self.method) or self.budget_problem(self.distill_from, self.max_train_samples)
                 or (self.max_score_drop is not None and not self.skip_blocks
                     and "max_score_drop on ada_deft searches skip_blocks from the recipe's number down to 1: set "
                         "skip_blocks >= 1") or None)

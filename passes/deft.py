@@ -35,7 +35,7 @@ class DeftConfig(BudgetOptions, TrainingOptions, DensityOptions, PeftOptions, Pa
 
     def problem(self) -> str | None:
         return (self.peft_problem() or self.density_problem(self.method) or self.training_problem()
-                or self.budget_problem(self.distill_from) or self._search_problem())
+                or self.budget_problem(self.distill_from, self.max_train_samples) or self._search_problem())
 
     def _search_problem(self) -> str | None:
         if self.max_score_drop is None:

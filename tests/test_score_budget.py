@@ -121,6 +121,31 @@ def test_outside_the_budget_with_a_given_reference(tiny_checkpoint, tiny_data, t
     assert len(warnings) == 1 and "no setting stays within max_score_drop 1 points" in warnings[0]
 
 
+def test_the_budget_can_judge_on_training_rows_no_training_uses(tiny_checkpoint, tiny_data, tmp_path, one_thread):
+    """budget_held_out_samples: that many training-split rows beyond max_train_samples; the trainings keep all theirs."""
+    recipe = _recipe(tiny_checkpoint, tiny_data, "beyond", max_score_drop=100.0, budget_density_targets=[0.3],
+                     budget_held_out_samples=20)  # 64 training rows, 40 trained on: 24 to draw from
+    report = run_recipe(recipe, output_dir=tmp_path / "beyond", quiet=True)
+    details = report.steps[1].details
+    assert details["budget"]["held_out_rows"] == 20 and "beyond the 40" in details["budget"]["held_out_source"]
+    assert details["train_rows"] == 40 and details["held_out_rows"] == 0  # nothing held out of the trainings
+
+
+def test_rows_beyond_the_training_rows_are_disjoint_from_them_and_refused_when_too_few(tmp_path):
+    from deftcompress.errors import DataError
+    from deftcompress.training.score_budget import held_out_rows
+
+    split = [{"sentence": f"row {i}", "label": i % 2} for i in range(50)]
+    ctx = _context(tmp_path)
+    ctx.train_examples = lambda n=None: split if n is None else split[::2][:n]  # a subset of the read rows
+    config = SimpleNamespace(budget_held_out_samples=20, max_train_samples=25, validation_fraction=None)
+    rows, source = held_out_rows(ctx, config)
+    assert len(rows) == 20 and not {id(r) for r in rows} & {id(r) for r in split[::2]}
+    assert rows == held_out_rows(ctx, config)[0]  # seeded
+    with pytest.raises(DataError, match="26 rows asked, but the training split has only 25 beyond the 25"):
+        held_out_rows(ctx, SimpleNamespace(budget_held_out_samples=26, max_train_samples=25, validation_fraction=None))
+
+
 def test_ada_deft_searches_skipped_blocks(tiny_checkpoint, tiny_data, tmp_path, one_thread):
     recipe = _recipe(tiny_checkpoint, tiny_data, "ada", pass_name="ada_deft", skip_blocks=1, max_score_drop=100.0,
                      measure_speed=False)
@@ -134,6 +159,11 @@ def test_ada_deft_searches_skipped_blocks(tiny_checkpoint, tiny_data, tmp_path, 
     ("deft", {"max_score_drop": -1}, r"max_score_drop must be in \[0, 100\] points"),
     ("deft", {"budget_reference": "x"}, "budget_reference is set but max_score_drop is not"),
     ("deft", {"distill_from": "reference"}, "distill_from: reference learns from the budget's reference"),
+    ("deft", {"budget_held_out_samples": 100}, "budget_held_out_samples is set but max_score_drop is not"),
+    ("deft", {"max_score_drop": 1, "budget_held_out_samples": 100, "max_train_samples": None},
+     "budget_held_out_samples draws rows the training does not use: set max_train_samples"),
+    ("ada_deft", {"max_score_drop": 1, "skip_blocks": 1, "budget_held_out_samples": 0},
+     "budget_held_out_samples must be >= 1"),
     ("deft", {"max_score_drop": 1, "density_weight": 0}, "density_weight must be > 0"),
     ("deft", {"max_score_drop": 1, "budget_density_targets": [0.3, 1.2]}, r"densities in \(0, 1\)"),
     ("deft", {"max_score_drop": 1, "budget_reference": "/nonexistent/ref"}, "budget_reference: checkpoint folder"),

@@ -280,8 +280,9 @@ class Report:
     def budget_caption(self, step: StepRecord) -> str:
         """What the search was and what it handed on (the verdict apart: report.md sets it in bold when outside)."""
         b = step.details["budget"]
+        source = b.get("held_out_source", "of the training split")
         return (f"Accuracy budget of step {step.index} ({step.pass_name}): max_score_drop {b['max_score_drop']:g} points "
-                f"of {b['metric']} on {b['held_out_rows']} held-out training rows; searched {b['parameter']} over "
+                f"of {b['metric']} on {b['held_out_rows']} held-out rows ({source}); searched {b['parameter']} over "
                 f"{b['candidates']} by bisection; handed on: {b['chosen']}{_budget_on_evaluation_rows(b)}")
 
     def deploy_line(self, run_folder: str = "") -> str:

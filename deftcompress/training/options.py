@@ -384,10 +384,23 @@ class BudgetOptions:
         None, "max_score_drop: what the budget is measured against: null = PEFT trained here first (same method, "
               "steps, data order and seed, no density loss, no skipped blocks); or a finished model (a run's model/ "
               "folder, a checkpoint folder or hub id) fine-tuned on the same task, scored on the same held-out rows")
+    budget_held_out_samples: int | None = option(
+        None, "max_score_drop: score the search on this many rows of the training split that the training never "
+              "sees (drawn, seeded, from beyond max_train_samples, which must be set), so the trainings keep all "
+              "their rows and the budget is judged on enough rows to resolve it (a 1-point budget wants a few "
+              "thousand); null = validation_fraction of the training rows (0.1 if unset)")
 
-    def budget_problem(self, distill_from: str | None) -> str | None:
+    def budget_problem(self, distill_from: str | None, max_train_samples: int | None) -> str | None:
         if self.max_score_drop is not None and not 0 <= self.max_score_drop <= 100:
             return f"max_score_drop must be in [0, 100] points, got {self.max_score_drop}"
+        if self.budget_held_out_samples is not None:
+            if self.max_score_drop is None:
+                return "budget_held_out_samples is set but max_score_drop is not (they are the budget's rows)"
+            if self.budget_held_out_samples < 1:
+                return f"budget_held_out_samples must be >= 1, got {self.budget_held_out_samples}"
+            if max_train_samples is None:
+                return ("budget_held_out_samples draws rows the training does not use: set max_train_samples "
+                        "(or leave it null and use validation_fraction)")
         if self.budget_reference is not None and self.max_score_drop is None:
             return "budget_reference is set but max_score_drop is not (the reference measures a budget)"
         if distill_from == REFERENCE and self.max_score_drop is None:

@@ -13,7 +13,9 @@ With `max_score_drop` set, `deft` and `ada_deft` do not train once. They
    reference; a reference given by path is only scored, so then the least compressed point tried).
 
 Nothing is chosen on the recipe's evaluation rows: the held-out rows are `validation_fraction` of the
-training split (0.1 when the recipe leaves it unset). Once the choice is made, the reference and the model
+training rows (0.1 when the recipe leaves it unset), or `budget_held_out_samples` rows of the training split
+beyond the `max_train_samples` the trainings use (they keep all their rows; a 1-point budget needs enough
+rows to resolve a point: with 128 rows, one row is 0.8 points). Once the choice is made, the reference and the model
 handed on are also scored on the evaluation rows, for the report only (`on_evaluation_rows`): that is the
 drop a user will see on dev, which the held-out drop only estimates. Points: the task metric x 100 for metrics in
 [0, 1] (accuracy, F1), the metric itself where it is already a percentage (SQuAD), and for perplexity
@@ -189,16 +191,32 @@ def _score_reference_path(ctx: TrainingContext, path: str, score) -> tuple[float
     return score(load_teacher(ctx, path, where="budget_reference"))
 
 
-def held_out_rows(ctx: TrainingContext, c) -> list[dict]:
-    """The rows the budget is judged on: the same split `run_deft` trains around (`hold_out` of the training rows)."""
+def held_out_rows(ctx: TrainingContext, c) -> tuple[list[dict], str]:
+    """(the rows the budget is judged on, where they come from): `budget_held_out_samples` rows of the training split
+    that no training of the search uses, or else the split `run_deft` trains around (`hold_out` of its rows)."""
+    import random
+
+    from deftcompress.errors import DataError
     from deftcompress.training.deft_run import hold_out
 
-    return hold_out(ctx.train_examples(c.max_train_samples), c.validation_fraction, ctx.seed)[1]
+    if c.budget_held_out_samples is None:
+        rows = hold_out(ctx.train_examples(c.max_train_samples), c.validation_fraction, ctx.seed)[1]
+        return rows, f"validation_fraction {c.validation_fraction:g} of the training rows"
+    used = {id(row) for row in ctx.train_examples(c.max_train_samples)}  # rows are shared objects of the read split
+    unused = [row for row in ctx.train_examples(None) if id(row) not in used]
+    if len(unused) < c.budget_held_out_samples:
+        raise DataError(f"budget_held_out_samples: {c.budget_held_out_samples} rows asked, but the training split has "
+                        f"only {len(unused)} beyond the {c.max_train_samples} the training uses")
+    rows = random.Random(ctx.seed + 11).sample(unused, c.budget_held_out_samples)
+    return rows, f"training-split rows beyond the {c.max_train_samples} the training uses"
 
 
 def with_held_out_rows(c):
-    """The pass's config with the held-out fraction the budget needs (the recipe's, or the default)."""
-    return c if c.validation_fraction else dataclasses.replace(c, validation_fraction=DEFAULT_VALIDATION_FRACTION)
+    """The pass's config with the held-out fraction the budget needs (the recipe's, or the default); none is needed
+    when the budget has rows of its own (`budget_held_out_samples`): then the trainings keep all their rows."""
+    if c.validation_fraction or c.budget_held_out_samples is not None:
+        return c
+    return dataclasses.replace(c, validation_fraction=DEFAULT_VALIDATION_FRACTION)
 
 
 def _round(value: float | None) -> float | None:
@@ -215,7 +233,7 @@ def run_deft_within_budget(ctx: TrainingContext, c, ada: bool = False):
     from deftcompress.training.distillation import frozen, load_teacher
 
     c = with_held_out_rows(c)
-    held_out = held_out_rows(ctx, c)
+    held_out, held_out_source = held_out_rows(ctx, c)
     teaches = c.distill_from == REFERENCE
     plain = dataclasses.replace(c, density_weight=0.0, train_mlp_bias=False, mlp_bias_lr=None,
                                 distill_from=None if teaches else c.distill_from, distill_features=0.0)
@@ -245,6 +263,7 @@ def run_deft_within_budget(ctx: TrainingContext, c, ada: bool = False):
                                    teacher=teacher[0] if teacher else None),
             None if c.budget_reference else train_reference, c.budget_reference)
     chosen, section = search_within_budget(ctx, c.max_score_drop, search, held_out)
+    section["held_out_source"] = held_out_source
     chosen.details["budget"] = section
     chosen.details["within_budget"] = section["within_budget"]
     message = budget_message(section, ctx.pass_name)
