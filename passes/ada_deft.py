@@ -54,6 +54,10 @@ class AdaDeft(Pass):
         return f"ada_deft({config.method},{budget})"
 
     @classmethod
+    def task_problem(cls, config, task) -> str | None:
+        return config.budget_task_problem(task)
+
+    @classmethod
     def leaves(cls, config: AdaDeftConfig) -> dict[str, str]:
         return deft_leaves(config)
 

@@ -62,6 +62,10 @@ class Deft(Pass):
         return f"{'deft' if config.density_weight else 'peft'}({config.method})"
 
     @classmethod
+    def task_problem(cls, config, task) -> str | None:
+        return config.budget_task_problem(task)
+
+    @classmethod
     def leaves(cls, config: DeftConfig) -> dict[str, str]:
         return deft_leaves(config)
 

@@ -74,6 +74,44 @@ def test_points_follow_the_metric():
     assert score_drop_points(get_task("squad/contexts"), 20.0, 21.0) == pytest.approx(5.0)  # perplexity: +5%
 
 
+def test_the_paired_bootstrap_sees_how_many_rows_a_drop_rests_on():
+    from deftcompress.data.tasks import get_task
+    from deftcompress.training.score_budget import paired_bootstrap
+
+    task = get_task("glue/sst2")
+    rows = [{"label": 1}] * 100
+    reference = [1] * 100
+    assert paired_bootstrap(task, rows, reference, list(reference), 0.9, seed=0) == (0.0, 0.0)  # same answers
+    one_wrong = [0] + [1] * 99  # a drop of 1 point resting on one row
+    se, bound = paired_bootstrap(task, rows, reference, one_wrong, 0.9, seed=0)
+    assert 0.8 < se < 1.2 and bound >= 1.0  # sqrt(0.01 * 0.99 / 100) = 0.99 points
+    ten_wrong = [0] * 10 + [1] * 90
+    assert paired_bootstrap(task, rows, reference, ten_wrong, 0.9, seed=0)[0] > se  # more rows apart, wider
+
+
+def test_with_a_confidence_a_drop_the_rows_cannot_resolve_does_not_pass(tmp_path):
+    """0.3 falls 0.5 points on 200 rows: within by its measured drop, not by its 0.9 bound; 0.38 falls nothing."""
+    from deftcompress.training.score_budget import BudgetSearch, search_within_budget
+
+    rows = [{"label": 1}] * 200
+    answers = {"reference": [1] * 200, 0.3: [0] + [1] * 199, 0.38: [1] * 200}
+
+    def score(model):
+        got = answers[model]
+        return sum(got) / 200, 0.5, got
+
+    def search():
+        return BudgetSearch("density_target", [0.3, 0.38], lambda _c, v: SimpleNamespace(model=v, details={}),
+                            lambda _c: SimpleNamespace(model="reference", details={}))
+
+    chosen, section = search_within_budget(_context(tmp_path), 0.6, search(), rows, score=score)
+    assert chosen.model == 0.3 and section["tried"][0]["drop_points"] == pytest.approx(0.5)
+    assert section["tried"][0]["drop_se"] > 0.2 and "drop_bound" not in section["tried"][0]
+    chosen, section = search_within_budget(_context(tmp_path), 0.6, search(), rows, score=score, confidence=0.9)
+    assert section["tried"][0]["drop_bound"] > 0.6 and section["tried"][0]["within_budget"] is False
+    assert chosen.model == 0.38 and section["confidence"] == 0.9
+
+
 def _recipe(tiny_checkpoint, tiny_data, name, pass_name="deft", **options):
     options = {"method": "lora", "r": 2, "max_steps": 3, "batch_size": 8, "max_train_samples": 40,
                "learning_rate": 1e-2, "save_steps": None, **options}
@@ -90,6 +128,7 @@ def test_deft_with_a_budget_trains_a_reference_and_reports_every_point(tiny_chec
     assert budget["candidates"] == [0.3, 0.6] and [t["value"] for t in budget["tried"]] == [0.3]
     assert budget["reference"]["kind"] == "trained here" and budget["held_out_rows"] == 4  # 0.1 of 40 rows
     assert details["density_loss"]["target"] == 0.3  # the handed-on model is the chosen point's
+    assert budget["tried"][0]["drop_se"] >= 0  # the held-out predictions were bootstrapped
     on_dev = budget["on_evaluation_rows"]  # scored after the choice, for the report only
     assert on_dev["rows"] == 8 and on_dev["chosen_score"] == pytest.approx(report.steps[1].task_score, abs=1e-6)
     assert on_dev["drop_points"] == pytest.approx(100 * (on_dev["reference_score"] - on_dev["chosen_score"]), abs=1e-3)
@@ -164,6 +203,8 @@ def test_ada_deft_searches_skipped_blocks(tiny_checkpoint, tiny_data, tmp_path, 
      "budget_held_out_samples draws rows the training does not use: set max_train_samples"),
     ("ada_deft", {"max_score_drop": 1, "skip_blocks": 1, "budget_held_out_samples": 0},
      "budget_held_out_samples must be >= 1"),
+    ("deft", {"budget_confidence": 0.9}, "budget_confidence is set but max_score_drop is not"),
+    ("deft", {"max_score_drop": 1, "budget_confidence": 1.0}, r"budget_confidence must be in \[0.5, 1\)"),
     ("deft", {"max_score_drop": 1, "density_weight": 0}, "density_weight must be > 0"),
     ("deft", {"max_score_drop": 1, "budget_density_targets": [0.3, 1.2]}, r"densities in \(0, 1\)"),
     ("deft", {"max_score_drop": 1, "budget_reference": "/nonexistent/ref"}, "budget_reference: checkpoint folder"),
@@ -190,3 +231,10 @@ def test_a_relufy_chain_searches_within_its_budget(tiny_checkpoint, tiny_data, t
     assert details["within_budget"] is True and [t["value"] for t in details["budget"]["tried"]] == [0.3]
     assert details["budget"]["reference"]["kind"] == "trained here"
     assert json.loads((tmp_path / "relu" / "model" / "config.json").read_text())["hidden_act"] == "relu"
+
+
+def test_budget_confidence_on_perplexity_is_a_one_line_error(tiny_checkpoint, tiny_data):
+    with pytest.raises(RecipeError, match="budget_confidence bootstraps per-row scores; task squad/contexts") as info:
+        Recipe.build(model=str(tiny_checkpoint("llama")), task="squad/contexts", data_dir=str(tiny_data),
+                     passes=[{"deft": {"method": "lora", "max_score_drop": 5, "budget_confidence": 0.9}}])
+    assert "\n" not in str(info.value)

@@ -273,7 +273,10 @@ class Report:
                 ["reference" + (f" ({ref['path']})" if ref.get("path") else " (trained here)"),
                  _fmt(ref["held_out_score"]), "-", _fmt(ref.get("held_out_density")), "-", _fmt(ref.get("seconds"), 1)]]
         for t in budget["tried"]:
-            rows.append([t["label"], _fmt(t["held_out_score"]), f"{t['drop_points']:.2f}",
+            drop = f"{t['drop_points']:.2f}" + (f" ± {t['drop_se']:.2f}" if t.get("drop_se") is not None else "")
+            if t.get("drop_bound") is not None:
+                drop += f" (bound {t['drop_bound']:.2f})"
+            rows.append([t["label"], _fmt(t["held_out_score"]), drop,
                          _fmt(t["held_out_density"]), "yes" if t["within_budget"] else "no", _fmt(t["seconds"], 1)])
         return rows
 
@@ -281,6 +284,10 @@ class Report:
         """What the search was and what it handed on (the verdict apart: report.md sets it in bold when outside)."""
         b = step.details["budget"]
         source = b.get("held_out_source", "of the training split")
+        if any(t.get("drop_se") is not None for t in b["tried"]):
+            source += "; drop ± the standard error of a paired bootstrap over them"
+        if b.get("confidence"):
+            source += f"; within = its {b['confidence']:g} one-sided bound"
         return (f"Accuracy budget of step {step.index} ({step.pass_name}): max_score_drop {b['max_score_drop']:g} points "
                 f"of {b['metric']} on {b['held_out_rows']} held-out rows ({source}); searched {b['parameter']} over "
                 f"{b['candidates']} by bisection; handed on: {b['chosen']}{_budget_on_evaluation_rows(b)}")

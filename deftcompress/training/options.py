@@ -390,9 +390,26 @@ class BudgetOptions:
               "their rows and the budget is judged on enough rows to resolve it (a 1-point budget wants a few "
               "thousand); null = validation_fraction of the training rows (0.1 if unset)")
 
+    budget_confidence: float | None = option(
+        None, "max_score_drop: a point is within the budget only when this one-sided bound of its drop is (e.g. 0.9: "
+              "the 90th percentile of a paired bootstrap over the held-out rows), so a drop the rows cannot tell "
+              "from the budget does not pass; null = the measured drop itself. The bootstrap's standard error is "
+              "reported either way (classification, regression and QA tasks)")
+
+    def budget_task_problem(self, task) -> str | None:
+        if self.budget_confidence is not None and task.kind == "language_modeling":
+            return (f"budget_confidence bootstraps per-row scores; task {task.name} is scored by perplexity over all "
+                    "tokens (leave budget_confidence null)")
+        return None
+
     def budget_problem(self, distill_from: str | None, max_train_samples: int | None) -> str | None:
         if self.max_score_drop is not None and not 0 <= self.max_score_drop <= 100:
             return f"max_score_drop must be in [0, 100] points, got {self.max_score_drop}"
+        if self.budget_confidence is not None:
+            if self.max_score_drop is None:
+                return "budget_confidence is set but max_score_drop is not (it bounds the budget's drop)"
+            if not 0.5 <= self.budget_confidence < 1:
+                return f"budget_confidence must be in [0.5, 1), got {self.budget_confidence}"
         if self.budget_held_out_samples is not None:
             if self.max_score_drop is None:
                 return "budget_held_out_samples is set but max_score_drop is not (they are the budget's rows)"

@@ -12,6 +12,10 @@ With `max_score_drop` set, `deft` and `ada_deft` do not train once. They
 3. hand on the most compressed model within the budget, or the reference when none is (a trained
    reference; a reference given by path is only scored, so then the least compressed point tried).
 
+Each drop comes with a paired bootstrap's standard error over the held-out rows (per-row scores: not for
+perplexity); with `budget_confidence` (e.g. 0.9) a point is within only when that one-sided bound of its drop
+is, so a point the rows cannot tell from the budget does not pass.
+
 Nothing is chosen on the recipe's evaluation rows: the held-out rows are `validation_fraction` of the
 training rows (0.1 when the recipe leaves it unset), or `budget_held_out_samples` rows of the training split
 beyond the `max_train_samples` the trainings use (they keep all their rows; a 1-point budget needs enough
@@ -43,6 +47,31 @@ def score_drop_points(task, reference: float, score: float) -> float:
     return per_unit * (reference - score)
 
 
+BOOTSTRAP_RESAMPLES = 200  # enough for a standard error and a 90th percentile to a tenth of a point
+
+
+def paired_bootstrap(task, rows: list[dict], reference_predictions: list, predictions: list, confidence: float,
+                     seed: int) -> tuple[float, float]:
+    """(standard error of the drop in points, its `confidence` one-sided upper bound): both models scored on the same
+    resamples of the held-out rows, so what they get right together does not count as noise."""
+    import random
+    import statistics
+
+    from deftcompress.data.metrics import compute_metrics
+
+    rng = random.Random(seed)
+    n, drops = len(rows), []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        picked = [rng.randrange(n) for _ in range(n)]
+        sample = [rows[i] for i in picked]
+        ref = compute_metrics(task, [reference_predictions[i] for i in picked], sample)[task.metric]
+        got = compute_metrics(task, [predictions[i] for i in picked], sample)[task.metric]
+        drops.append(score_drop_points(task, ref, got))
+    drops.sort()
+    upper = drops[min(int(confidence * len(drops)), len(drops) - 1)]
+    return statistics.stdev(drops), upper
+
+
 @dataclass
 class TriedPoint:
     """One training of the search: its setting, held-out score and density, and the verdict."""
@@ -54,12 +83,19 @@ class TriedPoint:
     drop_points: float
     within: bool
     seconds: float
+    drop_se: float | None = None  # the paired bootstrap's standard error of the drop (None: no per-row scores)
+    drop_bound: float | None = None  # its one-sided bound at budget_confidence, when that decides
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "value": self.value, "held_out_score": round(self.score, 6),
-                "held_out_density": round(self.density, 6) if self.density is not None else None,
-                "drop_points": round(self.drop_points, 3), "within_budget": self.within,
-                "seconds": round(self.seconds, 1)}
+        out = {"label": self.label, "value": self.value, "held_out_score": round(self.score, 6),
+               "held_out_density": round(self.density, 6) if self.density is not None else None,
+               "drop_points": round(self.drop_points, 3), "within_budget": self.within,
+               "seconds": round(self.seconds, 1)}
+        if self.drop_se is not None:
+            out["drop_se"] = round(self.drop_se, 3)
+        if self.drop_bound is not None:
+            out["drop_bound"] = round(self.drop_bound, 3)
+        return out
 
 
 @dataclass
@@ -76,11 +112,14 @@ class BudgetSearch:
 
 def search_within_budget(ctx: TrainingContext, max_score_drop: float, search: BudgetSearch,
                          held_out: list[dict], score: Callable | None = None,
-                         report_score: Callable | None = None) -> tuple[Any, dict[str, Any]]:
+                         report_score: Callable | None = None,
+                         confidence: float | None = None) -> tuple[Any, dict[str, Any]]:
     """(the DeftResult to hand on, the report's `budget` section); see the module docstring. `score(model)` ->
-    (held-out score, held-out density): by default the task metric on `held_out`. `report_score(model)` -> the
-    score on the recipe's evaluation rows, reported only: by default the task metric there when `score` is the
-    default too (a search by hand with its own `score` reports none unless it passes one)."""
+    (held-out score, held-out density[, per-row predictions]): by default the task metric on `held_out`, with its
+    predictions (then each drop gets a paired bootstrap's standard error, and with `confidence` its one-sided bound
+    decides the verdict). `report_score(model)` -> the score on the recipe's evaluation rows, reported only: by
+    default the task metric there when `score` is the default too (a search by hand with its own `score` reports
+    none unless it passes one)."""
     import time
 
     def task_score_on(rows: list[dict], desc: str):
@@ -89,9 +128,10 @@ def search_within_budget(ctx: TrainingContext, max_score_drop: float, search: Bu
         return lambda model: evaluate(model, ctx.tokenizer, ctx.task, rows, ctx.arch, ctx.eval_settings,
                                       progress=not ctx.quiet, desc=desc)
 
-    def held_out_score(model) -> tuple[float, float | None]:
+    def held_out_score(model) -> tuple[float, float | None, list | None]:
         ev = task_score_on(held_out, "budget: held-out rows")(model)
-        return ev.task_score, (ev.density.overall() if ev.density else None)
+        per_row = ev.predictions if ctx.task.kind != "language_modeling" else None  # perplexity: no per-row score
+        return ev.task_score, (ev.density.overall() if ev.density else None), per_row
 
     if score is None:
         score = held_out_score
@@ -104,11 +144,11 @@ def search_within_budget(ctx: TrainingContext, max_score_drop: float, search: Bu
     reference_result = None
     if search.train_reference is not None:
         reference_result = search.train_reference(_point_context(ctx, "reference"))
-        ref_score, ref_density = score(reference_result.model)
+        ref_score, ref_density, ref_rows = _scored(score(reference_result.model))
         reference = {"kind": "trained here", "held_out_score": round(ref_score, 6),
                      "held_out_density": _round(ref_density), "seconds": round(time.perf_counter() - start, 1)}
     else:
-        ref_score, ref_density = _score_reference_path(ctx, search.reference_path, score)
+        ref_score, ref_density, ref_rows = _scored(_score_reference_path(ctx, search.reference_path, score))
         reference = {"kind": "given", "path": search.reference_path, "held_out_score": round(ref_score, 6),
                      "held_out_density": _round(ref_density)}
 
@@ -119,11 +159,15 @@ def search_within_budget(ctx: TrainingContext, max_score_drop: float, search: Bu
         value = search.candidates[mid]
         began = time.perf_counter()
         result = search.train(_point_context(ctx, f"{search.parameter}_{value}"), value)
-        s, d = score(result.model)
+        s, d, rows = _scored(score(result.model))
         drop = score_drop_points(ctx.task, ref_score, s)
-        within = drop <= max_score_drop + 1e-9
+        se = bound = None
+        if rows is not None and ref_rows is not None:
+            se, bound = paired_bootstrap(ctx.task, held_out, ref_rows, rows, confidence or 0.5, ctx.seed)
+            bound = bound if confidence else None
+        within = (bound if bound is not None else drop) <= max_score_drop + 1e-9
         search.tried.append(TriedPoint(f"{search.parameter} {value}", value, s, d, drop, within,
-                                       time.perf_counter() - began))
+                                       time.perf_counter() - began, se, bound))
         if within:  # more compressed than any earlier point within
             best, hi, best_result = mid, mid - 1, result
         else:
@@ -140,12 +184,18 @@ def search_within_budget(ctx: TrainingContext, max_score_drop: float, search: Bu
         chosen_label = f"{search.parameter} {search.candidates[least]} (the least compressed tried; none within)"
     section = {"max_score_drop": max_score_drop, "metric": ctx.task.metric, "held_out_rows": len(held_out),
                "reference": reference, "parameter": search.parameter, "candidates": list(search.candidates),
-               "tried": [t.to_dict() for t in search.tried], "chosen": chosen_label, "within_budget": within_budget}
+               "tried": [t.to_dict() for t in search.tried], "chosen": chosen_label, "within_budget": within_budget,
+               "confidence": confidence}
     if report_score is not None:
         section["on_evaluation_rows"] = _scored_on_evaluation_rows(ctx, search, report_score, reference_result,
                                                                    chosen)
     section["seconds"] = round(time.perf_counter() - start, 1)
     return chosen, section
+
+
+def _scored(result: tuple) -> tuple[float, float | None, list | None]:
+    """(score, density, per-row predictions or None) from a score function's answer (a search by hand gives two)."""
+    return (*result, None) if len(result) == 2 else result
 
 
 def _scored_on_evaluation_rows(ctx, search: BudgetSearch, report_score: Callable, reference_result,
@@ -184,7 +234,7 @@ def _point_context(ctx: TrainingContext, name: str) -> TrainingContext:
                                pass_name=f"{ctx.pass_name} [{name}]")  # the progress bar says which training
 
 
-def _score_reference_path(ctx: TrainingContext, path: str, score) -> tuple[float, float | None]:
+def _score_reference_path(ctx: TrainingContext, path: str, score) -> tuple:
     from deftcompress.training.distillation import load_teacher
 
     # the teacher's checks: the same task's labels, the same tokenizer
@@ -262,7 +312,7 @@ def run_deft_within_budget(ctx: TrainingContext, c, ada: bool = False):
             lambda pc, v: run_deft(pc, dataclasses.replace(point_config, density_target=v),
                                    teacher=teacher[0] if teacher else None),
             None if c.budget_reference else train_reference, c.budget_reference)
-    chosen, section = search_within_budget(ctx, c.max_score_drop, search, held_out)
+    chosen, section = search_within_budget(ctx, c.max_score_drop, search, held_out, confidence=c.budget_confidence)
     section["held_out_source"] = held_out_source
     chosen.details["budget"] = section
     chosen.details["within_budget"] = section["within_budget"]
