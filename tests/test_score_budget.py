@@ -89,6 +89,17 @@ def test_the_paired_bootstrap_sees_how_many_rows_a_drop_rests_on():
     assert paired_bootstrap(task, rows, reference, ten_wrong, 0.9, seed=0)[0] > se  # more rows apart, wider
 
 
+def test_the_paired_bootstrap_scores_text_answers_with_squads_metric():
+    from deftcompress.data.tasks import get_task
+    from deftcompress.training.score_budget import paired_bootstrap
+
+    rows = [{"answers": [f"answer {i}"]} for i in range(40)]
+    reference = [f"answer {i}" for i in range(40)]
+    worse = ["wrong"] * 4 + reference[4:]  # 10% of answers lost: F1 10 points lower
+    se, bound = paired_bootstrap(get_task("squad"), rows, reference, worse, 0.9, seed=0)
+    assert 2 < se < 8 and bound > 10 - 2 * se  # sqrt(0.1 * 0.9 / 40) = 4.7 points; SQuAD F1 is a percentage
+
+
 def test_with_a_confidence_a_drop_the_rows_cannot_resolve_does_not_pass(tmp_path):
     """0.3 falls 0.5 points on 200 rows: within by its measured drop, not by its 0.9 bound; 0.38 falls nothing."""
     from deftcompress.training.score_budget import BudgetSearch, search_within_budget
