@@ -5,8 +5,8 @@ training rows and hands a model on. This table reads what the runs recorded (rep
 score (after any later step: int8, ONNX, onnxruntime) against the reference's score on the same evaluation rows,
 which the budget step recorded after its choice (`on_evaluation_rows`, never used to choose).
 
-    DEFTCOMPRESS_DATA_DIR=../shared/data deftcompress apply recipes/<name>.yaml -o runs/budget2/<name>   # each
-    python benchmarks/budget_recipes.py runs/budget2/* --out benchmarks/results/budget_recipes
+    DEFTCOMPRESS_DATA_DIR=../shared/data deftcompress apply recipes/<name>.yaml -o runs/budget3/<name>   # each
+    python benchmarks/budget_recipes.py runs/budget3/* --out benchmarks/results/budget_recipes
 """
 
 from __future__ import annotations
@@ -50,13 +50,13 @@ def row(run: Path) -> dict | None:
     }
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def markdown(rows: list[dict], command: str, note: str = "") -> str:
     head = ("# Shipped DEFT recipes within `max_score_drop` on dev\n\n"
             f"Produced by `{command}` from finished run folders (`deftcompress apply recipes/<run>.yaml -o "
-            "runs/budget2/<run>`, two runs at a time with OMP_NUM_THREADS=1 each). The search chooses on held-out "
+            "<folder>/<run>`, two runs at a time with OMP_NUM_THREADS=1 each). The search chooses on held-out "
             "training rows only; `reference dev` is the reference scored on the evaluation rows after the choice "
             "(reported only), `final dev` the run's last step (after int8 / ONNX where the recipe has them). "
-            "drop = reference dev - final dev, in points.\n\n")
+            f"drop = reference dev - final dev, in points.{' ' + note if note else ''}\n\n")
     cols = ["run", "budget step", "held-out rows", "tried (value: held-out drop)", "handed on", "reference dev",
             "final step", "final dev", "drop (pts)", "density", "within on dev", "search min"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished run folders of recipes with max_score_drop")
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.json")
+    parser.add_argument("--note", default="", help="a sentence for the table's header (which recipes' version ran)")
     args = parser.parse_args(argv)
     rows, skipped = [], []
     for run in sorted(args.runs):
@@ -84,11 +85,12 @@ def main(argv=None) -> int:
         (rows if r else skipped).append(r or run.name)
     if skipped:
         print(f"skipped (unfinished, no budget, or no evaluation-row scores): {', '.join(skipped)}", file=sys.stderr)
-    command = "python benchmarks/budget_recipes.py " + " ".join(str(p) for p in sorted(args.runs)) + f" --out {args.out}"
+    command = ("python benchmarks/budget_recipes.py " + " ".join(str(p) for p in sorted(args.runs)) + f" --out {args.out}"
+               + (f" --note '{args.note}'" if args.note else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(markdown(rows, command))
+    args.out.with_suffix(".md").write_text(markdown(rows, command, args.note))
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    print(markdown(rows, command))
+    print(markdown(rows, command, args.note))
     return 0
 
 
