@@ -107,6 +107,8 @@ def apply(recipe: Path, output_dir: Path | None, data_dir: str | None, restart: 
                f"{', deploy/' if deploy.get('folder') == 'deploy' else ''})")
     if report.deploy_line():
         click.echo(report.deploy_line(str(pipeline.output_dir)))
+    if report.budget_outcome_line():
+        click.echo(report.budget_outcome_line())
 
 
 class Terminated(KeyboardInterrupt):

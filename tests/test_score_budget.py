@@ -143,6 +143,9 @@ def test_deft_with_a_budget_trains_a_reference_and_reports_every_point(tiny_chec
     on_dev = budget["on_evaluation_rows"]  # scored after the choice, for the report only
     assert on_dev["rows"] == 8 and on_dev["chosen_score"] == pytest.approx(report.steps[1].task_score, abs=1e-6)
     assert on_dev["drop_points"] == pytest.approx(100 * (on_dev["reference_score"] - on_dev["chosen_score"]), abs=1e-3)
+    outcome = report.final["budget_outcome"]  # the last step against the reference, on the same rows
+    assert outcome["final_step"] == 1 and outcome["within_budget"] is True
+    assert outcome["drop_points"] == pytest.approx(on_dev["drop_points"], abs=1e-3)
     for folder in ("reference", "density_target_0.3"):
         assert (tmp_path / "budget" / "passes" / "01_deft" / "budget" / folder / "adapter").is_dir()
     saved = json.loads((tmp_path / "budget" / "report.json").read_text())
@@ -168,7 +171,10 @@ def test_outside_the_budget_with_a_given_reference(tiny_checkpoint, tiny_data, t
     assert details["budget"]["on_evaluation_rows"]["rows"] == 8  # the given reference is loaded again for it
     assert "On the 8 evaluation rows (reported only)" in (tmp_path / "outside" / "report.md").read_text()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "max_score_drop" in line]
-    assert len(warnings) == 1 and "no setting stays within max_score_drop 1 points" in warnings[0]
+    assert len(warnings) == 2 and "no setting stays within max_score_drop 1 points" in warnings[0]
+    assert "ends +50.00 points from step 1's reference on the 8 evaluation rows" in warnings[1]  # the end, too
+    assert "BEYOND max_score_drop 1" in warnings[1] and report.final["budget_outcome"]["within_budget"] is False
+    assert "**Accuracy budget**: budget outcome" in (tmp_path / "outside" / "report.md").read_text()
 
 
 def test_the_budget_can_judge_on_training_rows_no_training_uses(tiny_checkpoint, tiny_data, tmp_path, one_thread):

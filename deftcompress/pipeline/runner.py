@@ -37,6 +37,7 @@ from deftcompress.pipeline.step_checkpoints import RunStepCheckpoints
 from deftcompress.pipeline.deploy_folder import write_deploy_folder
 from deftcompress.reporting.report import Report, StepRecord, last_pytorch_step, make_step
 from deftcompress.training import distributed
+from deftcompress.training.score_budget import budget_outcome
 
 
 def _measure(state: PipelineState, settings: EvalSettings, desc: str) -> Evaluation:
@@ -301,6 +302,11 @@ class Pipeline:
                              "bytes": directory_bytes(Path(state.onnx.folder)), "quantized": state.onnx.quantized,
                              "density_outputs": state.onnx.density_outputs}
         final["model_dir"] = str(self.output_dir / "model")
+        outcome = budget_outcome(report.steps, state.task)
+        if outcome is not None:
+            final["budget_outcome"] = outcome
+            if not outcome["within_budget"]:
+                self.warn(f"warning: {report.budget_outcome_line(outcome)}")
         report.final = final
         passes, recipe_yaml = self.recipe.passes_label(), self.recipe.to_yaml()
         report.final["deploy"] = write_deploy_folder(out, report, state.onnx, progress.begin, passes, recipe_yaml,

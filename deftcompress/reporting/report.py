@@ -292,6 +292,18 @@ class Report:
                 f"of {b['metric']} on {b['held_out_rows']} held-out rows ({source}); searched {b['parameter']} over "
                 f"{b['candidates']} by bisection; handed on: {b['chosen']}{_budget_on_evaluation_rows(b)}")
 
+    def budget_outcome_line(self, outcome: dict | None = None) -> str:
+        """Where the run ends against its accuracy budget's reference on the evaluation rows ('' without one)."""
+        o = outcome or (self.final or {}).get("budget_outcome")
+        if not o:
+            return ""
+        verdict = "within" if o["within_budget"] else "BEYOND"
+        why = "" if o["within_budget"] else (f" (the budget was judged on held-out training rows at step "
+                                             f"{o['budget_step']}; later steps and other rows add to it)")
+        return (f"budget outcome: step {o['final_step']} ends {o['drop_points']:+.2f} points from step "
+                f"{o['budget_step']}'s reference on the {o['rows']} evaluation rows ({o['reference_score']:.4f} -> "
+                f"{o['final_score']:.4f}), {verdict} max_score_drop {o['max_score_drop']:g}{why}; reported only")
+
     def deploy_line(self, run_folder: str = "") -> str:
         """What to ship, in one line (the CLI's last line; report.md's first): `final.deploy` of a finished run."""
         info = (self.final or {}).get("deploy")
@@ -347,6 +359,8 @@ class Report:
                     + " (finished passes are kept; `deftcompress apply` with the same recipe resumes)", ""]
         if self.deploy_line():
             out += [f"**To ship**: {md_text(self.deploy_line())}", ""]
+        if self.budget_outcome_line():
+            out += [f"**Accuracy budget**: {md_text(self.budget_outcome_line())}", ""]
         if self.resumed_from is not None:
             out += [f"Resumed at step {self.resumed_from}: earlier steps were computed by an earlier run.", ""]
         out += [_md([self.headers()] + self.table_rows()), ""]

@@ -215,6 +215,25 @@ def _scored_on_evaluation_rows(ctx, search: BudgetSearch, report_score: Callable
             "note": "reported only: nothing is chosen on these rows"}
 
 
+def budget_outcome(steps: list, task) -> dict[str, Any] | None:
+    """How the run's last step ends against the first accuracy budget's reference on the evaluation rows (reported,
+    never chosen on): the budget is judged on held-out training rows at its own step, so later steps (int8, ONNX) and
+    the difference between those rows and the evaluation rows can take the end beyond it. None without a budget
+    scored there, or when the last step was scored on other rows."""
+    step = next((s for s in steps if ((s.details or {}).get("budget") or {}).get("on_evaluation_rows")), None)
+    if step is None:
+        return None
+    budget, last = step.details["budget"], steps[-1]
+    on_rows = budget["on_evaluation_rows"]
+    if last.eval_examples != on_rows["rows"]:
+        return None
+    drop = score_drop_points(task, on_rows["reference_score"], last.task_score)
+    return {"budget_step": step.index, "max_score_drop": budget["max_score_drop"], "rows": on_rows["rows"],
+            "reference_score": on_rows["reference_score"], "final_step": last.index,
+            "final_score": round(last.task_score, 6), "drop_points": round(drop, 3),
+            "within_budget": drop <= budget["max_score_drop"] + 1e-9}
+
+
 def budget_message(section: dict[str, Any], where: str) -> str | None:
     """The one line a pass that ends outside its budget prints (None when it is within)."""
     if section["within_budget"]:
