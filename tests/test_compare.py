@@ -82,7 +82,7 @@ def test_validate_checks_every_point_and_apply_refuses_a_sweep(tmp_path, tiny_da
 # ---- the table from finished runs (no training) ---------------------------------------------------
 
 def _fake_run(folder: Path, name: str, score: float, density: float, size: int, ms: float, passes: list,
-              rows: int = 8, details: dict | None = None) -> Path:
+              rows: int = 8, details: dict | None = None, final: dict | None = None) -> Path:
     folder.mkdir(parents=True)
     (folder / ".deftcompress-run").write_text("{}\n")
     step = {"pass": "deft", "task_metric": "accuracy", "task_score": score, "metrics": {"accuracy": score},
@@ -91,7 +91,7 @@ def _fake_run(folder: Path, name: str, score: float, density: float, size: int, 
             "eval_seconds": 1.0, "seconds": 2.0, "index": 1, "details": details or {},
             "latency": {"ms_batch_1": ms, "ms_batch_64": 10 * ms}}
     report = {"name": name, "model": "minilm", "task": "glue/sst2", "status": "finished", "recipe_hash": name * 4,
-              "steps": [{**step, "pass": "baseline", "index": 0}, step], "final": {"saved_model_bytes": size}}
+              "steps": [{**step, "pass": "baseline", "index": 0}, step], "final": {"saved_model_bytes": size, **(final or {})}}
     (folder / "report.json").write_text(json.dumps(report))
     (folder / "progress.json").write_text(json.dumps({"format": 1, "recipe_hash": name * 4, "status": "finished",
                                                       "steps": report["steps"], "model_state": None}))
@@ -134,15 +134,18 @@ def test_a_run_with_an_accuracy_budget_shows_it_and_its_search(tmp_path):
                          "drop_points": 0.5, "within_budget": True, "seconds": 1.0},
                         {"label": "density_target 0.2", "value": 0.2, "held_out_score": 0.85, "held_out_density": 0.21,
                          "drop_points": 5.0, "within_budget": False, "seconds": 1.0}],
-              "chosen": "density_target 0.38", "within_budget": True}
+              "chosen": "density_target 0.38", "within_budget": True,
+              "on_evaluation_rows": {"rows": 8, "reference_score": 0.81, "chosen_score": 0.805, "drop_points": 0.5}}
+    outcome = {"budget_step": 1, "final_step": 1, "max_score_drop": 1.0, "rows": 8, "reference_score": 0.81,
+               "final_score": 0.80, "drop_points": 1.2, "within_budget": False}  # e.g. after a later int8 step
     runs = tmp_path / "runs"
     a = _fake_run(runs / "peft", "peft", 0.81, 0.999, 90_000_000, 12.0, [{"deft": {"density_weight": 0.0}}])
     b = _fake_run(runs / "deft", "deft", 0.80, 0.4, 90_000_000, 12.5, [{"deft": {"max_score_drop": 1.0}}],
-                  details={"budget": budget, "within_budget": True})
+                  details={"budget": budget, "within_budget": True}, final={"budget_outcome": outcome})
     out = tmp_path / "cmp"
     result = CliRunner().invoke(main, ["compare", str(a), str(b), "-o", str(out), "--no-timing"])
     assert result.exit_code == 0, result.output
-    assert "within 1 pt" in result.output and "budget: the run's max_score_drop" in result.output
+    assert "within 1 pt (eval +1.20)" in result.output and "budget: the run's max_score_drop" in result.output
     data = json.loads((out / "compare.json").read_text())
     assert data["rows"][0]["budget"] is None and data["rows"][1]["budget"]["step"] == 1
     assert (out / "compare_budget.png").is_file() and "compare_budget.png" in (out / "compare.md").read_text()

@@ -121,7 +121,8 @@ def row_from_run(folder: str | Path, sweep: dict[str, Any] | None = None, reused
     row.latency_ms = {f"b{k[9:]}": float(v) for k, v in last.latency.items() if k.startswith("ms_batch_") and v}
     searched = [s for s in report.steps if (s.details or {}).get("budget")]
     if searched:
-        row.budget = {"step": searched[-1].index, "pass": searched[-1].pass_name, **searched[-1].details["budget"]}
+        row.budget = {"step": searched[-1].index, "pass": searched[-1].pass_name, **searched[-1].details["budget"],
+                      "outcome": final.get("budget_outcome")}
     decoded = [s for s in report.steps if (s.details or {}).get("decoding")]
     if decoded:
         row.decoding = {"step": decoded[-1].index, **decoded[-1].details["decoding"]}
@@ -246,7 +247,7 @@ def _budget_cell(r: CompareRow) -> str:
     """max_score_drop and whether the run ended within it, on held-out training rows ('-': no budget)."""
     if not r.budget:
         return "-"
-    dev = r.budget.get("on_evaluation_rows")
+    dev = r.budget.get("outcome") or r.budget.get("on_evaluation_rows")  # the run's end, else the budget's step
     on_dev = f" (eval {dev['drop_points']:+.2f})" if dev else ""
     return f"{'within' if r.budget['within_budget'] else 'OUTSIDE'} {r.budget['max_score_drop']:g} pt{on_dev}"
 
@@ -285,8 +286,8 @@ def _legend(rows: list[CompareRow]) -> str:
                  "and it is on no front; give every run the same max_eval_samples")
     if any(r.budget for r in rows):
         text += (". budget: the run's max_score_drop (points of the metric against its reference, on held-out training "
-                 "rows) and whether it ended within it, with the drop on the evaluation rows in brackets (eval, reported only: "
-                 "the search never looks at them); compare_budget.png shows every point its search tried")
+                 "rows) and whether it ended within it, with the run's last step against that reference on the evaluation rows "
+                 "in brackets (eval, reported only: the search never looks at them); compare_budget.png shows every point its search tried")
     if any(r.decoding for r in rows):
         text += (". decode tok/s: greedy decoding at batch 1 from the run's evaluate decode_speed, in the runtime that "
                  "step measured in, and its ratio to the dense PyTorch model timed beside it in the same process (the "
