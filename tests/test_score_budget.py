@@ -148,6 +148,11 @@ def test_deft_with_a_budget_trains_a_reference_and_reports_every_point(tiny_chec
     assert outcome["drop_points"] == pytest.approx(on_dev["drop_points"], abs=1e-3)
     for folder in ("reference", "density_target_0.3"):
         assert (tmp_path / "budget" / "passes" / "01_deft" / "budget" / folder / "adapter").is_dir()
+    point = json.loads((tmp_path / "budget" / "passes" / "01_deft" / "budget" / "density_target_0.3" / "point.json")
+                       .read_text())  # written as soon as the point was scored
+    assert point == budget["tried"][0]
+    assert json.loads((tmp_path / "budget" / "passes" / "01_deft" / "budget" / "reference" / "point.json")
+                      .read_text()) == budget["reference"]
     saved = json.loads((tmp_path / "budget" / "report.json").read_text())
     assert saved["steps"][1]["details"]["within_budget"] is True
     assert "Accuracy budget" in (tmp_path / "budget" / "report.md").read_text()

@@ -147,6 +147,7 @@ def search_within_budget(ctx: TrainingContext, max_score_drop: float, search: Bu
         ref_score, ref_density, ref_rows = _scored(score(reference_result.model))
         reference = {"kind": "trained here", "held_out_score": round(ref_score, 6),
                      "held_out_density": _round(ref_density), "seconds": round(time.perf_counter() - start, 1)}
+        _write_point(ctx, "reference", reference)
     else:
         ref_score, ref_density, ref_rows = _scored(_score_reference_path(ctx, search.reference_path, score))
         reference = {"kind": "given", "path": search.reference_path, "held_out_score": round(ref_score, 6),
@@ -168,6 +169,7 @@ def search_within_budget(ctx: TrainingContext, max_score_drop: float, search: Bu
         within = (bound if bound is not None else drop) <= max_score_drop + 1e-9
         search.tried.append(TriedPoint(f"{search.parameter} {value}", value, s, d, drop, within,
                                        time.perf_counter() - began, se, bound))
+        _write_point(ctx, f"{search.parameter}_{value}", search.tried[-1].to_dict())
         if within:  # more compressed than any earlier point within
             best, hi, best_result = mid, mid - 1, result
         else:
@@ -191,6 +193,16 @@ def search_within_budget(ctx: TrainingContext, max_score_drop: float, search: Bu
                                                                    chosen)
     section["seconds"] = round(time.perf_counter() - start, 1)
     return chosen, section
+
+
+def _write_point(ctx: TrainingContext, name: str, point: dict[str, Any]) -> None:
+    """point.json beside the point's adapter as soon as it is scored: a long search shows what it has tried so far
+    (and what an interrupted one had) before the pass's report exists."""
+    import json
+
+    from deftcompress.core.files import write_atomic
+
+    write_atomic(ctx.pass_dir / "budget" / name.replace(" ", "_") / "point.json", json.dumps(point, indent=1) + "\n")
 
 
 def _scored(result: tuple) -> tuple[float, float | None, list | None]:
