@@ -17,35 +17,30 @@ import sys
 from pathlib import Path
 
 from deftcompress.data.tasks import get_task
-from deftcompress.training.score_budget import score_drop_points
-
-
-def budget_step(report: dict) -> dict | None:
-    """The step that searched within a budget (the first, if a recipe had several)."""
-    return next((s for s in report["steps"] if (s.get("details") or {}).get("budget")), None)
+from deftcompress.reporting.report import Report
+from deftcompress.training.score_budget import budget_outcome
 
 
 def row(run: Path) -> dict | None:
-    report = json.loads((run / "report.json").read_text())
-    step = budget_step(report)
-    if report.get("status") != "finished" or step is None:
+    report = Report.load(run)
+    # the run's end against the budget's reference, as apply records it (final.budget_outcome); computed the same
+    # way for runs made before apply recorded it
+    outcome = budget_outcome(report.steps, get_task(report.task)) if report.status == "finished" else None
+    if outcome is None:  # unfinished, no budget, or made before the budget scored the evaluation rows
         return None
-    budget = step["details"]["budget"]
-    on_dev = budget.get("on_evaluation_rows")
-    if on_dev is None:  # made before the budget scored its reference on the evaluation rows
-        return None
-    final = report["final"]
-    final_drop = score_drop_points(get_task(report["task"]), on_dev["reference_score"], final["task_score"])
+    step, final = report.steps[outcome["budget_step"]], report.final
+    budget = step.details["budget"]
+    on_dev = budget["on_evaluation_rows"]
     return {
-        "run": run.name, "step": f"{step['index']} {step['pass']}", "metric": final["task_metric"],
+        "run": run.name, "step": f"{step.index} {step.pass_name}", "metric": final["task_metric"],
         "held_out": f"{budget['held_out_rows']} ({budget.get('held_out_source', 'validation_fraction')})",
         "tried": [(t["value"], t["drop_points"], t["within_budget"], t.get("drop_se")) for t in budget["tried"]],
         "chosen": budget["chosen"], "within_held_out": budget["within_budget"],
         "reference_dev": on_dev["reference_score"], "step_dev": on_dev["chosen_score"],
-        "step_drop": on_dev["drop_points"], "final_step": report["steps"][-1]["pass"],
-        "final_dev": final["task_score"], "final_drop": round(final_drop, 3),
+        "step_drop": on_dev["drop_points"], "final_step": report.steps[-1].pass_name,
+        "final_dev": final["task_score"], "final_drop": outcome["drop_points"],
         "final_density": (final.get("density") or {}).get("encoder"),
-        "within_on_dev": final_drop <= budget["max_score_drop"] + 1e-9, "max_score_drop": budget["max_score_drop"],
+        "within_on_dev": outcome["within_budget"], "max_score_drop": budget["max_score_drop"],
         "search_seconds": budget["seconds"],
     }
 

@@ -305,9 +305,9 @@ class Pipeline:
         outcome = budget_outcome(report.steps, state.task)
         if outcome is not None:
             final["budget_outcome"] = outcome
-            if not outcome["within_budget"]:
-                self.warn(f"warning: {report.budget_outcome_line(outcome)}")
         report.final = final
+        if outcome is not None and not outcome["within_budget"]:
+            self.warn(f"warning: {report.budget_outcome_line()}")
         passes, recipe_yaml = self.recipe.passes_label(), self.recipe.to_yaml()
         report.final["deploy"] = write_deploy_folder(out, report, state.onnx, progress.begin, passes, recipe_yaml,
                                                      model_changed=any(p.cls.changes_model for p in self.recipe.plan))

@@ -292,9 +292,9 @@ class Report:
                 f"of {b['metric']} on {b['held_out_rows']} held-out rows ({source}); searched {b['parameter']} over "
                 f"{b['candidates']} by bisection; handed on: {b['chosen']}{_budget_on_evaluation_rows(b)}")
 
-    def budget_outcome_line(self, outcome: dict | None = None) -> str:
+    def budget_outcome_line(self) -> str:
         """Where the run ends against its accuracy budget's reference on the evaluation rows ('' without one)."""
-        o = outcome or (self.final or {}).get("budget_outcome")
+        o = (self.final or {}).get("budget_outcome")
         if not o:
             return ""
         verdict = "within" if o["within_budget"] else "BEYOND"

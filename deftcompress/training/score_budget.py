@@ -202,7 +202,7 @@ def _write_point(ctx: TrainingContext, name: str, point: dict[str, Any]) -> None
 
     from deftcompress.core.files import write_atomic
 
-    write_atomic(ctx.pass_dir / "budget" / name.replace(" ", "_") / "point.json", json.dumps(point, indent=1) + "\n")
+    write_atomic(_point_folder(ctx, name) / "point.json", json.dumps(point, indent=1) + "\n")
 
 
 def _scored(result: tuple) -> tuple[float, float | None, list | None]:
@@ -256,10 +256,15 @@ def budget_message(section: dict[str, Any], where: str) -> str | None:
             f"reference on held-out rows{closest}; handing on {section['chosen']}")
 
 
+def _point_folder(ctx: TrainingContext, name: str):
+    """Where one training of the search keeps its adapter and point.json."""
+    return ctx.pass_dir / "budget" / name.replace(" ", "_")
+
+
 def _point_context(ctx: TrainingContext, name: str) -> TrainingContext:
     """A context for one training of the search: a fresh copy of the incoming model, its own folder, and no step
     checkpoints (a search resumes at the pass's boundary: the store holds one training's state)."""
-    folder = ctx.pass_dir / "budget" / name.replace(" ", "_")
+    folder = _point_folder(ctx, name)
     folder.mkdir(parents=True, exist_ok=True)
     return dataclasses.replace(ctx, model=copy.deepcopy(ctx.model), pass_dir=folder, step_checkpoints=None,
                                pass_name=f"{ctx.pass_name} [{name}]")  # the progress bar says which training
