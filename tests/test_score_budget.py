@@ -199,12 +199,34 @@ def test_rows_beyond_the_training_rows_are_disjoint_from_them_and_refused_when_t
     split = [{"sentence": f"row {i}", "label": i % 2} for i in range(50)]
     ctx = _context(tmp_path)
     ctx.train_examples = lambda n=None: split if n is None else split[::2][:n]  # a subset of the read rows
-    config = SimpleNamespace(budget_held_out_samples=20, max_train_samples=25, validation_fraction=None)
+    config = SimpleNamespace(budget_held_out_samples=20, max_train_samples=25, validation_fraction=None,
+                             budget_held_out_min_words=None)
     rows, source = held_out_rows(ctx, config)
     assert len(rows) == 20 and not {id(r) for r in rows} & {id(r) for r in split[::2]}
     assert rows == held_out_rows(ctx, config)[0]  # seeded
     with pytest.raises(DataError, match="26 rows asked, but the training split has only 25 beyond the 25"):
-        held_out_rows(ctx, SimpleNamespace(budget_held_out_samples=26, max_train_samples=25, validation_fraction=None))
+        held_out_rows(ctx, SimpleNamespace(budget_held_out_samples=26, max_train_samples=25, validation_fraction=None,
+                                           budget_held_out_min_words=None))
+
+
+def test_the_budget_can_judge_only_on_rows_as_long_as_the_deployments(tmp_path):
+    """budget_held_out_min_words: phrases are left out of the draw, both texts of a pair count."""
+    from deftcompress.errors import DataError
+    from deftcompress.training.score_budget import held_out_rows
+
+    split = [{"text_a": " ".join(["w"] * (1 + i % 12)), "text_b": None, "label": 0} for i in range(60)]
+    split += [{"text_a": "a b", "text_b": "c d e f g h i j", "label": 1}]  # a pair of 2 + 8 words
+    ctx = _context(tmp_path)
+    ctx.train_examples = lambda n=None: split if n is None else split[:n]
+    config = SimpleNamespace(budget_held_out_samples=10, max_train_samples=12, validation_fraction=None,
+                             budget_held_out_min_words=10)
+    rows, source = held_out_rows(ctx, config)
+    long_enough = [r for r in split[12:] if len(r["text_a"].split()) + len((r["text_b"] or "").split()) >= 10]
+    assert len(long_enough) == 13 and split[-1] in long_enough  # 4 of each 12 lengths in rows 12..59, and the pair
+    assert {id(r) for r in rows} <= {id(r) for r in long_enough} and len(rows) == 10
+    assert source == "training-split rows of at least 10 words beyond the 12 the training uses"
+    with pytest.raises(DataError, match="14 rows asked, but the training split has only 13 of at least 10 words"):
+        held_out_rows(ctx, SimpleNamespace(**{**vars(config), "budget_held_out_samples": 14}))
 
 
 def test_ada_deft_searches_skipped_blocks(tiny_checkpoint, tiny_data, tmp_path, one_thread):
@@ -225,6 +247,10 @@ def test_ada_deft_searches_skipped_blocks(tiny_checkpoint, tiny_data, tmp_path, 
      "budget_held_out_samples draws rows the training does not use: set max_train_samples"),
     ("ada_deft", {"max_score_drop": 1, "skip_blocks": 1, "budget_held_out_samples": 0},
      "budget_held_out_samples must be >= 1"),
+    ("deft", {"max_score_drop": 1, "budget_held_out_min_words": 10},
+     "budget_held_out_min_words chooses among budget_held_out_samples' rows"),
+    ("deft", {"max_score_drop": 1, "budget_held_out_samples": 100, "max_train_samples": 10,
+              "budget_held_out_min_words": 0}, "budget_held_out_min_words must be >= 1"),
     ("deft", {"budget_confidence": 0.9}, "budget_confidence is set but max_score_drop is not"),
     ("deft", {"max_score_drop": 1, "budget_confidence": 1.0}, r"budget_confidence must be in \[0.5, 1\)"),
     ("deft", {"max_score_drop": 1, "density_weight": 0}, "density_weight must be > 0"),

@@ -389,6 +389,11 @@ class BudgetOptions:
               "sees (drawn, seeded, from beyond max_train_samples, which must be set), so the trainings keep all "
               "their rows and the budget is judged on enough rows to resolve it (a 1-point budget wants a few "
               "thousand); null = validation_fraction of the training rows (0.1 if unset)")
+    budget_held_out_min_words: int | None = option(
+        None, "budget_held_out_samples: draw them only among rows of at least this many words (whitespace-split, "
+              "both texts of a pair), so the budget is judged on rows like the ones the model will read when the "
+              "training split holds shorter pieces (SST-2's training rows are parse-tree phrases, median 7 words, "
+              "its sentences about 20); null = any row")
 
     budget_confidence: float | None = option(
         None, "max_score_drop: a point is within the budget only when this one-sided bound of its drop is (e.g. 0.9: "
@@ -418,6 +423,12 @@ class BudgetOptions:
             if max_train_samples is None:
                 return ("budget_held_out_samples draws rows the training does not use: set max_train_samples "
                         "(or leave it null and use validation_fraction)")
+        if self.budget_held_out_min_words is not None:
+            if self.budget_held_out_samples is None:
+                return ("budget_held_out_min_words chooses among budget_held_out_samples' rows; set "
+                        "budget_held_out_samples too")
+            if self.budget_held_out_min_words < 1:
+                return f"budget_held_out_min_words must be >= 1, got {self.budget_held_out_min_words}"
         if self.budget_reference is not None and self.max_score_drop is None:
             return "budget_reference is set but max_score_drop is not (the reference measures a budget)"
         if distill_from == REFERENCE and self.max_score_drop is None:

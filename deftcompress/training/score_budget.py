@@ -19,7 +19,9 @@ is, so a point the rows cannot tell from the budget does not pass.
 Nothing is chosen on the recipe's evaluation rows: the held-out rows are `validation_fraction` of the
 training rows (0.1 when the recipe leaves it unset), or `budget_held_out_samples` rows of the training split
 beyond the `max_train_samples` the trainings use (they keep all their rows; a 1-point budget needs enough
-rows to resolve a point: with 128 rows, one row is 0.8 points). Once the choice is made, the reference and the model
+rows to resolve a point: with 128 rows, one row is 0.8 points), optionally only rows of at least
+`budget_held_out_min_words` words, when the training split holds shorter pieces than the model will read (SST-2's
+training rows are parse-tree phrases, median 7 words; its dev rows are whole sentences). Once the choice is made, the reference and the model
 handed on are also scored on the evaluation rows, for the report only (`on_evaluation_rows`): that is the
 drop a user will see on dev, which the held-out drop only estimates. Points: the task metric x 100 for metrics in
 [0, 1] (accuracy, F1), the metric itself where it is already a percentage (SQuAD), and for perplexity
@@ -290,11 +292,19 @@ def held_out_rows(ctx: TrainingContext, c) -> tuple[list[dict], str]:
         return rows, f"validation_fraction {c.validation_fraction:g} of the training rows"
     used = {id(row) for row in ctx.train_examples(c.max_train_samples)}  # rows are shared objects of the read split
     unused = [row for row in ctx.train_examples(None) if id(row) not in used]
+    longer = f" of at least {c.budget_held_out_min_words} words" if c.budget_held_out_min_words else ""
+    if c.budget_held_out_min_words:
+        unused = [row for row in unused if word_count(row) >= c.budget_held_out_min_words]
     if len(unused) < c.budget_held_out_samples:
         raise DataError(f"budget_held_out_samples: {c.budget_held_out_samples} rows asked, but the training split has "
-                        f"only {len(unused)} beyond the {c.max_train_samples} the training uses")
+                        f"only {len(unused)}{longer} beyond the {c.max_train_samples} the training uses")
     rows = random.Random(ctx.seed + 11).sample(unused, c.budget_held_out_samples)
-    return rows, f"training-split rows beyond the {c.max_train_samples} the training uses"
+    return rows, f"training-split rows{longer} beyond the {c.max_train_samples} the training uses"
+
+
+def word_count(row: dict) -> int:
+    """Whitespace-separated words of a row's input texts (both of a pair)."""
+    return sum(len(text.split()) for text in (row["text_a"], row.get("text_b")) if text)
 
 
 def with_held_out_rows(c):
