@@ -174,7 +174,10 @@ def test_outside_the_budget_with_a_given_reference(tiny_checkpoint, tiny_data, t
     assert details["budget"]["chosen"].startswith("density_target 0.6 (the least compressed tried")
     assert not (tmp_path / "outside" / "passes" / "01_deft" / "budget" / "reference").exists()
     assert details["budget"]["on_evaluation_rows"]["rows"] == 8  # the given reference is loaded again for it
-    assert "On the 8 evaluation rows (reported only)" in (tmp_path / "outside" / "report.md").read_text()
+    markdown = (tmp_path / "outside" / "report.md").read_text()
+    assert "On the 8 evaluation rows (reported only)" in markdown
+    assert "(**the search: outside the budget**)" in markdown  # the verdict is the search's, not the dev drop's
+    assert "(the search: outside the budget)" in report.text_table()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "max_score_drop" in line]
     assert len(warnings) == 2 and "no setting stays within max_score_drop 1 points" in warnings[0]
     assert "ends +50.00 points from step 1's reference on the 8 evaluation rows" in warnings[1]  # the end, too

@@ -346,7 +346,7 @@ class Report:
             budget = self.budget_rows(step)
             if budget:
                 within = step.details["budget"]["within_budget"]
-                lines.append(f"\n{self.budget_caption(step)} ({'within' if within else 'outside'} the budget).")
+                lines.append(f"\n{self.budget_caption(step)} (the search: {'within' if within else 'outside'} the budget).")
                 lines.append(_align(budget))
         return "\n".join(lines)
 
@@ -387,7 +387,9 @@ class Report:
             for step in self.steps:
                 budget = self.budget_rows(step)
                 if budget:
-                    verdict = "within the budget" if step.details["budget"]["within_budget"] else "**outside the budget**"
+                    # the search's verdict, on held-out rows: the caption's last figure is the evaluation rows' drop
+                    verdict = ("the search: within the budget" if step.details["budget"]["within_budget"]
+                               else "**the search: outside the budget**")
                     out += [f"{md_text(self.budget_caption(step))} ({verdict}).", "", _md(budget), ""]
             for step in self.steps:
                 sparse = self.sparse_rows(step)
