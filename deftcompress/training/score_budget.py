@@ -255,7 +255,8 @@ def budget_message(section: dict[str, Any], where: str) -> str | None:
     best = min(section["tried"], key=lambda t: t["drop_points"], default=None)
     closest = f"; the closest tried point, {best['label']}, fell {best['drop_points']:.2f}" if best else ""
     return (f"{where}: no setting stays within max_score_drop {section['max_score_drop']:g} points of the "
-            f"reference on held-out rows{closest}; handing on {section['chosen']}")
+            f"reference on held-out rows{closest}; handing on {section['chosen']} (a longer training, "
+            "distill_from: reference or a larger max_score_drop may find one)")
 
 
 def _point_folder(ctx: TrainingContext, name: str):
