@@ -95,7 +95,8 @@ def test_shipped_relufy_then_deft_recipe_runs_as_shipped(tmp_path, monkeypatch):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     data = yaml.safe_load((Path(__file__).resolve().parent.parent / "recipes" / "relufy_then_deft.yaml").read_text())
-    data["passes"][1]["deft"].update(max_steps=4, max_train_samples=64)  # the only changes: budget and rows
+    # the only changes: budget and rows
+    data["passes"][1]["deft"].update(max_steps=4, max_train_samples=64, budget_held_out_samples=16)
     data.update(max_eval_samples=12, data_dir=os.environ.get("DEFTCOMPRESS_DATA_DIR",
                                                              str(Path(__file__).resolve().parents[2] / "shared" / "data")))
     recipe = Recipe.from_dict(data)
