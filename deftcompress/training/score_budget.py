@@ -293,9 +293,10 @@ def held_out_rows(ctx: TrainingContext, c) -> tuple[list[dict], str]:
         return rows, f"validation_fraction {c.validation_fraction:g} of the training rows"
     used = {id(row) for row in ctx.train_examples(c.max_train_samples)}  # rows are shared objects of the read split
     unused = [row for row in ctx.train_examples(None) if id(row) not in used]
-    longer = f" of at least {c.budget_held_out_min_words} words" if c.budget_held_out_min_words else ""
+    longer = ""
     if c.budget_held_out_min_words:
-        unused = [row for row in unused if word_count(row) >= c.budget_held_out_min_words]
+        unused = [row for row in unused if _word_count(row) >= c.budget_held_out_min_words]
+        longer = f" of at least {c.budget_held_out_min_words} words"
     if len(unused) < c.budget_held_out_samples:
         raise DataError(f"budget_held_out_samples: {c.budget_held_out_samples} rows asked, but the training split has "
                         f"only {len(unused)}{longer} beyond the {c.max_train_samples} the training uses")
@@ -303,7 +304,7 @@ def held_out_rows(ctx: TrainingContext, c) -> tuple[list[dict], str]:
     return rows, f"training-split rows{longer} beyond the {c.max_train_samples} the training uses"
 
 
-def word_count(row: dict) -> int:
+def _word_count(row: dict) -> int:
     """Whitespace-separated words of a row's input texts (both of a pair)."""
     return sum(len(text.split()) for text in (row["text_a"], row.get("text_b")) if text)
 
