@@ -147,8 +147,7 @@ def validate(recipes: tuple[Path, ...], trust_pickle: bool) -> None:
             click.echo(f"ok: {path} ({len(r.plan)} passes: {', '.join(p.name for p in r.plan)}{grid})")
         except DeftcompressError as exc:
             for problem in getattr(exc, "errors", None) or [exc]:  # every problem found, each on its line
-                where = "" if str(problem).startswith(str(path)) else f"{path}: "  # e.g. a model alias not installed
-                click.echo(f"error: {where}{problem}", err=True)
+                click.echo(f"error: {problem}", err=True)
             failed += 1
     if failed:
         sys.exit(2)

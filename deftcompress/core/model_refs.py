@@ -100,7 +100,10 @@ def resolve_saved_model_ref(ref: str, where: str, trust_pickle: bool = False) ->
 def resolve_model_ref(ref: str, where: str = "model", trust_pickle: bool = False) -> str:
     """Alias -> folder; local folder -> checked folder; anything else that looks like a hub id passes."""
     if ref in MODEL_ALIASES:
-        return str(alias_path(ref))
+        try:
+            return str(alias_path(ref))
+        except CheckpointError as exc:  # an alias whose package is not installed: say which recipe field names it
+            raise CheckpointError(f"{where}: {exc}") from None
     if len(ref) > 4096 or any(len(part.encode()) > 255 for part in Path(ref).parts):
         raise RecipeError(f"{where}: {ref[:60]!r}... is too long for a path or a hub id")
     path = Path(ref).expanduser()
